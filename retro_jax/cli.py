@@ -1,0 +1,74 @@
+"""`retro-jax COMMAND --config experiments/X.py[:arg] [--workdir W] [--config.a.b=value ...]`.
+
+Every command reads the same experiment config. Each command is a function `main(config, workdir)`
+in the module of its stage, imported only when that command runs (so `retro-jax model-info` needs
+neither TensorFlow nor scann). A `RetroError` is printed as one line with exit code 2; `--verbose`
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from retro_jax.errors import RetroError
+
+# command -> (module, function, one-line help). Only commands that exist are listed.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "model-info": ("retro_jax.model.info", "main", "parameter counts and memory of a config"),
+}
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/X.py[:arg])")
+flags.DEFINE_string("workdir", None, "experiment folder (local path or gs://)")
+flags.DEFINE_bool("verbose", False, "show tracebacks")
+# Sampling.
+flags.DEFINE_string("prompt", None, "sample: the prompt text")
+flags.DEFINE_integer("max_new_tokens", None, "sample: tokens to generate")
+flags.DEFINE_float("temperature", None, "sample: softmax temperature")
+flags.DEFINE_float("top_p", None, "sample: nucleus sampling mass")
+flags.DEFINE_integer("seed", None, "sample: random seed")
+flags.DEFINE_bool("show_neighbours", False, "sample: print the retrieved chunks")
+
+
+def _usage() -> str:
+    lines = ["usage: retro-jax COMMAND --config CFG [--workdir W] [--config.KEY=VALUE ...]", ""]
+    lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _run(argv: list[str]) -> None:
+    command = argv[1]
+    module, function, _ = COMMANDS[command]
+    if FLAGS.config is None:
+        raise RetroError(f"{command}: --config is required (e.g. --config experiments/tiny.py)")
+    getattr(importlib.import_module(module), function)(FLAGS.config, FLAGS.workdir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(_usage())
+        sys.exit(0)
+    if argv[1] not in COMMANDS:
+        print(f"retro-jax: unknown command {argv[1]!r}\n\n{_usage()}", file=sys.stderr)
+        sys.exit(2)
+
+    def _absl_main(args):
+        try:
+            _run(args)
+        except RetroError as e:
+            if FLAGS.verbose:
+                raise
+            print(f"retro-jax {args[1]}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    # absl parses flags after the command name; the command stays in argv[1].
+    app.run(_absl_main, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

