@@ -34,6 +34,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "tensor"),
     ("kv", None),
     ("vocab", "tensor"),
+    ("table", None),  # embedding tables: gathered rows, so only the embed axis is split
     ("norm", None),
     ("layers", None),
 )

@@ -1,0 +1,75 @@
+"""Multi-head attention as pure functions: self-attention (causal or not) and cross-attention.
+
+Parameters of one attention layer are a dict {q: [d, H, D], k: [d_kv, H, D], v: [d_kv, H, D],
+o: [H, D, d]}. Softmax runs in float32; a query whose keys are all masked gets exactly zero
+output (never NaN), which the chunked cross-attention relies on for fully padded neighbours.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from retro_jax.model.layers import rope
+
+_MASKED = -1e30
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [..., Tq, H, D], k/v [..., Tk, H, D], mask bool broadcastable to [..., H, Tq, Tk].
+
+    Returns [..., Tq, H, D]. One softmax over all Tk keys; rows with no valid key give zeros.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("...qhd,...khd->...hqk", q * scale, k).astype(jnp.float32)
+    logits = jnp.where(mask, logits, _MASKED)
+    weights = jax.nn.softmax(logits, axis=-1)
+    weights = jnp.where(mask.any(axis=-1, keepdims=True), weights, 0.0)
+    return jnp.einsum("...hqk,...khd->...qhd", weights.astype(v.dtype), v)
+
+
+def project_qkv(p: dict, x: jax.Array, ctx: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    dt = x.dtype
+    q = jnp.einsum("...td,dhk->...thk", x, p["q"].astype(dt))
+    k = jnp.einsum("...td,dhk->...thk", ctx, p["k"].astype(dt))
+    v = jnp.einsum("...td,dhk->...thk", ctx, p["v"].astype(dt))
+    return q, k, v
+
+
+def output(p: dict, y: jax.Array) -> jax.Array:
+    return jnp.einsum("...thk,hkd->...td", y, p["o"].astype(y.dtype))
+
+
+def self_attention(
+    p: dict,
+    x: jax.Array,
+    positions: jax.Array,
+    key_mask: jax.Array,
+    *,
+    causal: bool,
+    rope_base: float,
+) -> jax.Array:
+    """x [..., T, d], positions [..., T], key_mask bool [..., T] (False = padding key)."""
+    q, k, v = project_qkv(p, x, x)
+    q, k = rope(q, positions, rope_base), rope(k, positions, rope_base)
+    mask = key_mask[..., None, None, :]  # [..., 1, 1, Tk]
+    if causal:
+        t = x.shape[-2]
+        mask = mask & jnp.tril(jnp.ones((t, t), bool))
+    return output(p, attend(q, k, v, mask))
+
+
+def cross_attention(
+    p: dict,
+    x: jax.Array,
+    ctx: jax.Array,
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    key_mask: jax.Array,
+    *,
+    rope_base: float,
+) -> jax.Array:
+    """x [..., Tq, d] attends to ctx [..., Tk, d_ctx]; key_mask bool [..., Tk]."""
+    q, k, v = project_qkv(p, x, ctx)
+    q, k = rope(q, q_positions, rope_base), rope(k, k_positions, rope_base)
+    return output(p, attend(q, k, v, key_mask[..., None, None, :]))

@@ -1,0 +1,59 @@
+"""Chunked cross-attention (CCA), exactly as the paper's listing (Borgeaud et al., Alg. 1).
+
+With chunk size m and n tokens, the attending chunk H_u+ (0-based u) is positions
+u*m + m-1 ... (u+1)*m + m-2: the last token of chunk C_u and the first m-1 tokens of C_{u+1}.
+H_u+ attends to E_u, the encoded neighbours of C_u, so no position sees neighbours retrieved with
+tokens from its own future, and the last token of each chunk already uses that chunk's
+neighbours. The first m-1 positions get no CCA (zero output; the residual keeps them unchanged).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from retro_jax.model.attention import cross_attention
+
+
+def chunked_cross_attention(
+    p: dict,
+    h: jax.Array,
+    encoded: jax.Array,
+    neighbour_mask: jax.Array,
+    *,
+    chunk_size: int,
+    rope_base: float,
+) -> jax.Array:
+    """The CCA update to add to the residual stream.
+
+    h [B, n, d] (normalised decoder activations); encoded [B, l, k, r, d_enc] with l >= n // m
+    (the encoded neighbours of each complete chunk, r = 2m tokens each); neighbour_mask bool
+    [B, l, k, r] (False on padding). Returns [B, n, d].
+
+    One softmax runs jointly over all k*r neighbour tokens of a chunk. Rotary positions: the j-th
+    query of H_u+ sits at m-1+j (its offset from the start of C_u) and each neighbour's tokens at
+    0..r-1, so the relative distance is i - i' + m - 1, as in the paper.
+    """
+    batch, n, d = h.shape
+    m = chunk_size
+    chunks = n // m  # attending chunks that exist; a trailing partial chunk has no neighbours yet
+    if chunks == 0:
+        return jnp.zeros_like(h)
+    _, _, k, r, d_enc = encoded.shape
+    encoded, neighbour_mask = encoded[:, :chunks], neighbour_mask[:, :chunks]
+
+    attending = h[:, m - 1 : m - 1 + chunks * m]  # drop the first m-1 positions
+    attending = jnp.pad(attending, ((0, 0), (0, chunks * m - attending.shape[1]), (0, 0)))
+    attending = attending.reshape(batch, chunks, m, d)  # [B, l, m, d]
+
+    y = cross_attention(
+        p,
+        attending,
+        encoded.reshape(batch, chunks, k * r, d_enc),
+        q_positions=m - 1 + jnp.arange(m),
+        k_positions=jnp.tile(jnp.arange(r), k),
+        key_mask=neighbour_mask.reshape(batch, chunks, k * r),
+        rope_base=rope_base,
+    )  # [B, l, m, d]
+    y = y.reshape(batch, chunks * m, d)
+    return jnp.pad(y, ((0, 0), (m - 1, 0), (0, 0)))[:, :n]  # back to positions 0..n-1

@@ -1,0 +1,65 @@
+"""Parameters with logical axis names, and the pure functions of a transformer layer.
+
+Modules hold parameters (see retro.py); the math lives here as pure functions of arrays so that
+stacked layers can be scanned, rematerialised and decoded step by step with the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def param(
+    rngs: nnx.Rngs | None,
+    shape: Sequence[int],
+    names: Sequence[str | None],
+    *,
+    fan_in: int | None = None,
+    value: float | None = None,
+) -> nnx.Param:
+    """A float32 parameter tagged with logical axis names (mapped to mesh axes by sharding.RULES).
+
+    Weights are truncated-normal with std 1/sqrt(fan_in); `value` gives a constant (norm scales).
+    Sharding is applied by the caller (`create_model` jits the init with out_shardings), so eager
+    sharding is off and a model can also be built without any mesh.
+    """
+    assert len(shape) == len(names), (shape, names)
+    if value is not None:
+        init = jnp.full(tuple(shape), value, jnp.float32)
+    else:
+        std = (fan_in or shape[0]) ** -0.5
+        init = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, tuple(shape))
+    return nnx.Param(init, out_sharding=tuple(names), eager_sharding=False)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale).astype(x.dtype)
+
+
+ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu}
+
+
+def feed_forward(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str) -> jax.Array:
+    """The GPT-2-like FFW: two matrices and a nonlinearity. x [..., d] -> [..., d]."""
+    h = ACTIVATIONS[activation](jnp.einsum("...d,df->...f", x, w_in.astype(x.dtype)))
+    return jnp.einsum("...f,fd->...d", h, w_out.astype(x.dtype))
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary position embedding. x [..., T, H, D], positions broadcastable to [..., T]."""
+    half = x.shape[-1] // 2
+    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
+    angle = positions.astype(jnp.float32)[..., None] * freq  # [..., T, D/2]
+    sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]  # [..., T, 1, D/2]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)

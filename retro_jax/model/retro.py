@@ -1,0 +1,167 @@
+"""The RETRO model: a decoder with chunked cross-attention into encoded neighbours.
+
+Decoder layer i (1-based) is LM(H) = FFW(ATTN(H)), or RETRO(H, E) = FFW(CCA(ATTN(H), E)) when
+i is in `cca_layers`; all residual and pre-norm. Decoder weights are stacked along a leading
+`layers` axis, so the layers between CCA layers can run as one `lax.scan` (`scan_layers`) and the
+baseline twin's parameters are exactly RETRO's decoder parameters.
+
+Call: `Retro(config, rngs=...)(tokens [B, n], neighbours [B, n // m, k, 2m] | None)` -> float32
+logits [B, n, vocab]. `neighbours=None` switches retrieval off (CCA is the identity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from retro_jax.errors import RetroError
+from retro_jax.model.attention import self_attention
+from retro_jax.model.cca import chunked_cross_attention
+from retro_jax.model.config import RetroConfig
+from retro_jax.model.encoder import NeighbourEncoder, attention_params, values
+from retro_jax.model.layers import DTYPES, feed_forward, param, rms_norm
+from retro_jax.sharding import constrain
+
+
+def attention_block(p: dict, x: jax.Array, positions, token_mask, c: RetroConfig) -> jax.Array:
+    """x + ATTN(norm(x)): causal self-attention of one decoder layer."""
+    h = rms_norm(x, p["attn_norm"], c.norm_eps)
+    return x + self_attention(
+        p["attn"], h, positions, token_mask, causal=True, rope_base=c.rope_base
+    )
+
+
+def ffw_block(p: dict, x: jax.Array, c: RetroConfig) -> jax.Array:
+    """x + FFW(norm(x))."""
+    h = rms_norm(x, p["ffw_norm"], c.norm_eps)
+    return x + feed_forward(h, p["w_in"], p["w_out"], c.activation)
+
+
+def decoder_layer(p: dict, x: jax.Array, positions, token_mask, c: RetroConfig) -> jax.Array:
+    x = attention_block(p, x, positions, token_mask, c)
+    x = ffw_block(p, x, c)
+    return constrain(x, ("batch", "length", "act_embed"))
+
+
+class Retro(nnx.Module):
+    """RETRO decoder + neighbour encoder. With `config.cca_layers == ()`, the baseline twin."""
+
+    def __init__(self, config: RetroConfig, *, rngs: nnx.Rngs):
+        c = self.config = config
+        L, d = (c.num_layers,), c.d_model
+        self.embed = param(rngs, (c.vocab_size, d), ("table", "embed"), fan_in=d)
+        # Decoder layers, stacked: [layers, ...].
+        self.decoder = nnx.Dict(
+            attn=nnx.Dict(attention_params(rngs, L, d, d, c.num_heads, c.head_dim, "heads")),
+            attn_norm=param(None, (*L, d), ("layers", "norm"), value=1.0),
+            ffw_norm=param(None, (*L, d), ("layers", "norm"), value=1.0),
+            w_in=param(rngs, (*L, d, c.d_ff), ("layers", "embed", "mlp"), fan_in=d),
+            w_out=param(rngs, (*L, c.d_ff, d), ("layers", "mlp", "embed"), fan_in=c.d_ff),
+        )
+        self.final_norm = param(None, (d,), ("norm",), value=1.0)
+        if not c.tie_embeddings:
+            self.head = param(rngs, (d, c.vocab_size), ("embed", "vocab"), fan_in=d)
+        if c.cca_layers:
+            self.encoder = NeighbourEncoder(c, rngs=rngs)
+            C = (len(c.cca_layers),)
+            self.cca = nnx.Dict(
+                attn=nnx.Dict(
+                    attention_params(rngs, C, d, c.enc_d_model, c.num_heads, c.head_dim, "heads")
+                ),
+                norm=param(None, (*C, d), ("layers", "norm"), value=1.0),
+            )
+
+    # -- pieces shared with incremental decoding (retro_jax/sample.py) --------------------------
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(DTYPES[self.config.dtype])
+        return constrain(x, ("batch", "length", "act_embed"))
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        x = rms_norm(x, self.final_norm[...], c.norm_eps)
+        head = self.embed[...].T if c.tie_embeddings else self.head[...]
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype)).astype(jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))
+
+    def run_layers(self, x: jax.Array, start: int, stop: int, layer_fn: Callable) -> jax.Array:
+        """Apply decoder layers [start, stop) (0-based) with `layer_fn(params_i, x)`."""
+        if stop <= start:
+            return x
+        c = self.config
+        fn = jax.checkpoint(layer_fn) if c.remat else layer_fn
+        stacked = values(self.decoder)
+        if c.scan_layers:
+            block = jax.tree.map(lambda a: a[start:stop], stacked)
+            x, _ = jax.lax.scan(lambda h, p: (fn(p, h), None), x, block)
+            return x
+        for i in range(start, stop):
+            x = fn(jax.tree.map(lambda a, i=i: a[i], stacked), x)
+        return x
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def __call__(self, tokens: jax.Array, neighbours: jax.Array | None = None) -> jax.Array:
+        """tokens int [B, n]; neighbours int [B, n // m, k, 2m] or None -> logits f32 [B, n, V]."""
+        c = self.config
+        batch, n = tokens.shape
+        m = c.chunk_size
+        if neighbours is not None and c.cca_layers:
+            want = (batch, n // m, None, 2 * m)
+            ok = neighbours.ndim == 4 and all(
+                w in (None, s) for w, s in zip(want, neighbours.shape)
+            )
+            if not ok:
+                raise RetroError(
+                    f"neighbours must be [batch={batch}, chunks={n // m}, k, 2m={2 * m}], "
+                    f"got {tuple(neighbours.shape)}"
+                )
+        positions = jnp.arange(n)
+        token_mask = tokens != c.pad_id  # [B, n]
+        x = self.embed_tokens(tokens)
+
+        def layer(p, h):
+            return decoder_layer(p, h, positions, token_mask, c)
+
+        retrieve = neighbours is not None and bool(c.cca_layers) and n >= m
+        if not retrieve:
+            return self.logits(self.run_layers(x, 0, c.num_layers, layer))
+
+        stacked = values(self.decoder)
+        cca = values(self.cca)
+        encoded = neighbour_mask = None
+        done = 0
+        for j, layer_index in enumerate(c.cca_layers):
+            i = layer_index - 1
+            x = self.run_layers(x, done, i, layer)
+            p = jax.tree.map(lambda a, i=i: a[i], stacked)
+            x = attention_block(p, x, positions, token_mask, c)
+            if encoded is None:
+                # Encode at the first CCA layer, conditioned on its post-attention activations.
+                encoded, neighbour_mask = self.encode(neighbours, x, token_mask)
+            p_cca = jax.tree.map(lambda a, j=j: a[j], cca)
+            h = rms_norm(x, p_cca["norm"], c.norm_eps)
+            x = x + chunked_cross_attention(
+                p_cca["attn"], h, encoded, neighbour_mask, chunk_size=m, rope_base=c.rope_base
+            )
+            x = ffw_block(p, x, c)
+            done = i + 1
+        x = self.run_layers(x, done, c.num_layers, layer)
+        return self.logits(x)
+
+    def encode(self, neighbours: jax.Array, x: jax.Array, token_mask: jax.Array):
+        """Encode neighbours [B, l, k, 2m] of the complete chunks of x [B, n, d].
+
+        Returns (encoded [B, l, k, 2m, d_enc], mask bool [B, l, k, 2m]).
+        """
+        m = self.config.chunk_size
+        batch, n, d = x.shape
+        chunks = n // m
+        neighbours = neighbours[:, :chunks]
+        chunk_h = x[:, : chunks * m].reshape(batch, chunks, m, d)
+        chunk_mask = token_mask[:, : chunks * m].reshape(batch, chunks, m)
+        encoded = self.encoder(neighbours, chunk_h, chunk_mask)
+        return encoded, neighbours != self.config.pad_id
