@@ -98,8 +98,10 @@ class ChunkEmbedder:
         self._state = state
         self._graphdef = graphdef
         self._forward = jax.jit(self._pooled)
-        self.tokens_computed = 0  # padded tokens pushed through the network (for benchmarks)
+        # Work counters for benchmarks: padded tokens / FLOPs computed, real tokens embedded.
+        self.tokens_computed = 0
         self.tokens_useful = 0
+        self.flops_computed = 0.0
 
     @property
     def dim(self) -> int:
@@ -114,9 +116,11 @@ class ChunkEmbedder:
         batch_size: int = 64,
         mesh: jax.sharding.Mesh | None = None,
         normalize: bool = False,
+        bucket_step: int = 16,
     ) -> ChunkEmbedder:
         """Load a Hugging Face BERT folder (config.json, model.safetensors, tokenizer files);
-        None or "" = the packaged all-MiniLM-L6-v2."""
+        None or "" = the packaged all-MiniLM-L6-v2. Batches are padded to a multiple of
+        bucket_step tokens (or max_len); normalize=True divides each key by its L2 norm."""
         folder = path or default_bert_path()
         if not os.path.isdir(folder):
             raise RetroError(f"retrieval.bert_path {folder}: not a folder")
@@ -136,6 +140,7 @@ class ChunkEmbedder:
             batch_size=batch_size,
             mesh=mesh,
             normalize=normalize,
+            bucket_step=bucket_step,
         )
 
     def _pooled(self, state, input_ids, attention_mask):
@@ -175,6 +180,7 @@ class ChunkEmbedder:
             input_ids, mask = jax.device_put((input_ids, mask), sharding)
         out = self._forward(self._state, input_ids, mask)
         self.tokens_computed += self.batch_size * length
+        self.flops_computed += self.batch_size * length * self.config.flops_per_token(length)
         self.tokens_useful += sum(len(s) for s in ids)
         return np.asarray(out[: len(ids)], dtype=np.float32)
 
