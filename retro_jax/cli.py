@@ -18,6 +18,11 @@ from retro_jax.errors import RetroError
 
 # command -> (module, function, one-line help). Only commands that exist are listed.
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "prepare": (
+        "retro_jax.prepare",
+        "main",
+        "build tokenizer, chunk database, keys, index and neighbour shards",
+    ),
     "model-info": ("retro_jax.model.info", "main", "parameter counts and memory of a config"),
 }
 
