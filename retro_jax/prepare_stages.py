@@ -1,0 +1,465 @@
+"""The stages `retro-jax prepare` runs: their settings, outputs, builds and commits.
+
+`retro_jax.prepare` decides what to (re)build from the manifest; this module knows, per stage,
+which config keys it depends on (`settings`), what it leaves in W/prepare (`outputs`), how to
+build it into a `<stage>.partial/` folder (`build`) and how to move that into place (`commit`).
+The work itself lives in the stage modules (sources, dedup, tokenizer, chunks, sequences,
+neighbours); this is the glue that feeds each one the previous stages' outputs.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+
+from retro_jax.data.records import RECORDS_INFO, RecordSpec, write_records_info
+from retro_jax.data.sources import open_source
+from retro_jax.errors import RetroError
+
+log = logging.getLogger("retro_jax.prepare")
+
+REPORT = "dedup_report.json"
+FOLDERS = {
+    "tokenizer": "tokenizer",
+    "chunks": "db",
+    "keys": "keys",
+    "index": "index",
+    "sequences": "sequences",
+}
+BUILT_WITH = "built_with.json"  # index/: the embedding model and chunk size of its keys
+
+
+class StageContext:
+    """What the stages share: the config, W/prepare, and lazily loaded tokenizer / embedder."""
+
+    def __init__(self, config, prepare_dir: str, *, progress: bool = True):
+        self.config = config
+        self.dir = prepare_dir
+        self.progress = progress
+        self._tokenizer = None
+        self._embedder = None
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.dir, *parts)
+
+    # ------------------------------------------------------------------ shared inputs
+
+    @property
+    def vocab_size(self) -> int:
+        """data.vocab_size, 0 meaning the model's vocabulary."""
+        return int(self.config.data.vocab_size) or int(self.config.model.vocab_size)
+
+    def bert_folder(self) -> str:
+        from retro_jax.retrieval.embed import default_bert_path
+
+        return str(self.config.retrieval.bert_path) or default_bert_path()
+
+    def bert_model_id(self) -> str:
+        from retro_jax.retrieval.embed import model_id_of
+
+        folder = self.bert_folder()
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise RetroError(f"retrieval.bert_path={folder}: no config.json there")
+        return model_id_of(folder)
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from retro_jax.data.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(
+                self.path("tokenizer"), pad_id=int(self.config.model.pad_id)
+            )
+        return self._tokenizer
+
+    def embedder(self):
+        if self._embedder is None:
+            from retro_jax.retrieval import ChunkEmbedder
+
+            r = self.config.retrieval
+            self._embedder = ChunkEmbedder.from_pretrained(
+                str(r.bert_path) or None,
+                max_len=int(r.bert_max_len),
+                batch_size=int(r.embed_batch_size),
+            )
+        return self._embedder
+
+    def documents(self, role: str):
+        """Documents of a role; train and retrieval without those the leakage filter drops."""
+        from retro_jax.dedup import read_dropped_ids
+
+        source = open_source(self.config, role)
+        dropped = read_dropped_ids(self.path(REPORT)).get(role, set()) if role != "eval" else set()
+        return (doc for doc in source.documents() if doc.doc_id not in dropped)
+
+    def spec(self) -> RecordSpec:
+        d = self.config.data
+        return RecordSpec(
+            int(d.seq_len), int(self.config.model.chunk_size), int(d.num_neighbours_stored)
+        )
+
+    # ------------------------------------------------------------------ per stage
+
+    def settings(self, stage: str) -> dict:
+        c, d, r = self.config, self.config.data, self.config.retrieval
+        if stage == "dedup":
+            sources = {role: open_source(c, role) for role in ("train", "eval", "retrieval")}
+            return dict(
+                sources={k: [s.spec, s.fingerprint()] for k, s in sources.items()},
+                max_docs=int(d.max_docs),
+                sotu_eval_docs=int(d.sotu_eval_docs),
+                dedup=c.dedup.to_dict(),
+            )
+        if stage == "tokenizer":
+            given = str(d.tokenizer)
+            return dict(
+                tokenizer=given,
+                vocab_size=self.vocab_size,
+                pad_id=int(c.model.pad_id),
+                sentences=int(d.get("tokenizer_sentences", 200_000)),
+                given=_file_digest(given) if given else None,
+            )
+        if stage == "chunks":
+            return dict(chunk_size=int(c.model.chunk_size), per_shard=int(d.chunks_per_shard))
+        if stage == "keys":
+            return dict(model_id=self.bert_model_id(), max_len=int(r.bert_max_len))
+        if stage == "index":
+            return dict(r.index.to_dict())
+        if stage == "sequences":
+            return dict(seq_len=int(d.seq_len), per_shard=int(d.records_per_shard))
+        return dict(
+            spec=self.spec().to_dict(),
+            exclude=bool(r.exclude_same_document),
+            multiplier=int(r.query_multiplier),
+            model_id=self.bert_model_id(),
+            max_len=int(r.bert_max_len),
+        )
+
+    def outputs(self, stage: str) -> list[str]:
+        if stage == "dedup":
+            return [self.path(REPORT)]
+        if stage in FOLDERS:
+            return [self.path(FOLDERS[stage])]
+        listed = []
+        if os.path.exists(self.path(RECORDS_INFO)):
+            with open(self.path(RECORDS_INFO)) as f:
+                info = json.load(f)
+            listed = [self.path(n) for split in info["splits"].values() for n in split["files"]]
+        found = glob.glob(self.path("train-*-of-*.tfrecord")) + glob.glob(
+            self.path("eval-*-of-*.tfrecord")
+        )
+        return [self.path(RECORDS_INFO)] + sorted(set(listed) | set(found))
+
+    def commit(self, stage: str, partial: str) -> None:
+        """Move a finished `<stage>.partial/` into place (records.json last)."""
+        if stage in FOLDERS:
+            os.replace(partial, self.path(FOLDERS[stage]))
+            return
+        names = sorted(os.listdir(partial))
+        last = REPORT if stage == "dedup" else RECORDS_INFO
+        for name in [n for n in names if n != last] + [last]:
+            os.replace(os.path.join(partial, name), self.path(name))
+        shutil.rmtree(partial)
+
+    def check_foreign_index(self) -> None:
+        """An index/ this manifest did not build must match the embedding model and chunk size."""
+        folder = self.path("index")
+        if not os.path.isdir(folder):
+            return
+        from retro_jax.retrieval import NeighbourIndex
+
+        model_id = NeighbourIndex.read_metadata(folder).get("model_id", "")
+        chunk_size = None
+        if os.path.exists(os.path.join(folder, BUILT_WITH)):
+            with open(os.path.join(folder, BUILT_WITH)) as f:
+                chunk_size = json.load(f).get("chunk_size")
+        want_model, want_chunk = self.bert_model_id(), int(self.config.model.chunk_size)
+        if model_id != want_model or chunk_size != want_chunk:
+            raise RetroError(
+                f"{folder} was built with embedding model {model_id!r} and chunk size "
+                f"{chunk_size}, but this config uses {want_model!r} (retrieval.bert_path) and "
+                f"chunk size {want_chunk} (model.chunk_size): delete it or use another --workdir"
+            )
+
+    def build(self, stage: str, partial: str, on_shard) -> dict:
+        return getattr(self, "_build_" + stage)(partial, on_shard)
+
+    def report(self, stage: str, summary: dict, run: dict) -> None:
+        """The throughput line printed at the end of a stage (work done by this run)."""
+        seconds = max(float(run["seconds"]), 1e-9)
+        summary = dict(summary, **run)
+        count, unit = {
+            "dedup": (summary.get("documents", 0), "docs"),
+            "tokenizer": (summary.get("documents", 0), "docs"),
+            "chunks": (summary.get("num_chunks", 0), "chunks"),
+            "keys": (summary.get("embedded", 0), "chunks"),
+            "index": (summary.get("keys", 0), "keys"),
+            "sequences": (summary.get("documents", 0), "docs"),
+            "neighbours": (summary.get("queries", 0), "queries"),
+        }[stage]
+        print(
+            f"prepare {stage}: {count} {unit} in {seconds:.1f} s ({count / seconds:.1f} {unit}/s)",
+            flush=True,
+        )
+
+    # ------------------------------------------------------------------ builds
+
+    def _build_dedup(self, partial: str, _hook) -> dict:
+        from retro_jax.dedup import filter_report, write_report
+
+        c = self.config.dedup
+        sources = {role: open_source(self.config, role) for role in ("train", "retrieval")}
+        eval_source = open_source(self.config, "eval")
+        report = filter_report(
+            eval_source,
+            sources,
+            threshold=float(c.threshold),
+            ngram=int(c.ngram),
+            num_perm=int(c.num_perm),
+            progress=self.progress,
+        )
+        report["eval_replaced_utf8"] = eval_source.stats.replaced
+        write_report(os.path.join(partial, REPORT), report)
+        roles = report["roles"]
+        for role, counts in roles.items():
+            if counts["dropped"]:
+                log.warning(
+                    "dedup: dropped %d of %d %s documents as near-duplicates of "
+                    "evaluation documents (see %s)",
+                    counts["dropped"],
+                    counts["documents"],
+                    role,
+                    self.path(REPORT),
+                )
+        return dict(
+            documents=report["eval_documents"] + sum(v["documents"] for v in roles.values()),
+            eval_documents=report["eval_documents"],
+            **{f"{role}_{k}": v for role, counts in roles.items() for k, v in counts.items()},
+        )
+
+    def _build_tokenizer(self, partial: str, _hook) -> dict:
+        from retro_jax.data.tokenizer import check_vocab, load_tokenizer, train_sentencepiece
+
+        d, pad_id = self.config.data, int(self.config.model.pad_id)
+        documents = 0
+        if str(d.tokenizer):
+            tokenizer = load_tokenizer(str(d.tokenizer), pad_id=pad_id)
+            check_vocab(tokenizer, int(self.config.model.vocab_size))
+            tokenizer.save(partial)
+        else:
+            if self.vocab_size > int(self.config.model.vocab_size):
+                raise RetroError(
+                    f"data.vocab_size={self.vocab_size} is larger than "
+                    f"model.vocab_size={self.config.model.vocab_size}"
+                )
+
+            def texts():
+                nonlocal documents
+                for doc in self.documents("train"):
+                    documents += 1
+                    yield doc.text
+
+            tokenizer = train_sentencepiece(
+                texts(),
+                os.path.join(partial, "spm.model"),
+                vocab_size=self.vocab_size,
+                pad_id=pad_id,
+                max_lines=int(d.get("tokenizer_sentences", 200_000)),
+                seed=int(self.config.seed),
+            )
+            check_vocab(tokenizer, int(self.config.model.vocab_size))
+        self._tokenizer = None
+        return dict(
+            kind=tokenizer.kind,
+            vocab_size=tokenizer.vocab_size,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+            documents=documents,
+        )
+
+    def _build_chunks(self, partial: str, _hook) -> dict:
+        from retro_jax.retrieval.chunks import build_chunk_database
+
+        return build_chunk_database(
+            self.documents("retrieval"),
+            self.tokenizer(),
+            partial,
+            chunk_size=int(self.config.model.chunk_size),
+            chunks_per_shard=int(self.config.data.chunks_per_shard),
+            progress=self.progress,
+            log=log,
+        )
+
+    def _build_keys(self, partial: str, hook) -> dict:
+        from retro_jax.retrieval.chunks import ChunkDatabase, write_keys
+
+        database = ChunkDatabase(self.path("db"))
+        summary = write_keys(
+            database,
+            self.tokenizer(),
+            self.embedder(),
+            partial,
+            progress=self.progress,
+            on_shard=hook,
+        )
+        with open(os.path.join(partial, "keys.json"), "w") as f:
+            json.dump({k: v for k, v in summary.items() if k != "run"}, f, indent=1)
+        return summary
+
+    def _build_index(self, partial: str, _hook) -> dict:
+        from retro_jax.retrieval import NeighbourIndex
+        from retro_jax.retrieval.chunks import ChunkDatabase, load_keys
+
+        database = ChunkDatabase(self.path("db"))
+        shards = load_keys(self.path("keys"), database)
+        with open(self.path("keys", "keys.json")) as f:
+            keys_info = json.load(f)
+        # One [N, D] memory-mapped array over all key shards (copied shard by shard).
+        joined_path = os.path.join(partial, "all-keys.npy")
+        joined = np.lib.format.open_memmap(
+            joined_path, mode="w+", dtype=np.float32, shape=(len(database), keys_info["dim"])
+        )
+        row = 0
+        for shard in shards:
+            joined[row : row + len(shard)] = shard
+            row += len(shard)
+        joined.flush()
+        o = self.config.retrieval.index
+        index = NeighbourIndex.build(
+            joined,
+            brute_force_below=int(o.brute_force_below),
+            shard_size=int(o.shard_size),
+            num_leaves=int(o.num_leaves),
+            leaves_to_search=int(o.leaves_to_search),
+            reorder=int(o.reorder),
+            progress=self.progress,
+            model_id=keys_info["model_id"],
+        )
+        del joined
+        os.remove(joined_path)
+        index.save(partial)
+        with open(os.path.join(partial, BUILT_WITH), "w") as f:
+            json.dump(
+                dict(
+                    model_id=keys_info["model_id"],
+                    chunk_size=database.chunk_size,
+                    keys=len(database),
+                    dim=keys_info["dim"],
+                ),
+                f,
+                indent=1,
+            )
+        return dict(keys=len(index), dim=index.dim, shards=len(index.shards))
+
+    def _build_sequences(self, partial: str, _hook) -> dict:
+        from retro_jax.data.sequences import write_sequences, write_summary
+
+        d, summaries = self.config.data, {}
+        for split, role in (("train", "train"), ("eval", "eval")):
+            summaries[split] = write_sequences(
+                self.documents(role),
+                self.tokenizer(),
+                partial,
+                split=split,
+                seq_len=int(d.seq_len),
+                records_per_shard=int(d.records_per_shard),
+                progress=self.progress,
+            )
+        write_summary(partial, "sequences.json", summaries)
+        return dict(
+            documents=sum(s["documents"] for s in summaries.values()),
+            **{
+                f"{k}_{f}": s[f]
+                for k, s in summaries.items()
+                for f in ("documents", "tokens", "bytes")
+            },
+            **{
+                f"{k}_sequences": sum(sh["sequences"] for sh in s["shards"])
+                for k, s in summaries.items()
+            },
+        )
+
+    def _build_neighbours(self, partial: str, hook) -> dict:
+        from retro_jax.retrieval import NeighbourIndex
+        from retro_jax.retrieval.chunks import ChunkDatabase, load_keys
+        from retro_jax.retrieval.neighbours import NeighbourFinder, write_neighbour_shards
+
+        database = ChunkDatabase(self.path("db"))
+        index = NeighbourIndex.load(self.path("index"))
+        embedder, tokenizer, spec = self.embedder(), self.tokenizer(), self.spec()
+        if index.model_id != embedder.model_id or len(index) != len(database):
+            raise RetroError(
+                f"{self.path('index')} ({index.model_id}, {len(index)} keys) does not match "
+                f"the embedder {embedder.model_id} and database ({len(database)} chunks)"
+            )
+        r = self.config.retrieval
+        finder = NeighbourFinder(
+            database,
+            load_keys(self.path("keys"), database),
+            index,
+            embedder,
+            tokenizer,
+            num_neighbours=spec.num_neighbours,
+            query_multiplier=int(r.query_multiplier),
+            exclude_same_document=bool(r.exclude_same_document),
+        )
+        with open(self.path("sequences", "sequences.json")) as f:
+            sequences = json.load(f)
+        done = set(os.listdir(partial))
+        splits, queries_run = {}, 0
+        for split in ("train", "eval"):
+            splits[split] = write_neighbour_shards(
+                finder,
+                split,
+                self.path("sequences"),
+                sequences[split],
+                partial,
+                spec,
+                done=done,
+                progress=self.progress,
+                on_shard=hook,
+            )
+            queries_run += splits[split].pop("run")["queries"]
+            splits[split]["documents"] = sequences[split]["documents"]
+        info = dict(
+            spec.to_dict(),
+            pad_id=tokenizer.pad_id,
+            eos_id=tokenizer.eos_id,
+            vocab_size=tokenizer.vocab_size,
+            tokenizer="tokenizer",
+            model_id=embedder.model_id,
+            database_chunks=len(database),
+            splits=splits,
+        )
+        write_records_info(partial, info)
+        return dict(
+            queries=sum(s["queries"] for s in splits.values()),
+            **{f"{k}_records": s["records"] for k, s in splits.items()},
+            run=dict(
+                queries=queries_run,
+                embedded=finder.embedded,
+                reused_keys=finder.reused,
+                missing_neighbours=finder.missing,
+            ),
+        )
+
+
+def _file_digest(path: str) -> str:
+    """sha256 of a file or of a folder's files (a given tokenizer)."""
+    import hashlib
+
+    if not os.path.exists(path):
+        raise RetroError(f"data.tokenizer={path}: no such file or folder")
+    digest = hashlib.sha256()
+    files = (
+        [path] if os.path.isfile(path) else sorted(os.path.join(path, n) for n in os.listdir(path))
+    )
+    for name in files:
+        if os.path.isfile(name):
+            with open(name, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()

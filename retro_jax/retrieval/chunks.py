@@ -1,0 +1,259 @@
+"""The chunk database: every retrieval document cut into m-token chunks with continuations.
+
+A document is [EOS] + tokens + [EOS]; chunk u is tokens[u*m : (u+1)*m] and its continuation
+the next m tokens of the same document, both padded with pad_id at the document's end, so an
+entry never crosses documents. Chunks holding nothing but EOS/padding are left out. Chunk ids
+are global and contiguous; shard i holds ids [i*S, (i+1)*S) with S = chunks_per_shard:
+
+    db/shard-NNNNN.tokens.npy   int32 [S_i, 2m]   chunk (m) + continuation (m)
+    db/shard-NNNNN.doc_ids.npy  int64 [S_i]       document id of each chunk
+    db/docs.npy                 int64 [D, 3]      (doc_id, first chunk id, chunk count), by doc_id
+    db/db.json                  sizes, chunk size, pad/EOS ids
+
+Writing streams one document at a time and keeps one shard in memory; reading memory-maps.
+The keys stage embeds each shard's detokenized chunks (`write_keys`) into keys/shard-NNNNN.npy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from retro_jax.errors import RetroError
+
+DB_INFO = "db.json"
+
+
+def chunk_document(tokens: np.ndarray, chunk_size: int, pad_id: int, eos_id: int) -> np.ndarray:
+    """tokens [L] -> entries int32 [c, 2m]: chunk u and its continuation, padded; chunks of
+    only EOS/padding dropped (they come last, so kept chunk u is still document chunk u)."""
+    m = chunk_size
+    count = -(-len(tokens) // m)
+    padded = np.full((count + 1) * m, pad_id, np.int32)  # one extra chunk: the last continuation
+    padded[: len(tokens)] = tokens
+    blocks = padded.reshape(count + 1, m)
+    entries = np.concatenate([blocks[:-1], blocks[1:]], axis=1)
+    has_text = ((blocks[:-1] != pad_id) & (blocks[:-1] != eos_id)).any(axis=1)
+    keep = int(np.flatnonzero(has_text)[-1]) + 1 if has_text.any() else 0
+    return entries[:keep]
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def build_chunk_database(
+    documents: Iterable,
+    tokenizer,
+    directory: str,
+    *,
+    chunk_size: int,
+    chunks_per_shard: int,
+    progress: bool = True,
+    log=None,
+) -> dict:
+    """Tokenize and chunk `documents` into `directory` (which must exist and be empty).
+
+    Returns the summary written to db.json (documents, chunks, shards, short documents, tokens).
+    """
+    if chunks_per_shard <= 0:
+        raise RetroError(f"data.chunks_per_shard={chunks_per_shard} must be positive")
+    m = chunk_size
+    shards: list[int] = []
+    buffer_tokens: list[np.ndarray] = []
+    buffer_docs: list[np.ndarray] = []
+    buffered = 0
+    docs_table: list[tuple[int, int, int]] = []
+    total_chunks = short_docs = tokens_seen = 0
+    short_examples: list[str] = []
+
+    def flush(rows: int) -> None:
+        nonlocal buffer_tokens, buffer_docs, buffered
+        tokens = np.concatenate(buffer_tokens)
+        doc_ids = np.concatenate(buffer_docs)
+        name = shard_name(len(shards))
+        _save_npy(os.path.join(directory, name + ".tokens.npy"), tokens[:rows])
+        _save_npy(os.path.join(directory, name + ".doc_ids.npy"), doc_ids[:rows])
+        shards.append(rows)
+        buffer_tokens, buffer_docs = [tokens[rows:]], [doc_ids[rows:]]
+        buffered -= rows
+
+    for doc in tqdm(documents, desc="chunk database", unit="doc", disable=not progress):
+        ids, _ = tokenizer.document_tokens(doc.text)
+        tokens_seen += len(ids)
+        if len(ids) - 2 < m:
+            short_docs += 1
+            if len(short_examples) < 5:
+                short_examples.append(doc.key)
+        entries = chunk_document(ids, m, tokenizer.pad_id, tokenizer.eos_id)
+        if not len(entries):
+            continue
+        docs_table.append((doc.doc_id, total_chunks, len(entries)))
+        buffer_tokens.append(entries)
+        buffer_docs.append(np.full(len(entries), doc.doc_id, np.int64))
+        buffered += len(entries)
+        total_chunks += len(entries)
+        while buffered >= chunks_per_shard:
+            flush(chunks_per_shard)
+    if buffered:
+        flush(buffered)
+    if total_chunks == 0:
+        raise RetroError("chunk database: the retrieval documents produced no chunks")
+    if short_docs and log is not None:
+        log.warning(
+            "chunk database: %d documents shorter than one chunk (%d tokens), kept as one padded "
+            "chunk each, e.g. %s",
+            short_docs,
+            m,
+            ", ".join(short_examples),
+        )
+    table = np.array(sorted(docs_table), np.int64).reshape(-1, 3)
+    duplicates = np.flatnonzero(np.diff(table[:, 0]) == 0)
+    if len(duplicates):
+        raise RetroError(f"chunk database: document id {table[duplicates[0], 0]} occurs twice")
+    _save_npy(os.path.join(directory, "docs.npy"), table)
+    info = dict(
+        chunk_size=m,
+        chunks_per_shard=chunks_per_shard,
+        num_chunks=total_chunks,
+        num_documents=len(table),
+        short_documents=short_docs,
+        tokens=tokens_seen,
+        shards=shards,
+        pad_id=tokenizer.pad_id,
+        eos_id=tokenizer.eos_id,
+    )
+    with open(os.path.join(directory, DB_INFO), "w") as f:
+        json.dump(info, f, indent=1)
+    return info
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path + ".tmp", "wb") as f:
+        np.save(f, array)
+    os.replace(path + ".tmp", path)
+
+
+class ChunkDatabase:
+    """Read side of a chunk database folder: memory-mapped shards, lookups by global chunk id."""
+
+    def __init__(self, directory: str):
+        path = os.path.join(directory, DB_INFO)
+        if not os.path.exists(path):
+            raise RetroError(f"chunk database {directory}: no {DB_INFO} (run prepare)")
+        with open(path) as f:
+            self.info = json.load(f)
+        self.directory = directory
+        self.chunk_size = int(self.info["chunk_size"])
+        self.per_shard = int(self.info["chunks_per_shard"])
+        self.pad_id = int(self.info["pad_id"])
+        self.shard_sizes = [int(s) for s in self.info["shards"]]
+        self._tokens = [self._load(i, "tokens") for i in range(len(self.shard_sizes))]
+        self._doc_ids = [self._load(i, "doc_ids") for i in range(len(self.shard_sizes))]
+        self.docs = np.load(os.path.join(directory, "docs.npy"), mmap_mode="r")
+
+    def _load(self, index: int, what: str) -> np.ndarray:
+        return np.load(
+            os.path.join(self.directory, f"{shard_name(index)}.{what}.npy"), mmap_mode="r"
+        )
+
+    def __len__(self) -> int:
+        return int(self.info["num_chunks"])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_sizes)
+
+    def shard_tokens(self, index: int) -> np.ndarray:
+        """int32 [S_i, 2m], memory-mapped."""
+        return self._tokens[index]
+
+    def shard_texts(self, index: int, tokenizer) -> list[str]:
+        """Detokenized chunks (first m tokens of each entry) of shard `index`: BERT's input."""
+        m = self.chunk_size
+        return [tokenizer.decode(row[:m]) for row in np.asarray(self._tokens[index])]
+
+    def _gather(self, arrays: list[np.ndarray], ids: np.ndarray, fill, tail_shape, dtype):
+        ids = np.asarray(ids, np.int64)
+        flat = ids.reshape(-1)
+        out = np.full((len(flat),) + tail_shape, fill, dtype)
+        valid = np.flatnonzero(flat >= 0)
+        if len(valid) and flat[valid].max() >= len(self):
+            raise RetroError(f"chunk id {flat[valid].max()} beyond the database ({len(self)})")
+        shard_of = flat[valid] // self.per_shard
+        for shard in np.unique(shard_of):
+            rows = valid[shard_of == shard]
+            out[rows] = arrays[shard][flat[rows] - shard * self.per_shard]
+        return out.reshape(ids.shape + tail_shape)
+
+    def entries(self, ids: np.ndarray) -> np.ndarray:
+        """ids [...] -> chunk + continuation int32 [..., 2m]; pad_id rows where id is -1."""
+        return self._gather(self._tokens, ids, self.pad_id, (2 * self.chunk_size,), np.int32)
+
+    def doc_ids(self, ids: np.ndarray) -> np.ndarray:
+        """ids [...] -> document id int64 [...]; -1 where id is -1."""
+        return self._gather(self._doc_ids, ids, -1, (), np.int64)
+
+    def document_chunks(self, doc_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """doc_ids [D] -> (first chunk id [D], chunk count [D]); (-1, 0) if not in the database."""
+        doc_ids = np.asarray(doc_ids, np.int64)
+        table = np.asarray(self.docs)
+        where = np.searchsorted(table[:, 0], doc_ids)
+        where = np.minimum(where, len(table) - 1)
+        found = table[where, 0] == doc_ids
+        return np.where(found, table[where, 1], -1), np.where(found, table[where, 2], 0)
+
+
+def write_keys(
+    database: ChunkDatabase,
+    tokenizer,
+    embedder,
+    directory: str,
+    *,
+    progress: bool = True,
+    on_shard: Callable[[int], None] | None = None,
+) -> dict:
+    """Embed every shard's chunks into directory/shard-NNNNN.npy (float32 [S_i, D]).
+
+    Shards already present (a resumed run) are kept; each new one is written under a temporary
+    name and renamed, then `on_shard(index)` is called. Returns counts and timing.
+    """
+    embedded = skipped = 0
+    start = time.time()
+    bar = tqdm(total=len(database), desc="keys", unit="chunk", disable=not progress)
+    for index in range(database.num_shards):
+        path = os.path.join(directory, shard_name(index) + ".npy")
+        size = database.shard_sizes[index]
+        if os.path.exists(path):
+            skipped += size
+            bar.update(size)
+            continue
+        keys = embedder.embed(database.shard_texts(index, tokenizer))
+        if keys.shape != (size, embedder.dim):
+            raise RetroError(f"keys: shard {index} embedded to shape {keys.shape}")
+        _save_npy(path, keys.astype(np.float32))
+        embedded += size
+        bar.update(size)
+        if on_shard is not None:
+            on_shard(index)
+    bar.close()
+    seconds = time.time() - start
+    return dict(
+        chunks=len(database),
+        dim=int(embedder.dim),
+        model_id=str(embedder.model_id),
+        run=dict(embedded=embedded, resumed=skipped, seconds=round(seconds, 3)),
+    )
+
+
+def load_keys(directory: str, database: ChunkDatabase) -> list[np.ndarray]:
+    """The keys shards, memory-mapped: [S_i, D] each."""
+    return [
+        np.load(os.path.join(directory, shard_name(i) + ".npy"), mmap_mode="r")
+        for i in range(database.num_shards)
+    ]

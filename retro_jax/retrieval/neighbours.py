@@ -1,0 +1,197 @@
+"""Neighbours of every chunk of every sequence, written as the record shards training reads.
+
+For a shard of sequences (tokens [S, n+1]) the l = n/m input chunks of each sequence are the
+queries: [S, l, m] -> keys [S*l, D] (frozen BERT of the detokenized chunk; a training chunk that
+is itself a database chunk reuses that chunk's stored key instead of running BERT again). The
+index returns the nearest database chunks; for training sequences every chunk from the
+sequence's own document is dropped (the paper's causality guard: chunk u must not retrieve chunk
+u+1 of its own text), so K * query_multiplier are asked for and the first K that survive kept.
+Chunks with no text (all EOS/padding) get no neighbours: ids -1, tokens pad_id.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from retro_jax.data.records import RecordSpec, write_records
+from retro_jax.data.sequences import read_sequence_shard
+from retro_jax.retrieval.chunks import ChunkDatabase
+
+
+def select_neighbours(
+    ids: np.ndarray, neighbour_docs: np.ndarray, query_docs: np.ndarray | None, k: int
+) -> np.ndarray:
+    """Keep the first k found ids per query, skipping missing ones (-1) and, if query_docs is
+    given, those from the query's own document.
+
+    ids, neighbour_docs [Q, K'] (nearest first), query_docs [Q] -> ids int64 [Q, k], -1 padded.
+    """
+    valid = ids >= 0
+    if query_docs is not None:
+        valid &= neighbour_docs != query_docs[:, None]
+    order = np.argsort(~valid, axis=1, kind="stable")[:, :k]  # valid ones first, order kept
+    kept = np.take_along_axis(np.where(valid, ids, -1), order, axis=1)
+    if kept.shape[1] < k:
+        kept = np.concatenate([kept, np.full((len(ids), k - kept.shape[1]), -1, np.int64)], 1)
+    return kept.astype(np.int64)
+
+
+def chunk_has_text(chunks: np.ndarray, pad_id: int, eos_id: int) -> np.ndarray:
+    """chunks [..., m] -> bool [...]: holds a token other than pad and EOS."""
+    return ((chunks != pad_id) & (chunks != eos_id)).any(axis=-1)
+
+
+class NeighbourFinder:
+    """Queries of sequence shards -> neighbour ids and tokens, with key reuse and exclusion."""
+
+    def __init__(
+        self,
+        database: ChunkDatabase,
+        keys: list[np.ndarray],
+        index,
+        embedder,
+        tokenizer,
+        *,
+        num_neighbours: int,
+        query_multiplier: int = 4,
+        exclude_same_document: bool = True,
+    ):
+        self.database = database
+        self.keys = keys
+        self.index = index
+        self.embedder = embedder
+        self.tokenizer = tokenizer
+        self.k = num_neighbours
+        self.multiplier = max(1, int(query_multiplier))
+        self.exclude = exclude_same_document
+        self.embedded = self.reused = 0  # query keys computed / taken from the database
+        self.missing = 0  # neighbour slots left empty (-1) for chunks that have text
+
+    def query_keys(self, chunks: np.ndarray, doc_ids: np.ndarray, chunk_index: np.ndarray):
+        """Keys of query chunks. chunks [Q, m], doc_ids [Q], chunk_index [Q] (the chunk's index
+        inside its document, -1 if not chunk-aligned) -> float32 [Q, D].
+
+        A chunk equal to database chunk (first + chunk_index) of the same document reuses its
+        key; the rest are detokenized and embedded.
+        """
+        m = self.database.chunk_size
+        out = np.zeros((len(chunks), self.embedder.dim), np.float32)
+        first, count = self.database.document_chunks(doc_ids)
+        aligned = (first >= 0) & (chunk_index >= 0) & (chunk_index < count)
+        candidate = np.where(aligned, first + chunk_index, -1)
+        same = aligned & (self.database.entries(candidate)[:, :m] == chunks).all(axis=1)
+        rows = np.flatnonzero(same)
+        ids = candidate[rows]
+        shard_of = ids // self.database.per_shard
+        for shard in np.unique(shard_of):
+            pick = shard_of == shard
+            out[rows[pick]] = self.keys[shard][ids[pick] - shard * self.database.per_shard]
+        fresh = np.flatnonzero(~same)
+        if len(fresh):
+            texts = [self.tokenizer.decode(chunks[i]) for i in fresh]
+            out[fresh] = self.embedder.embed(texts)
+        self.reused += len(rows)
+        self.embedded += len(fresh)
+        return out
+
+    def shard_examples(self, sequences: dict[str, np.ndarray], split: str) -> list[dict]:
+        """Records of one sequence shard (see retro_jax.data.records for the schema)."""
+        tokens = sequences["tokens"]
+        s, n = tokens.shape[0], tokens.shape[1] - 1
+        m, k = self.database.chunk_size, self.k
+        chunks = tokens[:, :n].reshape(s, n // m, m)  # [S, l, m]
+        l = n // m  # noqa: E741 - the paper's name for chunks per sequence
+        seq_docs = np.repeat(sequences["doc_id"], l)  # [S*l]
+        starts = sequences["offset"]
+        aligned = (starts % m == 0)[:, None] & np.ones((1, l), bool)
+        chunk_index = np.where(aligned, starts[:, None] // m + np.arange(l)[None, :], -1)
+        flat_chunks = chunks.reshape(s * l, m)
+        live = np.flatnonzero(
+            chunk_has_text(flat_chunks, self.tokenizer.pad_id, self.tokenizer.eos_id)
+        )
+        ids = np.full((s * l, k), -1, np.int64)
+        if len(live) and k:
+            queries = self.query_keys(
+                flat_chunks[live], seq_docs[live], chunk_index.reshape(-1)[live]
+            )
+            exclude = self.exclude and split == "train"
+            ask = min(k * self.multiplier if exclude else k, len(self.index))
+            found, _ = self.index.search(queries, ask)
+            docs = self.database.doc_ids(found)
+            ids[live] = select_neighbours(found, docs, seq_docs[live] if exclude else None, k)
+            self.missing += int((ids[live] < 0).sum())
+        ids = ids.reshape(s, l, k)
+        entries = self.database.entries(ids)  # [S, l, K, 2m]
+        return [
+            {
+                "tokens": tokens[i],
+                "loss_mask": sequences["loss_mask"][i],
+                "target_bytes": sequences["target_bytes"][i],
+                "neighbours": entries[i],
+                "neighbour_ids": ids[i],
+                "doc_id": sequences["doc_id"][i : i + 1],
+                "offset": sequences["offset"][i : i + 1],
+            }
+            for i in range(s)
+        ]
+
+
+def record_file_name(split: str, index: int, total: int) -> str:
+    return f"{split}-{index:05d}-of-{total:05d}.tfrecord"
+
+
+def write_neighbour_shards(
+    finder: NeighbourFinder,
+    split: str,
+    sequence_dir: str,
+    sequence_summary: dict,
+    out_dir: str,
+    spec: RecordSpec,
+    *,
+    done: set[str] = frozenset(),
+    progress: bool = True,
+    on_shard: Callable[[str], None] | None = None,
+) -> dict:
+    """One TFRecord file per sequence shard: out_dir/{split}-NNNNN-of-MMMMM.tfrecord.
+
+    Files named in `done` (finished by an interrupted run of the same settings) are kept;
+    `on_shard(file name)` is called after each new file is complete.
+    """
+    shards = sequence_summary["shards"]
+    files, records, queries = [], 0, 0
+    start = time.time()
+    bar = tqdm(
+        total=sum(sh["sequences"] for sh in shards),
+        desc=f"neighbours {split}",
+        unit="seq",
+        disable=not progress,
+    )
+    for index, shard in enumerate(shards):
+        name = record_file_name(split, index, len(shards))
+        files.append(name)
+        records += shard["sequences"]
+        if name in done and os.path.exists(os.path.join(out_dir, name)):
+            bar.update(shard["sequences"])
+            continue
+        sequences = read_sequence_shard(os.path.join(sequence_dir, shard["name"]))
+        examples = finder.shard_examples(sequences, split)
+        queries += len(examples) * spec.num_chunks
+        write_records(os.path.join(out_dir, name), examples, spec=spec)
+        bar.update(shard["sequences"])
+        if on_shard is not None:
+            on_shard(name)
+    bar.close()
+    seconds = time.time() - start
+    return dict(
+        files=files,
+        records=records,
+        scored_tokens=sum(sh["scored_tokens"] for sh in shards),
+        scored_bytes=sum(sh["scored_bytes"] for sh in shards),
+        queries=records * spec.num_chunks,
+        run=dict(queries=queries, seconds=round(seconds, 3)),
+    )
