@@ -1,0 +1,359 @@
+"""Input pipeline: the neighbour shards of `prepare/` -> numpy batches for the train and eval steps.
+
+tf.data (not Grain) because the shards are TFRecords: tf.data reads them natively, checks every
+record's CRC, reads gs:// through its own filesystem layer and parses batches of Examples in C++;
+Grain's random access would need the shards rewritten as ArrayRecord. TensorFlow is imported only
+here, lazily: the model and the train step never need it.
+
+Determinism and resume, without checkpointing tf.data's iterator (whose shuffle buffer would be
+saved with every checkpoint): the stream is a sequence of epochs, and epoch e is a pure function
+of (seed, e) -- the host's files in a permutation seeded by (seed, e), read interleaved, shuffled
+with a buffer seeded by (seed, e), cut to the same number of batches on every host. Global batch i
+is batch i mod B_e of epoch i div B_e, so resuming at batch i rebuilds that epoch and skips the
+serialized records before it (skipping happens before parsing, so it costs a read, not a parse).
+The position saved in a checkpoint is just i (with the seed and batch size that give it meaning).
+
+Batches (host-local share of the global batch, rows [b]):
+    tokens       int32   [b, n]          inputs (record tokens[:n])
+    targets      int32   [b, n]          next tokens (record tokens[1:])
+    loss_mask    float32 [b, n]
+    target_bytes int32   [b, n]
+    neighbours   int32   [b, l, k, 2m]   the first k of the K stored (absent when k = 0)
+    doc_id       int32   [b]
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import struct
+from collections.abc import Iterator
+
+import numpy as np
+
+from retro_jax.data.records import RecordSpec, load_records_info, parse_example
+from retro_jax.errors import RetroError
+
+_SHARD_NAME = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.tfrecord$")
+
+
+def _tf():
+    import tensorflow as tf  # heavy, and absent on accelerator machines: only the pipeline needs it
+
+    return tf
+
+
+def _exists(path: str) -> bool:
+    return _tf().io.gfile.exists(path) if "://" in path else os.path.exists(path)
+
+
+# ---------------------------------------------------------------- the shards of a split
+
+
+def shard_files(prepare_dir: str, split: str, info: dict | None = None) -> list[str]:
+    """Paths of the `split` shards, in order; RetroError naming any missing file.
+
+    The list comes from records.json (`info[split]["files"]` or `info["files"][split]`) when it
+    names one, else from the file names: NNNNN-of-MMMMM must count 0..MMMMM-1 without gaps.
+    """
+    names = _listed_files(info or {}, split)
+    if names is None:
+        pattern = os.path.join(prepare_dir, f"{split}-*-of-*.tfrecord")
+        found = _tf().io.gfile.glob(pattern) if "://" in prepare_dir else sorted(glob.glob(pattern))
+        if not found:
+            raise RetroError(f"no {split} shards ({pattern}): run `retro-jax prepare` first")
+        totals = {int(_SHARD_NAME.match(os.path.basename(p))["total"]) for p in found}
+        if len(totals) != 1:
+            raise RetroError(f"{prepare_dir}: {split} shards from different runs (totals {totals})")
+        total = totals.pop()
+        names = [f"{split}-{i:05d}-of-{total:05d}.tfrecord" for i in range(total)]
+    paths = [n if "://" in n or os.path.isabs(n) else os.path.join(prepare_dir, n) for n in names]
+    for path in paths:
+        if not _exists(path):
+            raise RetroError(f"{split} shard missing: {path}")
+    if not paths:
+        raise RetroError(f"{prepare_dir}/records.json lists no {split} shards")
+    return paths
+
+
+def _listed_files(info: dict, split: str) -> list[str] | None:
+    entry = info.get(split)
+    if isinstance(entry, dict) and isinstance(entry.get("files"), list):
+        return list(entry["files"])
+    files = info.get("files")
+    if isinstance(files, dict) and isinstance(files.get(split), list):
+        return list(files[split])
+    return None
+
+
+def count_records(path: str) -> int:
+    """Records in a TFRecord file, from its length headers alone (seeks past every payload)."""
+    tf = _tf()
+    count = 0
+    with tf.io.gfile.GFile(path, "rb") as f:
+        size = f.size()
+        position = 0
+        while position < size:
+            header = f.read(12)
+            if len(header) < 12:
+                raise RetroError(f"{path}: truncated TFRecord at byte {position}")
+            (length,) = struct.unpack("<Q", header[:8])
+            position += 12 + length + 4
+            if position > size:
+                raise RetroError(f"{path}: truncated or corrupt TFRecord (record {count})")
+            f.seek(position)
+            count += 1
+    return count
+
+
+def find_corrupt_file(paths: list[str]) -> str | None:
+    """The first file whose records fail tf.data's CRC checks (tf's errors do not name it)."""
+    tf = _tf()
+    for path in paths:
+        try:
+            for _ in tf.data.TFRecordDataset(path):
+                pass
+        except (tf.errors.DataLossError, tf.errors.OutOfRangeError, tf.errors.NotFoundError):
+            return path
+    return None
+
+
+def host_shards(paths: list[str], process_index: int, process_count: int) -> list[str]:
+    """Files read by one host: every process_count-th, starting at its index."""
+    if len(paths) < process_count:
+        raise RetroError(
+            f"{len(paths)} shard files cannot feed {process_count} hosts: write more shards "
+            "(data.records_per_shard) or use fewer hosts"
+        )
+    return paths[process_index::process_count]
+
+
+def _to_batch(parsed: dict, num_neighbours: int) -> dict:
+    """Parsed int64 features [b, ...] -> the model's batch (see the module docstring)."""
+    tf = _tf()
+    tokens = tf.cast(parsed["tokens"], tf.int32)
+    batch = {
+        "tokens": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_mask": tf.cast(parsed["loss_mask"], tf.float32),
+        "target_bytes": tf.cast(parsed["target_bytes"], tf.int32),
+        "doc_id": tf.cast(parsed["doc_id"][:, 0], tf.int32),
+    }
+    if num_neighbours:
+        batch["neighbours"] = tf.cast(parsed["neighbours"][:, :, :num_neighbours], tf.int32)
+    return batch
+
+
+def _options():
+    tf = _tf()
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_optimization.map_parallelization = True
+    return options
+
+
+class _ShardSet:
+    """A split's spec, files, and per-host files and record counts."""
+
+    def __init__(
+        self,
+        prepare_dir: str,
+        split: str,
+        num_neighbours: int,
+        process_index: int,
+        process_count: int,
+    ):
+        self.spec, self.info = load_records_info(prepare_dir)
+        if not 0 <= num_neighbours <= self.spec.num_neighbours:
+            raise RetroError(
+                f"train/eval num_neighbours={num_neighbours} but the shards in {prepare_dir} store "
+                f"only {self.spec.num_neighbours} (data.num_neighbours_stored)"
+            )
+        self.pad_id = int(self.info.get("pad_id", 0))
+        self.files = shard_files(prepare_dir, split, self.info)
+        self.host_files = [host_shards(self.files, p, process_count) for p in range(process_count)]
+        self.counts = {path: count_records(path) for path in self.files}
+        self.host_records = [sum(self.counts[f] for f in files) for files in self.host_files]
+        self.mine = self.host_files[process_index]
+
+    def parse(self, serialized):
+        spec: RecordSpec = self.spec
+        return parse_example(
+            serialized,
+            seq_len=spec.seq_len,
+            chunk_size=spec.chunk_size,
+            num_neighbours=spec.num_neighbours,
+        )
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    return process_index, process_count
+
+
+# ---------------------------------------------------------------- training stream
+
+
+class TrainBatches:
+    """The endless, seeded, resumable stream of this host's training batches (numpy dicts).
+
+    `global_batch` sequences per step in total; this host yields global_batch / process_count.
+    `start` is the global batch index to begin at (the `position` saved in a checkpoint).
+    """
+
+    def __init__(
+        self,
+        prepare_dir: str,
+        *,
+        global_batch: int,
+        num_neighbours: int,
+        seed: int,
+        shuffle_buffer: int = 1024,
+        start: int = 0,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        process_index, process_count = _process(process_index, process_count)
+        if global_batch % process_count:
+            raise RetroError(
+                f"train.batch_size={global_batch} must divide by the {process_count} hosts"
+            )
+        self.shards = _ShardSet(prepare_dir, "train", num_neighbours, process_index, process_count)
+        self.host_batch = global_batch // process_count
+        self.global_batch, self.seed = global_batch, seed
+        self.num_neighbours, self.shuffle_buffer = num_neighbours, shuffle_buffer
+        # Every host must take the same number of steps per epoch, so the smallest share rules.
+        self.batches_per_epoch = min(r // self.host_batch for r in self.shards.host_records)
+        if self.batches_per_epoch == 0:
+            raise RetroError(
+                f"{prepare_dir}: {min(self.shards.host_records)} training records on a host, fewer "
+                f"than its share {self.host_batch} of train.batch_size={global_batch}"
+            )
+        self.position = start
+        self._iterator: Iterator | None = None
+        self._epoch = -1
+
+    def state(self) -> dict:
+        """What a checkpoint must hold to resume this stream exactly."""
+        return {"position": self.position, "seed": self.seed, "global_batch": self.global_batch}
+
+    def epoch_dataset(self, epoch: int, skip_batches: int = 0):
+        """tf.data of epoch `epoch` (a pure function of seed and epoch), from batch skip_batches."""
+        tf = _tf()
+        rng = np.random.default_rng([self.seed, epoch])
+        files = [self.shards.mine[i] for i in rng.permutation(len(self.shards.mine))]
+        ds = tf.data.Dataset.from_tensor_slices(files)
+        ds = ds.interleave(
+            tf.data.TFRecordDataset,
+            cycle_length=min(len(files), 8),
+            block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        ds = ds.shuffle(
+            self.shuffle_buffer, seed=int(rng.integers(2**31)), reshuffle_each_iteration=False
+        )
+        ds = ds.take(self.batches_per_epoch * self.host_batch)
+        ds = ds.skip(skip_batches * self.host_batch)  # serialized records: no parsing cost
+        ds = ds.batch(self.host_batch, drop_remainder=True)
+        ds = ds.map(
+            lambda s: _to_batch(self.shards.parse(s), self.num_neighbours),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        tf = _tf()
+        epoch, offset = divmod(self.position, self.batches_per_epoch)
+        if self._iterator is None or epoch != self._epoch:
+            self._iterator = self.epoch_dataset(epoch, offset).as_numpy_iterator()
+            self._epoch = epoch
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            raise RetroError(
+                f"training shards changed while reading (epoch {epoch} ended early): "
+                + ", ".join(self.shards.mine)
+            ) from None
+        except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
+            bad = find_corrupt_file(self.shards.mine)
+            raise RetroError(f"corrupt training shard {bad or '(unknown)'}: {e.message}") from None
+        except tf.errors.NotFoundError as e:
+            raise RetroError(f"training shard vanished: {e.message}") from None
+        self.position += 1
+        return batch
+
+
+# ---------------------------------------------------------------- evaluation pass
+
+
+class EvalBatches:
+    """One pass over the eval shards in file order: every host yields the same number of batches;
+    the last ones are padded with rows whose loss_mask is 0 (so every record is scored once)."""
+
+    def __init__(
+        self,
+        prepare_dir: str,
+        *,
+        global_batch: int,
+        num_neighbours: int,
+        max_batches: int = 0,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        process_index, process_count = _process(process_index, process_count)
+        if global_batch % process_count:
+            raise RetroError(f"eval.batch_size={global_batch} must divide by {process_count} hosts")
+        self.shards = _ShardSet(prepare_dir, "eval", num_neighbours, process_index, process_count)
+        self.host_batch = global_batch // process_count
+        self.num_neighbours = num_neighbours
+        most = max(self.shards.host_records)
+        self.num_batches = -(-most // self.host_batch)
+        if max_batches:
+            self.num_batches = min(self.num_batches, max_batches)
+
+    def _padding(self, rows: int) -> dict[str, np.ndarray]:
+        spec, k = self.shards.spec, self.num_neighbours
+        n, pad = spec.seq_len, self.shards.pad_id
+        batch = {
+            "tokens": np.full((rows, n), pad, np.int32),
+            "targets": np.full((rows, n), pad, np.int32),
+            "loss_mask": np.zeros((rows, n), np.float32),
+            "target_bytes": np.zeros((rows, n), np.int32),
+            "doc_id": np.full((rows,), -1, np.int32),
+        }
+        if k:
+            batch["neighbours"] = np.full(
+                (rows, spec.num_chunks, k, 2 * spec.chunk_size), pad, np.int32
+            )
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        tf = _tf()
+        ds = tf.data.TFRecordDataset(self.shards.mine)  # sequential: a fixed order
+        ds = ds.batch(self.host_batch).map(
+            lambda s: _to_batch(self.shards.parse(s), self.num_neighbours),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        it = ds.prefetch(2).with_options(_options()).as_numpy_iterator()
+        for _ in range(self.num_batches):
+            try:
+                batch = next(it, None)
+            except tf.errors.DataLossError as e:
+                bad = find_corrupt_file(self.shards.mine)
+                raise RetroError(f"corrupt eval shard {bad or '(unknown)'}: {e.message}") from None
+            if batch is None:
+                batch = self._padding(self.host_batch)
+            elif len(batch["tokens"]) < self.host_batch:
+                pad = self._padding(self.host_batch - len(batch["tokens"]))
+                batch = {name: np.concatenate([batch[name], pad[name]]) for name in batch}
+            yield batch
