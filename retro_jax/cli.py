@@ -23,7 +23,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "build tokenizer, chunk database, keys, index and neighbour shards",
     ),
-    "model-info": ("retro_jax.model.info", "main", "parameter counts and memory of a config"),
+    "train": ("retro_jax.train.loop", "main", "train RETRO or its baseline twin"),
+    "model-info": ("retro_jax.model.info", "main", "parameters, FLOPs and memory of a config"),
+    "sweep": ("retro_jax.sweep", "main", "expand and run a sweep of configs"),
 }
 
 FLAGS = flags.FLAGS
@@ -37,6 +39,18 @@ flags.DEFINE_float("temperature", None, "sample: softmax temperature")
 flags.DEFINE_float("top_p", None, "sample: nucleus sampling mass")
 flags.DEFINE_integer("seed", None, "sample: random seed")
 flags.DEFINE_bool("show_neighbours", False, "sample: print the retrieved chunks")
+# Sweeps: `retro-jax sweep experiments/X.py[:arg] [--sweep=A,B] [--dry-run] [--launcher=tpu]`.
+flags.DEFINE_bool("dry_run", False, "sweep: list the runs and their commands, run nothing")
+flags.DEFINE_string("sweep", None, "sweep: comma-separated sweeps of the config file (default all)")
+flags.DEFINE_enum("launcher", "local", ["local", "tpu"], "sweep: run here or through tpu/run.sh")
+
+
+def _sweep_argv(argv: list[str]) -> list[str]:
+    """`sweep` takes its config file as a positional argument and accepts `--dry-run`."""
+    rest = argv[2:]
+    if rest and not rest[0].startswith("-"):
+        rest[0] = f"--config={rest[0]}"
+    return argv[:2] + ["--dry_run" if a == "--dry-run" else a for a in rest]
 
 
 def _usage() -> str:
@@ -61,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv[1] not in COMMANDS:
         print(f"retro-jax: unknown command {argv[1]!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
+    if argv[1] == "sweep":
+        argv = _sweep_argv(argv)
 
     def _absl_main(args):
         try:

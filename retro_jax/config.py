@@ -13,7 +13,7 @@ from retro_jax.model.config import RetroConfig
 
 
 def model_config_dict(preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
-    """All RetroConfig fields of `preset`, so every field can be overridden from the command line."""
+    """All RetroConfig fields of `preset`, each overridable from the command line."""
     values = RetroConfig.preset(preset).replace(**overrides).to_dict()
     return ml_collections.ConfigDict(values)
 
@@ -82,6 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 100
     c.train.eval_batches = 4
     c.train.shuffle_seed = 0
+    c.train.shuffle_buffer = 1024  # records in tf.data's shuffle buffer (per host)
     c.train.retrofit_from = ""  # a baseline twin's workdir or checkpoint folder
 
     c.eval = ml_collections.ConfigDict()

@@ -1,4 +1,4 @@
-"""The neighbour encoder: a small bidirectional transformer over each retrieved [chunk, continuation].
+"""The neighbour encoder: a small bidirectional transformer over each [chunk, continuation].
 
 All neighbours of all chunks are encoded in one batched call with shared weights. At the layers
 in `enc_cross_layers` (the first by default) each neighbour of chunk C_u cross-attends to the
@@ -54,7 +54,7 @@ def values(tree) -> dict:
 
 
 class NeighbourEncoder(nnx.Module):
-    """Bidirectional encoder of neighbours [B, l, k, r] conditioned on decoder chunks [B, l, m, d]."""
+    """Bidirectional encoder of neighbours [B, l, k, r], conditioned on chunks [B, l, m, d]."""
 
     def __init__(self, config: RetroConfig, *, rngs: nnx.Rngs):
         c = config

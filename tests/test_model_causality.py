@@ -1,0 +1,122 @@
+"""Causality and masking of RETRO as properties over random inputs and several seeds."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from retro_jax.model import Retro, RetroConfig
+
+M = 4  # chunk size
+N = 16  # sequence length: 4 chunks
+K = 2
+CONFIG = RetroConfig(
+    vocab_size=64,
+    chunk_size=M,
+    num_layers=3,
+    d_model=32,
+    num_heads=2,
+    head_dim=16,
+    d_ff=64,
+    cca_layers=(2, 3),
+    enc_d_model=24,
+    enc_num_layers=2,
+    enc_num_heads=2,
+    enc_head_dim=12,
+    enc_d_ff=48,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Retro(CONFIG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def forward(model):
+    return nnx.jit(lambda model, t, nb: model(t, nb))
+
+
+def random_inputs(seed, batch=2, n=N, k=K):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, CONFIG.vocab_size, (batch, n)).astype(np.int32)
+    neighbours = rng.integers(1, CONFIG.vocab_size, (batch, n // M, k, 2 * M)).astype(np.int32)
+    return tokens, neighbours
+
+
+def changed(a, b, tol=1e-6):
+    return np.abs(np.asarray(a) - np.asarray(b)).max(axis=-1) > tol  # [..., n]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_token_change_never_reaches_the_past(model, forward, seed):
+    tokens, neighbours = random_inputs(seed)
+    base = forward(model, tokens, neighbours)
+    rng = np.random.default_rng(100 + seed)
+    for t in rng.choice(N, size=5, replace=False):
+        t = int(t)
+        other = tokens.copy()
+        other[:, t] = (other[:, t] % (CONFIG.vocab_size - 1)) + 1
+        diff = changed(base, forward(model, other, neighbours))
+        assert not diff[:, :t].any(), f"changing token {t} changed logits before it"
+        assert diff[:, t].all(), f"changing token {t} did not change its own logits"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_neighbours_of_chunk_u_reach_exactly_from_its_last_token(model, forward, seed):
+    tokens, neighbours = random_inputs(seed)
+    base = forward(model, tokens, neighbours)
+    for u in range(N // M):
+        other = neighbours.copy()
+        other[:, u] = np.random.default_rng(seed * 10 + u).integers(1, 64, other[:, u].shape)
+        diff = changed(base, forward(model, tokens, other))
+        first = (u + 1) * M - 1
+        assert not diff[:, :first].any(), f"neighbours of chunk {u} leaked before {first}"
+        assert diff[:, first].all(), f"neighbours of chunk {u} unused at position {first}"
+
+
+def test_batch_elements_are_independent(model, forward):
+    tokens, neighbours = random_inputs(3, batch=4)
+    base = forward(model, tokens, neighbours)
+    other_t, other_n = tokens.copy(), neighbours.copy()
+    other_t[1:] = random_inputs(4, batch=3)[0]
+    other_n[1:] = random_inputs(5, batch=3)[1]
+    np.testing.assert_allclose(base[0], forward(model, other_t, other_n)[0], atol=1e-6)
+
+
+def test_fully_padded_neighbours_give_no_cca_and_no_nan(model, forward):
+    tokens, neighbours = random_inputs(6)
+    padded = neighbours.copy()
+    padded[:] = CONFIG.pad_id
+    out = forward(model, tokens, padded)
+    assert np.isfinite(out).all()
+    # With every neighbour padded, CCA contributes exactly zero: same as retrieval off.
+    np.testing.assert_allclose(out, nnx.jit(lambda m, t: m(t))(model, tokens), atol=1e-5)
+    # Padding one chunk's neighbours changes nothing before that chunk's last token.
+    one = neighbours.copy()
+    one[:, 2] = CONFIG.pad_id
+    diff = changed(forward(model, tokens, neighbours), forward(model, tokens, one))
+    assert not diff[:, : 3 * M - 1].any() and diff[:, 3 * M - 1].all()
+
+
+def test_padded_neighbour_tokens_get_zero_gradient(model):
+    tokens, neighbours = random_inputs(7)
+    neighbours[:, :, :, -3:] = CONFIG.pad_id  # padded tails, as at a document's end
+    neighbours[:, 1] = CONFIG.pad_id  # and one chunk with no neighbours at all
+
+    def loss(model):
+        return model(jnp.asarray(tokens), jnp.asarray(neighbours)).sum()
+
+    grads = nnx.jit(nnx.grad(loss))(model).encoder.embed[...]  # [vocab, d_enc]
+    assert np.all(np.asarray(grads[CONFIG.pad_id]) == 0.0)
+    used = np.unique(neighbours[neighbours != CONFIG.pad_id])
+    assert np.abs(np.asarray(grads[used])).sum() > 0
+
+
+def test_trailing_partial_chunk_and_neighbour_count_are_free(model, forward):
+    n = N + 3  # a partial fifth chunk: it has no neighbours yet
+    tokens, neighbours = random_inputs(8, n=n, k=3)
+    out = forward(model, tokens, neighbours)
+    assert out.shape == (2, n, CONFIG.vocab_size) and np.isfinite(out).all()
+    # Prefix property: the first N positions equal a forward pass over the first N tokens.
+    np.testing.assert_allclose(out[:, :N], forward(model, tokens[:, :N], neighbours), atol=1e-5)
