@@ -87,6 +87,7 @@ class SequenceShardWriter:
         if per_shard <= 0:
             raise RetroError(f"data.records_per_shard={per_shard} must be positive")
         self.directory, self.prefix, self.per_shard = directory, prefix, per_shard
+        os.makedirs(directory, exist_ok=True)
         self.buffer: dict[str, list[np.ndarray]] = {k: [] for k in FIELDS}
         self.buffered = 0
         self.shards: list[dict] = []

@@ -57,12 +57,13 @@ def build_chunk_database(
     progress: bool = True,
     log=None,
 ) -> dict:
-    """Tokenize and chunk `documents` into `directory` (which must exist and be empty).
+    """Tokenize and chunk `documents` into `directory` (created if needed).
 
     Returns the summary written to db.json (documents, chunks, shards, short documents, tokens).
     """
     if chunks_per_shard <= 0:
         raise RetroError(f"data.chunks_per_shard={chunks_per_shard} must be positive")
+    os.makedirs(directory, exist_ok=True)
     m = chunk_size
     shards: list[int] = []
     buffer_tokens: list[np.ndarray] = []

@@ -1,0 +1,118 @@
+"""Chunk database: chunk + continuation of the same document, never crossing documents, sharded
+and memory-mapped; keys are written per shard and a resumed run keeps finished shards."""
+
+import logging
+import os
+
+import numpy as np
+
+from retro_jax.data.sources import Document
+from retro_jax.retrieval.chunks import (
+    ChunkDatabase,
+    build_chunk_database,
+    chunk_document,
+    load_keys,
+    write_keys,
+)
+
+PAD, EOS = 0, 1
+
+
+class Chars:
+    """A tokenizer of characters (id = code point), EOS = 1, pad = 0."""
+
+    pad_id, eos_id = PAD, EOS
+
+    def document_tokens(self, text):
+        ids = np.array([EOS] + [ord(c) for c in text] + [EOS], np.int32)
+        return ids, np.ones(len(ids), np.int32)
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids if i not in (PAD, EOS))
+
+
+class LengthEmbedder:
+    """Keys [text length, first char, 1]: enough to check rows land where they belong."""
+
+    dim, model_id = 3, "length-embedder"
+
+    def __init__(self):
+        self.calls = 0
+
+    def embed(self, texts):
+        self.calls += 1
+        return np.array([[len(t), ord(t[0]) if t else 0, 1] for t in texts], np.float32)
+
+
+def test_chunk_document_continuations():
+    tokens = np.array([EOS, 10, 11, 12, 13, 14, 15, EOS], np.int32)
+    entries = chunk_document(tokens, 3, PAD, EOS)
+    np.testing.assert_array_equal(
+        entries,
+        [
+            [EOS, 10, 11, 12, 13, 14],
+            [12, 13, 14, 15, EOS, PAD],
+            [15, EOS, PAD, PAD, PAD, PAD],
+        ],
+    )
+    # a last chunk of only EOS is left out
+    assert len(chunk_document(np.array([EOS, 10, 11, EOS]), 3, PAD, EOS)) == 1
+    assert len(chunk_document(np.array([EOS, EOS]), 3, PAD, EOS)) == 0
+
+
+def test_database_shards_and_lookups(tmp_path, caplog):
+    texts = ["abcdefghij", "kl", "mnopqrstuvwxyz", "ABCDEFG"]
+    docs = [Document(100 + i, f"doc{i}", t) for i, t in enumerate(texts)]
+    with caplog.at_level(logging.WARNING):
+        info = build_chunk_database(
+            docs,
+            Chars(),
+            str(tmp_path),
+            chunk_size=4,
+            chunks_per_shard=3,
+            progress=False,
+            log=logging.getLogger("test"),
+        )
+    assert info["short_documents"] == 1 and "doc1" in caplog.text
+    per_doc = [-(-(len(t) + 1) // 4) for t in texts]  # a lone final EOS makes no chunk
+    assert info["num_chunks"] == sum(per_doc) and info["shards"][:-1] == [3] * (
+        len(info["shards"]) - 1
+    )
+    db = ChunkDatabase(str(tmp_path))
+    assert isinstance(db.shard_tokens(0), np.memmap)
+    first, count = db.document_chunks(np.array([102, 999, 100]))
+    np.testing.assert_array_equal(count, [per_doc[2], 0, per_doc[0]])
+    assert first[1] == -1
+    ids = np.arange(first[0], first[0] + count[0])
+    entries = db.entries(ids)
+    assert (db.doc_ids(ids) == 102).all()
+    # chunk u's continuation is chunk u+1 of the same document; never another document's text
+    np.testing.assert_array_equal(entries[:-1, 4:], entries[1:, :4])
+    assert "".join(Chars().decode(e[:4]) for e in entries) == texts[2]
+    assert not set(Chars().decode(entries[-1, 4:])) & set("ABCDEFG")
+    both = db.entries(np.array([[ids[0], -1]]))
+    assert both.shape == (1, 2, 8) and (both[0, 1] == PAD).all()
+    assert db.doc_ids(np.array([-1]))[0] == -1
+
+
+def test_keys_per_shard_and_resume(tmp_path):
+    docs = [Document(i, f"d{i}", chr(97 + i) * (3 + 2 * i)) for i in range(5)]
+    build_chunk_database(
+        docs, Chars(), str(tmp_path / "db"), chunk_size=4, chunks_per_shard=4, progress=False
+    )
+    db = ChunkDatabase(str(tmp_path / "db"))
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    done = []
+    embedder = LengthEmbedder()
+    write_keys(db, Chars(), embedder, str(keys_dir), progress=False, on_shard=done.append)
+    assert done == list(range(db.num_shards)) and embedder.calls == db.num_shards
+    keys = np.concatenate(load_keys(str(keys_dir), db))
+    texts = [Chars().decode(db.entries(np.array([i]))[0, :4]) for i in range(len(db))]
+    np.testing.assert_array_equal(keys[:, 0], [len(t) for t in texts])
+    # a resumed run embeds only the missing shard
+    os.remove(keys_dir / "shard-00001.npy")
+    again = LengthEmbedder()
+    summary = write_keys(db, Chars(), again, str(keys_dir), progress=False)
+    assert again.calls == 1 and summary["run"]["resumed"] == len(db) - db.shard_sizes[1]
+    np.testing.assert_array_equal(np.concatenate(load_keys(str(keys_dir), db)), keys)
