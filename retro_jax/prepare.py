@@ -144,8 +144,11 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def run_prepare(config, workdir: str, *, progress: bool = True) -> dict[str, dict]:
-    """Run (or resume) every stage; returns stage -> summary (with `skipped` for reused ones)."""
+def run_prepare(
+    config, workdir: str, *, progress: bool = True, until: str | None = None
+) -> dict[str, dict]:
+    """Run (or resume) every stage, or those up to `until`; returns stage -> summary (with
+    `skipped` for stages that were up to date)."""
     from retro_jax.prepare_stages import StageContext
 
     if not workdir:
@@ -163,7 +166,9 @@ def run_prepare(config, workdir: str, *, progress: bool = True) -> dict[str, dic
         ctx.check_foreign_index()  # an index this workdir's manifest does not know
     versions = package_versions()
     results: dict[str, dict] = {}
-    for stage in STAGES:
+    if until is not None and until not in STAGES:
+        raise RetroError(f"prepare: unknown stage {until!r}; stages are {', '.join(STAGES)}")
+    for stage in STAGES[: STAGES.index(until) + 1] if until else STAGES:
         upstream = {
             d: manifest.stages[d]["hash"] + manifest.stages[d]["digest"] for d in DEPENDS[stage]
         }
