@@ -229,7 +229,7 @@ def _write_status(workdir: str, config_spec: str, runs: list[PlannedRun], status
     }
     tmp = root / "sweep.json.tmp"
     tmp.write_text(json.dumps(record, indent=1))
-    tmp.rename(root / "sweep.json")
+    tmp.replace(root / "sweep.json")
 
 
 def run_sweep(

@@ -12,8 +12,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 [[ "$LINES" =~ ^[0-9]+$ ]] || die "LINES=$LINES: use a number"
 LOGS="$(quote "$REMOTE_LOGS")"
 if [[ -n "${RUN_NAME:-}" ]]; then
-  LOG="$(quote "$REMOTE_LOGS/$(run_name logs)")"
-  LOG="${LOG#./}"
+  LOG="$(quote "$REMOTE_LOGS/$(run_name logs).log")"
 else
   LOG="\"$LOGS/\$(cat $LOGS/current).log\""
 fi
