@@ -19,8 +19,8 @@ import platform
 import time
 
 import numpy as np
-
 from bench_embed import sotu_chunks
+
 from retro_jax.retrieval import ChunkEmbedder, NeighbourIndex
 
 
