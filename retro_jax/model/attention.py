@@ -28,12 +28,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     return jnp.einsum("...hqk,...khd->...qhd", weights.astype(v.dtype), v)
 
 
+def project(x: jax.Array, w: jax.Array) -> jax.Array:
+    """[..., T, d] x [d, H, D] -> [..., T, H, D]."""
+    return jnp.einsum("...td,dhk->...thk", x, w.astype(x.dtype))
+
+
 def project_qkv(p: dict, x: jax.Array, ctx: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    dt = x.dtype
-    q = jnp.einsum("...td,dhk->...thk", x, p["q"].astype(dt))
-    k = jnp.einsum("...td,dhk->...thk", ctx, p["k"].astype(dt))
-    v = jnp.einsum("...td,dhk->...thk", ctx, p["v"].astype(dt))
-    return q, k, v
+    return project(x, p["q"]), project(ctx, p["k"]), project(ctx, p["v"])
 
 
 def output(p: dict, y: jax.Array) -> jax.Array:

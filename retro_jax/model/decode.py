@@ -1,0 +1,142 @@
+"""Incremental decoding: one position per step with key/value caches and cached neighbours.
+
+Each step costs one position: self-attention reads the cached keys/values of earlier positions;
+the neighbours of chunk C_u are encoded once, when its last token is fed (the paper's order:
+E_u conditions positions u*m + m-1 onwards), and their CCA keys/values are cached per chunk.
+The same pure functions as the full forward pass are used, so both give the same logits.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from retro_jax.model.attention import attend, output, project, project_qkv
+from retro_jax.model.encoder import values
+from retro_jax.model.layers import DTYPES, feed_forward, rms_norm, rope
+from retro_jax.model.retro import Retro
+
+
+def init_cache(model: Retro, batch: int, max_len: int, num_neighbours: int) -> dict:
+    """Empty caches for sequences of up to `max_len` tokens.
+
+    k/v [layers, B, T, H, D]; chunk_h [B, T, d] (decoder activations at the first CCA layer,
+    which condition the encoder); cca_k/cca_v [cca_layers, B, chunks, k*2m, H, D].
+    """
+    c = model.config
+    dtype = DTYPES[c.dtype]
+    heads = (c.num_heads, c.head_dim)
+    cache = {
+        "pos": jnp.zeros((), jnp.int32),
+        "token_mask": jnp.zeros((batch, max_len), bool),
+        "k": jnp.zeros((c.num_layers, batch, max_len, *heads), dtype),
+        "v": jnp.zeros((c.num_layers, batch, max_len, *heads), dtype),
+    }
+    if c.cca_layers:
+        chunks, r = max_len // c.chunk_size, 2 * c.chunk_size
+        cca = (len(c.cca_layers), batch, chunks, num_neighbours * r, *heads)
+        cache |= {
+            "chunk_h": jnp.zeros((batch, max_len, c.d_model), dtype),
+            "cca_k": jnp.zeros(cca, dtype),
+            "cca_v": jnp.zeros(cca, dtype),
+            "cca_mask": jnp.zeros((batch, chunks, num_neighbours * r), bool),
+        }
+    return cache
+
+
+def _encode_chunk(model: Retro, cache: dict, neighbours: jax.Array) -> dict:
+    """Encode the neighbours [B, k, 2m] of the chunk ending at cache['pos'] into the CCA caches."""
+    c = model.config
+    m, t = c.chunk_size, cache["pos"]
+    u = t // m
+    batch, k, r = neighbours.shape
+    chunk_h = jax.lax.dynamic_slice_in_dim(cache["chunk_h"], u * m, m, axis=1)[:, None]
+    chunk_mask = jax.lax.dynamic_slice_in_dim(cache["token_mask"], u * m, m, axis=1)[:, None]
+    encoded = model.encoder(neighbours[:, None], chunk_h, chunk_mask)[:, 0]  # [B, k, r, de]
+    encoded = encoded.reshape(batch, k * r, -1)
+    k_pos = jnp.tile(jnp.arange(r), k)
+    cca = values(model.cca)
+    keys, vals = [], []
+    for j in range(len(c.cca_layers)):
+        p = jax.tree.map(lambda a, j=j: a[j], cca["attn"])
+        keys.append(rope(project(encoded, p["k"]), k_pos, c.rope_base))
+        vals.append(project(encoded, p["v"]))
+    put = lambda buf, new: jax.lax.dynamic_update_index_in_dim(buf, new, u, axis=2)
+    mask = (neighbours != c.pad_id).reshape(batch, k * r)
+    return cache | {
+        "cca_k": put(cache["cca_k"], jnp.stack(keys)),
+        "cca_v": put(cache["cca_v"], jnp.stack(vals)),
+        "cca_mask": jax.lax.dynamic_update_index_in_dim(cache["cca_mask"], mask, u, axis=1),
+    }
+
+
+def decode_step(
+    model: Retro, cache: dict, token: jax.Array, neighbours: jax.Array | None = None
+) -> tuple[jax.Array, dict]:
+    """Feed `token` [B] at position cache['pos']; returns (logits [B, V] for the next token, cache).
+
+    `neighbours` [B, k, 2m]: the neighbours of the chunk this token completes; pass them exactly
+    when (pos + 1) % m == 0 (retrieval uses the complete chunk, this token included).
+    """
+    c = model.config
+    m, t = c.chunk_size, cache["pos"]
+    max_len = cache["k"].shape[2]
+    x = model.embed_tokens(token[:, None])  # [B, 1, d]
+    token_mask = cache["token_mask"].at[:, t].set(token != c.pad_id)
+    cache = cache | {"token_mask": token_mask}
+    visible = token_mask & (jnp.arange(max_len) <= t)  # [B, T]
+    stacked = values(model.decoder)
+    attending = jnp.maximum(t - (m - 1), 0) // m  # which attending chunk H_u+ position t is in
+    for i in range(c.num_layers):
+        p = jax.tree.map(lambda a, i=i: a[i], stacked)
+        h = rms_norm(x, p["attn_norm"], c.norm_eps)
+        q, k, v = project_qkv(p["attn"], h, h)
+        q, k = rope(q, t[None], c.rope_base), rope(k, t[None], c.rope_base)
+        cache["k"] = cache["k"].at[i, :, t].set(k[:, 0])
+        cache["v"] = cache["v"].at[i, :, t].set(v[:, 0])
+        y = attend(q, cache["k"][i], cache["v"][i], visible[:, None, None, :])
+        x = x + output(p["attn"], y)
+        if i + 1 in c.cca_layers:
+            j = c.cca_layers.index(i + 1)
+            if j == 0:
+                cache["chunk_h"] = cache["chunk_h"].at[:, t].set(x[:, 0])
+                if neighbours is not None:
+                    cache = _encode_chunk(model, cache, neighbours)
+            p_cca = jax.tree.map(lambda a, j=j: a[j], values(model.cca))
+            h = rms_norm(x, p_cca["norm"], c.norm_eps)
+            q = rope(project(h, p_cca["attn"]["q"]), (m - 1 + (t - (m - 1)) % m)[None], c.rope_base)
+            y = attend(
+                q,
+                cache["cca_k"][j][:, attending],
+                cache["cca_v"][j][:, attending],
+                cache["cca_mask"][:, attending][:, None, None, :],
+            )
+            # The first m-1 positions have no attending chunk: no CCA.
+            x = x + jnp.where(t >= m - 1, output(p_cca["attn"], y), 0.0)
+        h = rms_norm(x, p["ffw_norm"], c.norm_eps)
+        x = x + feed_forward(h, p["w_in"], p["w_out"], c.activation)
+    logits = model.logits(x)[:, 0]
+    return logits, cache | {"pos": t + 1}
+
+
+class Decoder:
+    """A model split once into (graph, state) with a jitted `decode_step`; caches are donated."""
+
+    def __init__(self, model: Retro):
+        self.model = model
+        graphdef, state = nnx.split(model)
+
+        def step(state, cache, token, neighbours):
+            return decode_step(nnx.merge(graphdef, state), cache, token, neighbours)
+
+        self._state = state
+        self._step = jax.jit(step, donate_argnums=1)
+
+    def init_cache(self, batch: int, max_len: int, num_neighbours: int) -> dict:
+        return init_cache(self.model, batch, max_len, num_neighbours)
+
+    def step(
+        self, cache: dict, token: jax.Array, neighbours: jax.Array | None = None
+    ) -> tuple[jax.Array, dict]:
+        return self._step(self._state, cache, token, neighbours)
