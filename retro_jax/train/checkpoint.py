@@ -1,0 +1,203 @@
+"""Orbax checkpoints of a run: W/checkpoints/<step>/{params,train,meta}, plus model_config.json.
+
+Each step folder holds three items, so tools that only need weights restore only `params`:
+    params  the whole model's parameters, one nested dict (trainable and frozen merged)
+    train   {step, opt_state, rng}
+    meta    JSON: model config, record spec, data position (global batch index, seed, batch
+            size), retrofit source
+Saving is asynchronous (training continues while the arrays are written); Orbax writes each step
+to a temporary folder and renames it when complete, so a killed run leaves only whole
+checkpoints. Paths may be local or gs://.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from retro_jax.errors import RetroError
+from retro_jax.model.config import RetroConfig
+from retro_jax.train.state import TrainState, merge_dicts, pick
+
+MODEL_CONFIG = "model_config.json"
+# RetroConfig fields that change only how the model is computed, not what it is.
+COMPUTE_ONLY = ("dtype", "remat", "scan_layers")
+
+
+class Checkpoints:
+    """An Orbax CheckpointManager for TrainStates, keeping the last `keep` steps."""
+
+    def __init__(self, directory: str, *, keep: int = 3, asynchronous: bool = True):
+        self.directory = epath.Path(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("params", "train", "meta")
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, state: TrainState, meta: dict) -> None:
+        """Start an asynchronous save at state.step (returns before the arrays are written)."""
+        step = int(jax.device_get(state.step))
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(merge_dicts(state.params, state.frozen)),
+            train=ocp.args.StandardSave(_train_item(state)),
+            meta=ocp.args.JsonSave({**meta, "step": step}),
+        )
+        self.manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict]:
+        """The state saved at `step`, laid out like `target` (arrays or ShapeDtypeStructs)."""
+        full_target = merge_dicts(target.params, target.frozen)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(full_target),
+                train=ocp.args.StandardRestore(_train_item(target)),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        params, train = restored["params"], restored["train"]
+        state = TrainState(
+            step=train["step"],
+            params=pick(params, target.params),
+            frozen=pick(params, target.frozen),
+            opt_state=train["opt_state"],
+            rng=train["rng"],
+        )
+        return state, restored["meta"]
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _train_item(state: TrainState) -> dict:
+    return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+
+
+# ---------------------------------------------------------------- the model config beside them
+
+
+def write_model_config(directory: str, config: RetroConfig) -> None:
+    """W/checkpoints/model_config.json (process 0; written once, via a temporary name)."""
+    if jax.process_index() != 0:
+        return
+    path = epath.Path(directory) / MODEL_CONFIG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (MODEL_CONFIG + ".tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    tmp.rename(path)
+
+
+def read_model_config(directory: str) -> RetroConfig:
+    path = epath.Path(directory) / MODEL_CONFIG
+    if not path.exists():
+        raise RetroError(f"{path} not found: not a retro-jax checkpoint folder")
+    return RetroConfig.from_dict(json.loads(path.read_text()))
+
+
+def config_differences(saved: dict, current: dict, prefix: str) -> list[str]:
+    """'prefix.key: checkpoint X, config Y' for every key whose value differs."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, list):
+            a = tuple(a)
+        if isinstance(b, list):
+            b = tuple(b)
+        if a != b:
+            out.append(f"{prefix}.{key}: checkpoint {a!r}, config {b!r}")
+    return out
+
+
+def check_resumable(directory: str, step: int, meta: dict, current: dict[str, dict]) -> None:
+    """RetroError naming every difference between a checkpoint and the run about to resume it.
+
+    `current` maps sections ("model", "data", "train") to the values that must not change; model
+    fields that only change how the model is computed (COMPUTE_ONLY) may.
+    """
+    problems = []
+    for section, values in current.items():
+        saved = dict(meta.get(section, {}))
+        values = dict(values)
+        if section == "model":
+            saved = {k: v for k, v in saved.items() if k not in COMPUTE_ONLY}
+            values = {k: v for k, v in values.items() if k not in COMPUTE_ONLY}
+        problems += config_differences(saved, values, section)
+    if problems:
+        raise RetroError(
+            f"config does not match the checkpoint {epath.Path(directory) / str(step)} it would "
+            f"resume: {'; '.join(problems)} (use a new --workdir, or the checkpoint's settings)"
+        )
+
+
+# ---------------------------------------------------------------- weights for other tools
+
+
+def find_checkpoints(path: str) -> tuple[str, int | None]:
+    """(Orbax root, step or None = latest) of a workdir, a checkpoints folder or a step folder."""
+    p = epath.Path(path)
+    if (p / "checkpoints" / MODEL_CONFIG).exists():
+        return str(p / "checkpoints"), None
+    if (p / MODEL_CONFIG).exists():
+        return str(p), None
+    if p.name.isdigit() and (p.parent / MODEL_CONFIG).exists():
+        return str(p.parent), int(p.name)
+    raise RetroError(f"{path}: no retro-jax checkpoints here (looked for {MODEL_CONFIG})")
+
+
+def load_params(path: str, target: dict, step: int | None = None) -> tuple[dict, int]:
+    """(parameters of the whole model, step) from a workdir / checkpoints folder / step folder.
+
+    `target` gives the tree, shapes, dtypes and shardings (arrays or ShapeDtypeStructs).
+    """
+    directory, found_step = find_checkpoints(path)
+    manager = ocp.CheckpointManager(directory, item_names=("params", "train", "meta"))
+    step = step if step is not None else found_step
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise RetroError(f"{directory}: no finished checkpoint")
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        target,
+    )
+    restored = manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+    )
+    manager.close()
+    return restored["params"], step
+
+
+def load_model(
+    path: str, *, mesh: jax.sharding.Mesh | None = None, step: int | None = None
+) -> tuple[Any, int]:
+    """(Retro with trained weights, step) of a checkpoint, built from its model_config.json."""
+    from flax import nnx
+
+    from retro_jax.model.create import create_model
+
+    directory, _ = find_checkpoints(path)
+    model = create_model(read_model_config(directory), mesh=mesh)
+    graphdef, state = nnx.split(model)
+    params, step = load_params(path, state.to_pure_dict(), step)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state), step
