@@ -103,6 +103,10 @@ def test_errors_name_the_problem(tmp_path):
         index.search(np.zeros((2, 4), np.float32), 0)
     with pytest.raises(RetroError, match=r"\[N, D\]"):
         NeighbourIndex.build(np.zeros(10, np.float32), progress=False)
+    bad = np.zeros((10, 4), np.float32)
+    bad[7, 1] = np.nan
+    with pytest.raises(RetroError, match="NaN"):
+        NeighbourIndex.build(bad, shard_size=5, progress=False)
     missing = str(tmp_path / "absent")
     with pytest.raises(RetroError, match="absent.*missing"):
         NeighbourIndex.load(missing)
