@@ -90,12 +90,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.baseline_workdir = ""
     c.eval.batch_size = 8
     c.eval.neighbour_sweep = ()  # e.g. (1, 2, 4) to plot bpb against k
+    c.eval.max_batches = 0  # 0 = every eval record; else a cap on eval batches (quick checks)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num_neighbours = 2
     c.sample.max_new_tokens = 64
     c.sample.temperature = 1.0
     c.sample.top_p = 0.9
+    c.sample.pad_prompt = True  # left-pad the prompt so generation starts on a chunk boundary
+    c.sample.max_len = 0  # longest sequence (prompt + new tokens); 0 = the trained data.seq_len
+    c.sample.stop_at_eos = True  # stop when the model ends the document
 
     # Device mesh: data x fsdp x tensor; -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict()
