@@ -26,6 +26,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("retro_jax.train.loop", "main", "train RETRO or its baseline twin"),
     "model-info": ("retro_jax.model.info", "main", "parameters, FLOPs and memory of a config"),
     "sweep": ("retro_jax.sweep", "main", "expand and run a sweep of configs"),
+    "eval": (
+        "retro_jax.evaluate",
+        "main",
+        "bits-per-byte with/without retrieval, leakage curve",
+    ),
+    "sample": ("retro_jax.sample", "main", "generate with live retrieval"),
 }
 
 FLAGS = flags.FLAGS
@@ -53,6 +59,21 @@ def _sweep_argv(argv: list[str]) -> list[str]:
     return argv[:2] + ["--dry_run" if a == "--dry-run" else a for a in rest]
 
 
+def _underscore_flags(argv: list[str]) -> list[str]:
+    """`--max-new-tokens=8` -> `--max_new_tokens=8` (and `--no-x-y` -> `--nox_y`) for defined
+    flags, so both spellings work; config overrides (`--config.a.b`) are left alone."""
+    out = argv[:2]
+    for arg in argv[2:]:
+        name, eq, value = arg[2:].partition("=")
+        if arg.startswith("--") and "-" in name and "." not in name:
+            negated = name.startswith("no-")
+            flag = (name[3:] if negated else name).replace("-", "_")
+            if flag in FLAGS:
+                arg = f"--{'no' if negated else ''}{flag}{eq}{value}"
+        out.append(arg)
+    return out
+
+
 def _usage() -> str:
     lines = ["usage: retro-jax COMMAND --config CFG [--workdir W] [--config.KEY=VALUE ...]", ""]
     lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in COMMANDS.items()]
@@ -77,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if argv[1] == "sweep":
         argv = _sweep_argv(argv)
+    argv = _underscore_flags(argv)
 
     def _absl_main(args):
         try:
