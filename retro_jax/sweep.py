@@ -183,8 +183,10 @@ def command_lines(
             ["env", "WAIT=1", f"RUN_NAME={run.name}-{command}", run_sh, command, *args]
             for command in run.commands
         ]
-    program = [shutil.which("retro-jax")] if shutil.which("retro-jax") else []
-    program = program or [sys.executable, "-m", "retro_jax.cli"]
+    # `retro-jax` when it is on PATH (as after `pip install`), else this Python's module.
+    program = (
+        ["retro-jax"] if shutil.which("retro-jax") else [sys.executable, "-m", "retro_jax.cli"]
+    )
     return [[*program, command, *args] for command in run.commands]
 
 

@@ -93,7 +93,7 @@ def test_retrofit_config():
 
 @pytest.mark.parametrize(
     "size,topology",
-    [("172m", "v4-64"), ("425m", "v5e-256"), ("1.5b", "v4-256"), ("7.5b", "v5p-128")],
+    [("172m", "v4-64"), ("425m", "v5e-256"), ("1.5b", "h100-8"), ("7.5b", "v5p-128")],
 )
 def test_topology_argument_chooses_a_mesh_that_fits(size, topology):
     config = config_of(size, f"topology={topology}")

@@ -33,6 +33,10 @@ from retro_jax.sharding import MESH_AXES, variable_spec
 GIB = 1 << 30
 # XLA keeps some HBM for its own buffers, and allocations fragment: plan with this fraction.
 USABLE_FRACTION = 0.9
+# XLA's compiled memory analysis of the 172M config's gradient reports 1.10-1.26x the activation
+# count below (benchmarks/bench_memory_plan.py, benchmarks/results/memory.md): the plan adds this
+# fraction of it as overhead (copies, layouts, fusion temporaries).
+ACTIVATION_OVERHEAD = 0.3
 # chip -> (HBM bytes per device, TensorCores named per device in the topology, devices per host)
 CHIPS: dict[str, tuple[int | None, int, int]] = {
     "v4": (32 * GIB, 2, 4),
@@ -185,7 +189,8 @@ def memory_plan(config: ml_collections.ConfigDict, *, topology: str | None = Non
 
     Returns a dict with: topology, chip, devices, hosts, mesh {data, fsdp, tensor}, params
     (count), trainable_params, batch_per_device, microbatch_per_device, grad_accum, bytes
-    {params, grads, optimizer, grad_accum, gathered_weights, activations} per device,
+    {params, grads, optimizer, grad_accum, gathered_weights, activations, activation_overhead}
+    per device,
     activation_breakdown, total_bytes, hbm_bytes (None if unknown), usable_bytes, fits (None if
     the HBM is unknown), problems (shardings that do not divide, a batch that does not split).
     """
@@ -258,6 +263,7 @@ def memory_plan(config: ml_collections.ConfigDict, *, topology: str | None = Non
         "grad_accum": grad_bytes if accum > 1 else 0,
         "gathered_weights": gathered,
         "activations": sum(acts.values()),
+        "activation_overhead": int(ACTIVATION_OVERHEAD * sum(acts.values())),
     }
     total = sum(out_bytes.values())
     usable = None if topo.hbm_bytes is None else int(topo.hbm_bytes * USABLE_FRACTION)
@@ -297,12 +303,13 @@ def format_plan(plan: dict) -> str:
         f"microbatch(es) of {plan['microbatch_per_device']}",
     ]
     for name, value in plan["bytes"].items():
-        lines.append(f"  {name:<16}{gib(value)}")
-    for name, value in plan["activation_breakdown"].items():
-        lines.append(f"    {name:<18}{gib(value)}")
+        lines.append(f"  {name:<20}{gib(value)}")
+        if name == "activations":
+            for part, size in plan["activation_breakdown"].items():
+                lines.append(f"    {part:<18}{gib(size)}")
     verdict = {True: "fits", False: "DOES NOT FIT", None: "HBM unknown"}[plan["fits"]]
     lines.append(
-        f"total/device    {gib(plan['total_bytes'])} of {gib(plan['usable_bytes'])} usable "
+        f"total/device      {gib(plan['total_bytes'])} of {gib(plan['usable_bytes'])} usable "
         f"({gib(plan['hbm_bytes']).strip()} HBM): {verdict}"
     )
     lines += [f"problem: {p}" for p in plan["problems"]]
