@@ -26,10 +26,9 @@ from retro_jax.sweep import (
 
 EXPERIMENTS = REPO / "experiments"
 TINY_SWEEP = """
-import sys
-sys.path.insert(0, {experiments!r})
-from retro_jax.sweep import Run
-from tiny import get_config  # noqa: F401
+from retro_jax.sweep import Run, load_module
+
+get_config = load_module({tiny!r}).get_config
 
 def get_sweep(arg=""):
     return {{"width": [
@@ -38,6 +37,10 @@ def get_sweep(arg=""):
             ("model-info",)),
     ]}}
 """
+
+
+def tiny_config():
+    return load_module(EXPERIMENTS / "tiny.py").get_config()
 
 
 def test_product_joins_names_and_merges_overrides():
@@ -110,9 +113,7 @@ def test_override_args_parse_back_to_the_same_config(size_file):
 
 
 def test_apply_overrides_checks_keys_and_types():
-    from tiny import get_config  # noqa: PLC0415  (experiments/ is on the path below)
-
-    config = get_config()
+    config = tiny_config()
     changed = apply_overrides(config, {"train.steps": 7, "model.cca_layers": [2]})
     assert changed.train.steps == 7 and changed.model.cca_layers == (2,)
     assert config.train.steps != 7  # a copy
@@ -124,9 +125,6 @@ def test_apply_overrides_checks_keys_and_types():
         apply_overrides(config, {"train.steps": "many"})
 
 
-sys.path.insert(0, str(EXPERIMENTS))
-
-
 def _command(argv):
     return next(a for a in argv if a in ("prepare", "train", "eval"))
 
@@ -136,8 +134,6 @@ def _workdir(argv):
 
 
 def test_run_sweep_runs_each_command_records_status_and_resumes(tmp_path, capsys):
-    from tiny import get_config  # noqa: PLC0415
-
     spec = str(EXPERIMENTS / "retro_425m.py")
     calls = []
 
@@ -173,7 +169,7 @@ def test_run_sweep_runs_each_command_records_status_and_resumes(tmp_path, capsys
     assert [r["status"] for r in status["runs"]] == ["done", "done"]
     # Checked before anything runs: overrides must name keys of the config.
     with pytest.raises(RetroError, match="no key"):
-        run_sweep(get_config(), spec, workdir, selected=["continuation"], execute=execute)
+        run_sweep(tiny_config(), spec, workdir, selected=["continuation"], execute=execute)
     with pytest.raises(RetroError, match="--workdir is required"):
         run_sweep(config, spec, None)
 
@@ -229,7 +225,7 @@ def test_cli_dry_run_lists_runs():
 def test_cli_runs_a_sweep_locally(tmp_path):
     """Two real runs of `retro-jax model-info`, each with its own overrides and workdir."""
     config_file = tmp_path / "tiny_sweep.py"
-    config_file.write_text(TINY_SWEEP.format(experiments=str(EXPERIMENTS)))
+    config_file.write_text(TINY_SWEEP.format(tiny=str(EXPERIMENTS / "tiny.py")))
     workdir = tmp_path / "runs"
     result = _cli("sweep", str(config_file), f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr
