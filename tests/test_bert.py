@@ -100,6 +100,7 @@ def test_bad_bert_folders_raise_one_line_errors(tmp_path):
 
 
 def test_length_buckets_end_at_max_len():
-    assert length_buckets(128) == (16, 32, 48, 64, 80, 96, 112, 128)
-    assert length_buckets(40) == (16, 32, 40)
-    assert length_buckets(8) == (8,)
+    assert length_buckets(128, 16) == (16, 32, 48, 64, 80, 96, 112, 128)
+    assert length_buckets(20) == (8, 16, 20)
+    assert length_buckets(40, 16) == (16, 32, 40)
+    assert length_buckets(8, 16) == (8,)

@@ -50,7 +50,7 @@ def model_id_of(folder: str) -> str:
     return f"{name}@{digest.hexdigest()[:12]}"
 
 
-def length_buckets(max_len: int, step: int = 16) -> tuple[int, ...]:
+def length_buckets(max_len: int, step: int = 8) -> tuple[int, ...]:
     """Padded sequence lengths: multiples of `step` up to max_len (which is always one)."""
     buckets = list(range(step, max_len, step)) + [max_len]
     return tuple(sorted(set(buckets)))
@@ -69,7 +69,7 @@ class ChunkEmbedder:
         batch_size: int = 64,
         mesh: jax.sharding.Mesh | None = None,
         normalize: bool = False,
-        bucket_step: int = 16,
+        bucket_step: int = 8,
     ):
         config: BertConfig = model.config
         if max_len > config.max_position_embeddings:
@@ -116,7 +116,7 @@ class ChunkEmbedder:
         batch_size: int = 64,
         mesh: jax.sharding.Mesh | None = None,
         normalize: bool = False,
-        bucket_step: int = 16,
+        bucket_step: int = 8,
     ) -> ChunkEmbedder:
         """Load a Hugging Face BERT folder (config.json, model.safetensors, tokenizer files);
         None or "" = the packaged all-MiniLM-L6-v2. Batches are padded to a multiple of
