@@ -124,3 +124,21 @@ def test_errors_name_the_problem(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(RetroError, match="not 11"):
         NeighbourIndex.load(str(tmp_path / "other"))
+
+
+def test_exact_index_does_not_import_scann_or_tensorflow(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from retro_jax.retrieval import NeighbourIndex\n"
+        "i = NeighbourIndex.build(np.ones((50, 3), np.float32), progress=False)\n"
+        f"i.save({str(tmp_path / 'ix')!r}); NeighbourIndex.load({str(tmp_path / 'ix')!r})\n"
+        "print(sorted(m for m in ('scann', 'tensorflow') if m in sys.modules))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
