@@ -105,7 +105,7 @@ def write_model_config(directory: str, config: RetroConfig) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / (MODEL_CONFIG + ".tmp")
     tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 def read_model_config(directory: str) -> RetroConfig:

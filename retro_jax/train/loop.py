@@ -325,6 +325,10 @@ def main(config, workdir: str | None) -> None:
     """`retro-jax train`: see docs/train.md."""
     if not workdir:
         raise RetroError("train: --workdir is required (it holds prepare/, checkpoints/, train/)")
+    from absl import flags, logging
+
+    if not (flags.FLAGS.is_parsed() and "verbose" in flags.FLAGS and flags.FLAGS.verbose):
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     result = train(config, workdir)
     if jax.process_index() == 0 and result:
         shown = {k: v for k, v in result.items() if isinstance(v, (int, float, bool))}

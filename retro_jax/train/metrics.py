@@ -128,7 +128,7 @@ def truncate_metrics(path: epath.Path, last_step: int) -> None:
     if len(keep) != len(rows):
         tmp = path.parent / (path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.rename(path)
+        tmp.replace(path)
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -1,0 +1,94 @@
+"""A run killed with SIGKILL after a checkpoint resumes to the same losses, step by step."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_pipeline import write_fake_prepare
+from test_train_step import small_config
+
+from retro_jax.train.loop import train
+from retro_jax.train.metrics import read_metrics
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+
+CONFIG = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_train_step import small_config
+
+
+def get_config(arg=""):
+    return small_config(steps={steps}, checkpoint_every={every}, log_every=1, eval_every=0,
+                        keep_checkpoints=2, shuffle_buffer=8)
+"""
+
+
+def launch(config_path, workdir, cache):
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+        JAX_COMPILATION_CACHE_DIR=cache,  # the three runs compile the same programs once
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "retro_jax.cli",
+        "train",
+        f"--config={config_path}",
+        f"--workdir={workdir}",
+    ]
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish(process, timeout=300):
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path):
+    steps, every = 24, 4
+    config_path = tmp_path / "config.py"
+    config_path.write_text(CONFIG.format(tests=TESTS, steps=steps, every=every))
+    cache = str(tmp_path / "jax_cache")
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    for workdir in (reference, interrupted):
+        write_fake_prepare(workdir, train_files=3, records_per_file=12)
+
+    finish(launch(config_path, reference, cache))
+    expected = {row["step"]: row for row in read_metrics(str(reference))}
+    assert sorted(expected) == list(range(1, steps + 1))
+
+    process = launch(config_path, interrupted, cache)
+    first_checkpoint = interrupted / "checkpoints" / str(every)
+    deadline = time.time() + 240
+    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_rows = read_metrics(str(interrupted))
+    assert killed_rows and killed_rows[-1]["step"] < steps
+
+    out = finish(launch(config_path, interrupted, cache))
+    assert "resuming from step" in out
+    resumed = {row["step"]: row for row in read_metrics(str(interrupted))}
+    assert sorted(resumed) == list(range(1, steps + 1))  # rows after the checkpoint rewritten
+    for step in range(1, steps + 1):
+        assert resumed[step]["loss"] == expected[step]["loss"], step
+        assert resumed[step]["grad_norm"] == expected[step]["grad_norm"], step
+
+    again = train(small_config(steps=steps, checkpoint_every=every), str(interrupted))
+    assert again["finished"] and again["step"] == steps
+    kept = sorted(int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept[-1] == steps and len(kept) == 2  # keep_checkpoints=2
