@@ -132,22 +132,32 @@ class Retro(nnx.Module):
 
         stacked = values(self.decoder)
         cca = values(self.cca)
+        checkpoint = jax.checkpoint if c.remat else (lambda f: f)
+
+        @checkpoint
+        def attention_half(p, x):
+            return attention_block(p, x, positions, token_mask, c)
+
+        @checkpoint
+        def cca_and_ffw_half(p, p_cca, x, encoded, neighbour_mask):
+            h = rms_norm(x, p_cca["norm"], c.norm_eps)
+            x = x + chunked_cross_attention(
+                p_cca["attn"], h, encoded, neighbour_mask, chunk_size=m, rope_base=c.rope_base
+            )
+            return ffw_block(p, x, c)
+
         encoded = neighbour_mask = None
         done = 0
         for j, layer_index in enumerate(c.cca_layers):
             i = layer_index - 1
             x = self.run_layers(x, done, i, layer)
             p = jax.tree.map(lambda a, i=i: a[i], stacked)
-            x = attention_block(p, x, positions, token_mask, c)
+            x = attention_half(p, x)
             if encoded is None:
                 # Encode at the first CCA layer, conditioned on its post-attention activations.
-                encoded, neighbour_mask = self.encode(neighbours, x, token_mask)
+                encoded, neighbour_mask = checkpoint(self.encode)(neighbours, x, token_mask)
             p_cca = jax.tree.map(lambda a, j=j: a[j], cca)
-            h = rms_norm(x, p_cca["norm"], c.norm_eps)
-            x = x + chunked_cross_attention(
-                p_cca["attn"], h, encoded, neighbour_mask, chunk_size=m, rope_base=c.rope_base
-            )
-            x = ffw_block(p, x, c)
+            x = cca_and_ffw_half(p, p_cca, x, encoded, neighbour_mask)
             done = i + 1
         x = self.run_layers(x, done, c.num_layers, layer)
         return self.logits(x)
