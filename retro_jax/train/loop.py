@@ -279,11 +279,15 @@ def _run(config, workdir, ckpts, current, spec, info, model_cfg, mesh) -> dict:
                     good = ckpts.latest_step()
                     log.close()
                     progress.close()
+                    what = (
+                        f"loss {float(m['loss'])}, grad norm {float(m['grad_norm'])}"
+                        if bool(m["params_finite"])
+                        else "parameters became inf/nan"
+                    )
                     raise RetroError(
-                        f"loss {float(m['loss'])} / grad norm {float(m['grad_norm'])} at step {s}:"
-                        f" training stopped; last good checkpoint: "
+                        f"{what} at step {s}: training stopped; last good checkpoint: "
                         f"{'none' if good is None else os.path.join(ckpt_dir, str(good))}"
-                        " (lower train.learning_rate or raise warmup_steps)"
+                        " (lower train.learning_rate or raise train.warmup_steps)"
                     )
             elapsed = time.perf_counter() - timer
             steps_timed = step - timer_step

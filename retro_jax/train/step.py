@@ -104,7 +104,8 @@ def make_train_step(
     """The jitted step (state, batch) -> (new state, metrics); the old state is donated.
 
     metrics: loss (mean nll over scored tokens), grad_norm (before clipping), lr, tokens
-    (scored), finite (loss, gradients and update all finite: False means stop).
+    (scored), params_finite, finite (loss, gradient norm and new parameters all finite: False
+    means stop without saving this state).
     """
 
     def loss_sums(params, frozen, batch):
@@ -136,8 +137,12 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        finite &= jnp.isfinite(optax.global_norm(updates))
+        # A huge step can leave finite loss and gradients but overflow the parameters (and a
+        # norm of the updates would itself overflow), so the new parameters are checked.
+        params_finite = jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
+        )
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
         rng, _ = jax.random.split(jax.random.wrap_key_data(state.rng))
         new_state = TrainState(
             state.step + 1, params, state.frozen, opt_state, jax.random.key_data(rng)
@@ -148,6 +153,7 @@ def make_train_step(
             "lr": schedule(state.step),
             "tokens": count,
             "finite": finite,
+            "params_finite": params_finite,
         }
         return new_state, metrics
 

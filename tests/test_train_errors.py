@@ -1,0 +1,81 @@
+"""Bad input stops training with one line naming the fault: shards, configs, NaN losses."""
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from test_pipeline import write_fake_prepare
+from test_train_step import small_config
+
+from retro_jax.errors import RetroError
+from retro_jax.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def diverged(tmp_path_factory):
+    """A run whose learning rate is absurd: (workdir, the RetroError it stopped with)."""
+    workdir = tmp_path_factory.mktemp("diverged")
+    write_fake_prepare(workdir, train_files=2, records_per_file=16)
+    config = small_config(steps=10, warmup_steps=2, learning_rate=1e30, checkpoint_every=1)
+    with pytest.raises(RetroError) as error:
+        train(config, str(workdir))
+    return workdir, str(error.value)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(diverged):
+    workdir, message = diverged
+    checkpoints = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(p) for p in os.listdir(checkpoints) if p.isdigit())
+    assert "training stopped" in message and "nan" in message.lower()
+    bad_step = int(message.split(" at step ")[1].split(":")[0])
+    assert steps and steps[-1] < bad_step
+    assert f"last good checkpoint: {os.path.join(checkpoints, str(steps[-1]))}" in message
+    params = ocp.StandardCheckpointer().restore(os.path.join(checkpoints, str(steps[-1]), "params"))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_config_mismatch_on_resume_names_the_difference(diverged):
+    workdir, _ = diverged
+    config = small_config(steps=10, learning_rate=1e30, checkpoint_every=1)
+    config.model.d_model = 48
+    with pytest.raises(RetroError, match=r"model\.d_model: checkpoint 32, config 48"):
+        train(config, str(workdir))
+    config = small_config(steps=10, learning_rate=1e30, checkpoint_every=1, batch_size=16)
+    with pytest.raises(RetroError, match=r"data\.global_batch: checkpoint 8, config 16"):
+        train(config, str(workdir))
+
+
+def test_missing_shard_is_named(tmp_path):
+    prepare = write_fake_prepare(tmp_path, train_files=3, records_per_file=8)
+    os.remove(os.path.join(prepare, "train-00002-of-00003.tfrecord"))
+    with pytest.raises(RetroError, match="train shard missing: .*train-00002-of-00003.tfrecord"):
+        train(small_config(), str(tmp_path))
+
+
+def test_crc_corrupt_shard_is_named(tmp_path):
+    prepare = write_fake_prepare(tmp_path, train_files=2, records_per_file=8)
+    path = os.path.join(prepare, "train-00000-of-00002.tfrecord")
+    data = bytearray(open(path, "rb").read())
+    data[200] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(RetroError, match="corrupt training shard .*train-00000-of-00002.tfrecord"):
+        train(small_config(), str(tmp_path))
+
+
+def test_shards_that_do_not_fit_the_model(tmp_path):
+    write_fake_prepare(tmp_path, train_files=1, records_per_file=8)
+    config = small_config()
+    config.model.chunk_size = 16
+    with pytest.raises(RetroError, match="model.chunk_size=16 .* chunk_size=8"):
+        train(config, str(tmp_path))
+    config = small_config()
+    config.model.vocab_size = 32
+    with pytest.raises(RetroError, match="model.vocab_size=32"):
+        train(config, str(tmp_path))
+    with pytest.raises(RetroError, match="prepare/records.json not found"):
+        train(small_config(), str(tmp_path / "elsewhere"))
+    config = small_config(num_neighbours=5)
+    with pytest.raises(RetroError, match="num_neighbours=5 .* store only 4"):
+        train(config, str(tmp_path))
