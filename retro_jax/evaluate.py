@@ -1,0 +1,419 @@
+"""`retro-jax eval --config CFG --workdir W`: bits per byte with and without retrieval, leakage.
+
+One pass over the evaluation records of `W/prepare/` (windows of n tokens, stride n/2, each token
+scored once) scores the same tokens several ways:
+    retrieval      RETRO with the first k stored neighbours of every chunk (eval.num_neighbours)
+    no_retrieval   RETRO with retrieval switched off (RETRO[OFF]: neighbours=None)
+    baseline       the checkpoint in eval.baseline_workdir, if given
+    k=j            RETRO with j neighbours, for j in eval.neighbour_sweep
+Each record's chunks also get the leakage measure r(C) against all their stored neighbours
+(retro_jax/leakage.py), so bpb(alpha) comes out of the same pass.
+
+Writes W/eval/metrics.json, W/eval/leakage.png and (with a sweep) W/eval/neighbours.png, and
+prints a table. Per-token losses come from one jitted function per model and k, on batches of
+the fixed shape [eval.batch_size, n] (the last batch is padded with unscored rows).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec
+from tqdm.auto import tqdm
+
+from retro_jax.data.records import load_records_info
+from retro_jax.errors import RetroError
+from retro_jax.leakage import ALPHAS, LeakageHistogram, chunk_overlap
+from retro_jax.sharding import BATCH_AXES, make_mesh, shard_batch
+
+LEAKAGE_MODES = ("retrieval", "no_retrieval", "baseline")
+LABELS = {"retrieval": "RETRO", "no_retrieval": "RETRO[OFF]", "baseline": "baseline"}
+
+
+def _token_nll(graphdef, state, tokens, targets, neighbours, k: int) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+    logits = model(tokens, None if k == 0 else neighbours[:, :, :k])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
+# One jitted function for every scorer: the graph definition is static, so models of the same
+# structure and batches of the same shape share compilations (across eval runs in one process).
+_token_nll_jit = jax.jit(_token_nll, static_argnums=(0, 5))
+
+
+class TokenScorer:
+    """Per-token negative log-likelihood (nats) of one model, compiled per (batch shape, k)."""
+
+    def __init__(self, model):
+        self.config = model.config
+        self._graphdef, self._state = nnx.split(model)
+
+    def __call__(self, batch: dict, k: int) -> jax.Array:
+        """batch: tokens, targets [B, n], neighbours [B, l, K, 2m] -> nll float32 [B, n]."""
+        return _token_nll_jit(
+            self._graphdef,
+            self._state,
+            batch["tokens"],
+            batch["targets"],
+            batch["neighbours"],
+            k,
+        )
+
+
+def restore_model(path: str, *, mesh=None, step: int | None = None):
+    """(Retro with the weights of a checkpoint, step): a workdir, checkpoints or step folder.
+
+    Restores straight into the parameters' final layout (sharded over `mesh` by the logical
+    rules, or on the default device): no initialisation is run or compiled first, unlike
+    retro_jax.train.checkpoint.load_model, whose public pieces it uses.
+    """
+    from retro_jax.model.create import abstract_model
+    from retro_jax.sharding import state_shardings
+    from retro_jax.train.checkpoint import find_checkpoints, load_params, read_model_config
+
+    directory, _ = find_checkpoints(path)
+    graphdef, abstract = nnx.split(abstract_model(read_model_config(directory)))
+    if mesh is not None:
+        shardings = state_shardings(abstract, mesh).to_pure_dict()
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract.to_pure_dict())
+    target = jax.tree.map(
+        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        abstract.to_pure_dict(),
+        shardings,
+    )
+    params, step = load_params(path, target, step)
+    nnx.replace_by_pure_dict(abstract, params)
+    return nnx.merge(graphdef, abstract), step
+
+
+def _host_local(x: jax.Array, mesh) -> np.ndarray:
+    """This host's rows of a batch-sharded global array."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(
+        multihost_utils.global_array_to_host_local_array(x, mesh, PartitionSpec(BATCH_AXES))
+    )
+
+
+def _sum_over_hosts(x: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x)).sum(axis=0)
+
+
+def summary(nll_nats: float, tokens: float, scored_bytes: float) -> dict:
+    """{bpb, loss (nats per token), tokens, bytes} of summed losses."""
+    return {
+        "bpb": nll_nats / math.log(2) / scored_bytes if scored_bytes > 0 else None,
+        "loss": nll_nats / tokens if tokens > 0 else None,
+        "tokens": int(round(tokens)),
+        "bytes": int(round(scored_bytes)),
+    }
+
+
+# ---------------------------------------------------------------- checks of what is loaded
+
+
+def _check_model(model_cfg, info: dict, spec, where: str) -> None:
+    if not model_cfg.is_baseline and model_cfg.chunk_size != spec.chunk_size:
+        raise RetroError(
+            f"{where}: model chunk_size={model_cfg.chunk_size} but the eval records were prepared "
+            f"with chunk_size={spec.chunk_size}"
+        )
+    vocab = int(info.get("vocab_size", 0))
+    if vocab > model_cfg.vocab_size:
+        raise RetroError(
+            f"{where}: model vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+            f"{vocab} (W/prepare/records.json)"
+        )
+    if int(info.get("pad_id", model_cfg.pad_id)) != model_cfg.pad_id:
+        raise RetroError(
+            f"{where}: model pad_id={model_cfg.pad_id} but the records pad with {info['pad_id']}"
+        )
+
+
+def _neighbour_counts(config, stored: int) -> tuple[int, list[int]]:
+    """(eval.num_neighbours, sorted eval.neighbour_sweep), each checked against the records."""
+    if stored < 1:
+        raise RetroError("the eval records hold no neighbours (data.num_neighbours_stored=0)")
+    k = int(config.eval.num_neighbours)
+    if not 1 <= k <= stored:
+        raise RetroError(
+            f"eval.num_neighbours={k} must be between 1 and the {stored} neighbours the records "
+            "store (data.num_neighbours_stored)"
+        )
+    sweep = sorted({int(j) for j in (config.eval.neighbour_sweep or ())})
+    bad = [j for j in sweep if not 1 <= j <= stored]
+    if bad:
+        raise RetroError(
+            f"eval.neighbour_sweep={tuple(sweep)}: {bad} outside 1..{stored}, the neighbours the "
+            "records store (data.num_neighbours_stored)"
+        )
+    return k, sweep
+
+
+# ---------------------------------------------------------------- the evaluation pass
+
+
+def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
+    """Score the eval records of `workdir` (see the module docstring); returns the metrics."""
+    from retro_jax.data.pipeline import EvalBatches
+    from retro_jax.train.checkpoint import find_checkpoints
+
+    prepare_dir = os.path.join(workdir, "prepare")
+    spec, info = load_records_info(prepare_dir)
+    k, sweep = _neighbour_counts(config, spec.num_neighbours)
+    mesh = make_mesh(config.mesh)
+    batch_size = int(config.eval.batch_size)
+    ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if batch_size < 1 or batch_size % ways:
+        raise RetroError(
+            f"eval.batch_size={batch_size} must be a positive multiple of the {ways} devices of "
+            "mesh.data x mesh.fsdp"
+        )
+    baseline_dir = str(config.eval.baseline_workdir or "")
+    if baseline_dir:
+        find_checkpoints(baseline_dir)  # fail before loading anything
+    model, step = restore_model(workdir, mesh=mesh)
+    _check_model(model.config, info, spec, f"{workdir}/checkpoints")
+    retro = TokenScorer(model)
+    passes = {"retrieval": (retro, k), "no_retrieval": (retro, 0)}
+    baseline_step = None
+    if baseline_dir:
+        baseline_model, baseline_step = restore_model(baseline_dir, mesh=mesh)
+        _check_model(baseline_model.config, info, spec, f"eval.baseline_workdir={baseline_dir}")
+        if baseline_model.config.vocab_size != model.config.vocab_size:
+            raise RetroError(
+                f"eval.baseline_workdir={baseline_dir}: vocab_size "
+                f"{baseline_model.config.vocab_size} differs from the RETRO checkpoint's "
+                f"{model.config.vocab_size} (they must share the tokenizer)"
+            )
+        passes["baseline"] = (TokenScorer(baseline_model), 0)
+    for j in sweep:
+        if j != k:
+            passes[f"k={j}"] = (retro, j)
+    if model.config.is_baseline:
+        print(f"eval: {workdir} holds a baseline model: retrieval changes nothing")
+
+    batches = EvalBatches(
+        prepare_dir,
+        global_batch=batch_size,
+        num_neighbours=spec.num_neighbours,
+        max_batches=int(config.eval.max_batches),
+    )
+    pad_id = int(info.get("pad_id", model.config.pad_id))
+    histogram = LeakageHistogram(spec.chunk_size, [m for m in LEAKAGE_MODES if m in passes])
+    nll_sums = np.zeros(len(passes), np.float64)
+    counts = np.zeros(2, np.float64)  # scored tokens, bytes
+    positions = 0
+    start = time.perf_counter()
+    first_done = None
+    bar = tqdm(batches, total=batches.num_batches, desc="eval", unit="batch", disable=not progress)
+    with jax.set_mesh(mesh):
+        for batch in bar:
+            mask = batch["loss_mask"].astype(np.float64)
+            overlap = chunk_overlap(batch["tokens"], batch["neighbours"], pad_id)  # [b, l]
+            placed = shard_batch(
+                {name: batch[name] for name in ("tokens", "targets", "neighbours")}, mesh
+            )
+            nll = {mode: scorer(placed, kk) for mode, (scorer, kk) in passes.items()}
+            nll = {mode: _host_local(v, mesh).astype(np.float64) for mode, v in nll.items()}
+            histogram.add(overlap, mask, batch["target_bytes"], nll)
+            nll_sums += [float(np.sum(nll[mode] * mask)) for mode in passes]
+            counts += [mask.sum(), float(np.sum(batch["target_bytes"] * mask))]
+            if first_done is None:
+                first_done = time.perf_counter()  # the first batch includes compilation
+            else:
+                positions += mask.size * len(passes)
+    bar.close()
+    seconds = time.perf_counter() - start
+    steady = time.perf_counter() - (first_done or start)
+
+    # Every host scored its own records: sum everything over hosts.
+    nll_sums, counts = _sum_over_hosts(nll_sums), _sum_over_hosts(counts)
+    histogram.load_arrays(_sum_over_hosts(histogram.arrays()))
+    totals = {mode: summary(nll_sums[i], *counts) for i, mode in enumerate(passes)}
+    leakage = [
+        {
+            "alpha": row["alpha"],
+            "chunks": row["chunks"],
+            "retrieval_bpb": row["retrieval_bpb"],
+            "no_retrieval_bpb": row["no_retrieval_bpb"],
+            "baseline_bpb": row.get("baseline_bpb"),
+            "tokens": row["tokens"],
+            "bytes": row["bytes"],
+        }
+        for row in histogram.curve(ALPHAS)
+    ]
+    metrics = {
+        "retrieval": {**totals["retrieval"], "num_neighbours": k},
+        "no_retrieval": totals["no_retrieval"],
+        "baseline": totals.get("baseline"),
+        "leakage": leakage,
+        "leakage_neighbours": spec.num_neighbours,
+        "checkpoint": {"path": os.path.join(workdir, "checkpoints"), "step": int(step)},
+        "baseline_checkpoint": (
+            {"path": baseline_dir, "step": int(baseline_step)} if baseline_dir else None
+        ),
+        "records": {
+            "seq_len": spec.seq_len,
+            "chunk_size": spec.chunk_size,
+            "batches": batches.num_batches,
+            "batch_size": batch_size,
+        },
+        "timing": {
+            "seconds": round(seconds, 3),
+            "passes": len(passes),
+            # positions run through a model per second, after the first (compiling) batch
+            "tokens_per_s": round(positions / steady, 1) if positions and steady > 0 else None,
+        },
+    }
+    if sweep:
+        metrics["neighbour_sweep"] = [
+            {
+                "num_neighbours": j,
+                "bpb": totals["retrieval" if j == k else f"k={j}"]["bpb"],
+                "loss": totals["retrieval" if j == k else f"k={j}"]["loss"],
+            }
+            for j in sweep
+        ]
+    return metrics
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _save_figure(fig, path: str) -> None:
+    fig.savefig(path + ".tmp", format="png", dpi=120, bbox_inches="tight")
+    os.replace(path + ".tmp", path)
+
+
+def plot_leakage(metrics: dict, path: str) -> None:
+    """bpb(alpha) for RETRO, RETRO[OFF] and the baseline (the paper's figure 6)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = metrics["leakage"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, style in zip(LEAKAGE_MODES, ("o-", "s--", "^:")):
+        values = [r[f"{mode}_bpb"] for r in rows]
+        if any(v is not None for v in values):
+            xs = [100 * r["alpha"] for r, v in zip(rows, values) if v is not None]
+            ys = [v for v in values if v is not None]
+            ax.plot(xs, ys, style, label=LABELS[mode])
+    ax.set_xlabel("max eval/retrieved chunk overlap r(C) (%)")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(f"Leakage ({metrics['leakage_neighbours']} neighbours per chunk)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_neighbours(metrics: dict, path: str) -> None:
+    """bpb against the number of neighbours, with RETRO[OFF] and the baseline as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = metrics["neighbour_sweep"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["num_neighbours"] for r in rows], [r["bpb"] for r in rows], "o-", label="RETRO")
+    for mode, style in (("no_retrieval", "--"), ("baseline", ":")):
+        if metrics.get(mode) and metrics[mode]["bpb"] is not None:
+            ax.axhline(metrics[mode]["bpb"], linestyle=style, color="grey", label=LABELS[mode])
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks([r["num_neighbours"] for r in rows], [str(r["num_neighbours"]) for r in rows])
+    ax.set_xlabel("neighbours per chunk (k)")
+    ax.set_ylabel("bits per byte")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(metrics: dict) -> str:
+    """The readable summary `retro-jax eval` prints."""
+    k = metrics["retrieval"]["num_neighbours"]
+    lines = [f"{'':<16}{'bpb':>9}{'loss':>9}{'tokens':>10}{'bytes':>10}"]
+    for mode, label in (
+        ("retrieval", f"RETRO (k={k})"),
+        ("no_retrieval", "RETRO[OFF]"),
+        ("baseline", "baseline"),
+    ):
+        row = metrics.get(mode)
+        if row:
+            lines.append(
+                f"{label:<16}{_fmt(row['bpb']):>9}{_fmt(row['loss']):>9}"
+                f"{row['tokens']:>10}{row['bytes']:>10}"
+            )
+    lines += [
+        "",
+        f"leakage: bpb over chunks with r(C) <= alpha ({metrics['leakage_neighbours']}"
+        " neighbours per chunk)",
+    ]
+    lines.append(f"{'alpha':>7}{'chunks':>8}{'RETRO':>10}{'RETRO[OFF]':>12}{'baseline':>10}")
+    for r in metrics["leakage"]:
+        lines.append(
+            f"{r['alpha']:>7.3f}{r['chunks']:>8}{_fmt(r['retrieval_bpb']):>10}"
+            f"{_fmt(r['no_retrieval_bpb']):>12}{_fmt(r['baseline_bpb']):>10}"
+        )
+    if metrics.get("neighbour_sweep"):
+        lines += ["", f"{'k':>7}{'bpb':>10}"]
+        lines += [
+            f"{r['num_neighbours']:>7}{_fmt(r['bpb']):>10}" for r in metrics["neighbour_sweep"]
+        ]
+    return "\n".join(lines)
+
+
+def write_outputs(metrics: dict, eval_dir: str) -> list[str]:
+    """metrics.json, leakage.png and (with a sweep) neighbours.png under eval_dir; their paths."""
+    os.makedirs(eval_dir, exist_ok=True)
+    paths = [os.path.join(eval_dir, "metrics.json"), os.path.join(eval_dir, "leakage.png")]
+    _write_json(paths[0], metrics)
+    plot_leakage(metrics, paths[1])
+    if metrics.get("neighbour_sweep"):
+        paths.append(os.path.join(eval_dir, "neighbours.png"))
+        plot_neighbours(metrics, paths[2])
+    return paths
+
+
+def main(config, workdir: str | None) -> dict:
+    """`retro-jax eval`: see docs/eval.md."""
+    if not workdir:
+        raise RetroError("eval: --workdir is required (it holds prepare/ and checkpoints/)")
+    metrics = evaluate(config, workdir)
+    if jax.process_index() == 0:
+        paths = write_outputs(metrics, os.path.join(workdir, "eval"))
+        step = metrics["checkpoint"]["step"]
+        print(f"eval: {workdir} (checkpoint step {step})")
+        print(format_table(metrics))
+        print("eval: wrote " + ", ".join(paths))
+    return metrics

