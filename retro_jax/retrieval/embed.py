@@ -1,10 +1,10 @@
 """ChunkEmbedder: texts -> frozen-BERT keys [N, D], mean-pooled over non-padding tokens.
 
 Speed comes from three things: one jit-compiled function per (batch, length) shape, so nothing
-recompiles after warm-up; texts sorted by tokenised length and cut into a few fixed length
-buckets, so short chunks do not pay for the longest one's padding; the last batch of a bucket
-padded to the fixed batch size rather than compiled again. With a mesh, batches are split over
-its data axes and parameters replicated.
+recompiles after warm-up; texts sorted by tokenised length and batched in that order, each batch
+padded only to the next of a few fixed lengths (buckets), so short chunks do not pay for the
+longest one's padding; the last batch padded to the fixed batch size rather than compiled again.
+With a mesh, batches are split over its data axes and parameters replicated.
 """
 
 from __future__ import annotations
@@ -192,16 +192,14 @@ class ChunkEmbedder:
         ids = self.tokenize(texts)
         lengths = np.array([len(s) for s in ids])
         order = np.argsort(lengths, kind="stable")
-        bucket_of = np.searchsorted(np.array(self.buckets), lengths[order])
-        # Batches: runs of sorted texts sharing a bucket, at most batch_size each.
+        # Consecutive full batches of the length-sorted texts, each padded to the bucket of its
+        # longest text: only the last batch is partial, and padding is the in-batch spread plus
+        # rounding up to a bucket.
+        buckets = np.array(self.buckets)
         batches = []
-        start = 0
-        while start < len(order):
-            b = bucket_of[start]
-            stop = min(start + self.batch_size, len(order))
-            stop = start + int(np.searchsorted(bucket_of[start:stop], b, side="right"))
-            batches.append((order[start:stop], self.buckets[b]))
-            start = stop
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            batches.append((rows, int(buckets[np.searchsorted(buckets, lengths[rows[-1]])])))
         for rows, length in tqdm(batches, desc="embed", unit="batch", disable=not progress):
             out[rows] = self._run_batch([ids[i] for i in rows], length)
         return out
