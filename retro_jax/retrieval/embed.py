@@ -184,8 +184,9 @@ class ChunkEmbedder:
         self.tokens_useful += sum(len(s) for s in ids)
         return np.asarray(out[: len(ids)], dtype=np.float32)
 
-    def embed(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
-        """Keys of texts, float32 [len(texts), dim], in the order given."""
+    def embed(self, texts: Sequence[str], *, progress: bool | None = None) -> np.ndarray:
+        """Keys of texts, float32 [len(texts), dim], in the order given. A progress bar shows
+        when `progress` is True, or when None and there are 16 batches or more."""
         out = np.zeros((len(texts), self.dim), np.float32)
         if not len(texts):
             return out
@@ -200,6 +201,7 @@ class ChunkEmbedder:
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
             batches.append((rows, int(buckets[np.searchsorted(buckets, lengths[rows[-1]])])))
-        for rows, length in tqdm(batches, desc="embed", unit="batch", disable=not progress):
+        show = len(batches) >= 16 if progress is None else progress
+        for rows, length in tqdm(batches, desc="embed", unit="batch", disable=not show):
             out[rows] = self._run_batch([ids[i] for i in rows], length)
         return out
