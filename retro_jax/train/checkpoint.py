@@ -190,14 +190,28 @@ def load_params(path: str, target: dict, step: int | None = None) -> tuple[dict,
 def load_model(
     path: str, *, mesh: jax.sharding.Mesh | None = None, step: int | None = None
 ) -> tuple[Any, int]:
-    """(Retro with trained weights, step) of a checkpoint, built from its model_config.json."""
+    """(Retro with trained weights, step) of a checkpoint, built from its model_config.json.
+
+    Nothing is initialised: the weights are read straight into their shardings on `mesh` (or
+    onto the default device).
+    """
     from flax import nnx
 
-    from retro_jax.model.create import create_model
+    from retro_jax.model.create import abstract_model
+    from retro_jax.sharding import state_shardings
 
     directory, _ = find_checkpoints(path)
-    model = create_model(read_model_config(directory), mesh=mesh)
-    graphdef, state = nnx.split(model)
-    params, step = load_params(path, state.to_pure_dict(), step)
+    graphdef, state = nnx.split(abstract_model(read_model_config(directory)))
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, state.to_pure_dict())
+    else:
+        shardings = state_shardings(state, mesh).to_pure_dict()
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        state.to_pure_dict(),
+        shardings,
+    )
+    params, step = load_params(path, target, step)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state), step

@@ -1,0 +1,86 @@
+"""Retro-fitting: a baseline frozen inside RETRO; retrieval off = the baseline, bit for bit."""
+
+import jax
+import numpy as np
+import pytest
+from test_pipeline import write_fake_prepare
+from test_train_step import small_config
+
+from retro_jax.config import model_config
+from retro_jax.errors import RetroError
+from retro_jax.model.create import create_model
+from retro_jax.sharding import make_mesh
+from retro_jax.train.checkpoint import load_model
+from retro_jax.train.loop import train
+from retro_jax.train.state import split_model
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(baseline workdir, retro-fitted workdir): 3 baseline steps, then 3 retro-fitting steps."""
+    baseline = tmp_path_factory.mktemp("baseline")
+    retrofitted = tmp_path_factory.mktemp("retrofitted")
+    for workdir in (baseline, retrofitted):
+        write_fake_prepare(workdir, train_files=2, records_per_file=16)
+    train(small_config("tiny-baseline", steps=3, checkpoint_every=3), str(baseline))
+    config = small_config(steps=3, checkpoint_every=3, learning_rate=1e-2)
+    config.train.retrofit_from = str(baseline)
+    out = train(config, str(retrofitted))
+    assert out["step"] == 3
+    return baseline, retrofitted
+
+
+def test_retrieval_off_logits_are_the_baselines_bit_for_bit(runs):
+    baseline_dir, retro_dir = runs
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    baseline, _ = load_model(str(baseline_dir), mesh=mesh)
+    retro, step = load_model(str(retro_dir), mesh=mesh)
+    assert step == 3 and not retro.config.is_baseline
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 64, (8, 32)).astype(np.int32)
+    neighbours = rng.integers(1, 64, (8, 4, 2, 16)).astype(np.int32)
+    with jax.set_mesh(mesh):
+        off = np.asarray(jax.jit(lambda t: retro(t, None))(tokens))
+        base = np.asarray(jax.jit(lambda t: baseline(t, None))(tokens))
+        on = np.asarray(jax.jit(lambda t, n: retro(t, n))(tokens, neighbours))
+    np.testing.assert_array_equal(off, base)
+    assert np.abs(on - base).max() > 1e-4  # the trained CCA does change the predictions
+
+
+def test_only_encoder_and_cca_were_trained(runs):
+    baseline_dir, retro_dir = runs
+    retro, _ = load_model(str(retro_dir))
+    baseline, _ = load_model(str(baseline_dir))
+    _, trained, _ = split_model(retro)
+    _, base_params, _ = split_model(baseline)
+    fresh = create_model(retro.config, seed=0)  # the seed the run initialised with
+    _, fresh_params, _ = split_model(fresh)
+    for name in ("decoder", "embed", "final_norm", "head"):
+        for a, b in zip(jax.tree.leaves(trained[name]), jax.tree.leaves(base_params[name])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for name in ("encoder", "cca"):
+        moved = [
+            not np.array_equal(np.asarray(a), np.asarray(b))
+            for a, b in zip(jax.tree.leaves(trained[name]), jax.tree.leaves(fresh_params[name]))
+        ]
+        assert all(moved), name
+    assert set(trained) == set(base_params) | {"encoder", "cca"}
+
+
+def test_retrofit_from_a_model_that_is_not_the_twin(runs, tmp_path):
+    baseline_dir, retro_dir = runs
+    write_fake_prepare(tmp_path, train_files=1, records_per_file=8)
+    config = small_config(steps=3)
+    config.model.d_ff = 128
+    config.train.retrofit_from = str(baseline_dir)
+    with pytest.raises(RetroError, match=r"not this model's baseline twin: model.d_ff"):
+        train(config, str(tmp_path))
+    config = small_config(steps=3)
+    config.train.retrofit_from = str(retro_dir)
+    with pytest.raises(RetroError, match="must be a baseline twin"):
+        train(config, str(tmp_path))
+    config = small_config("tiny-baseline", steps=3)
+    config.train.retrofit_from = str(baseline_dir)
+    with pytest.raises(RetroError, match="needs a RETRO model"):
+        train(config, str(tmp_path))
+    assert model_config(small_config()).cca_layers == (2,)
