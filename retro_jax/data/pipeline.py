@@ -8,10 +8,10 @@ here, lazily: the model and the train step never need it.
 Determinism and resume, without checkpointing tf.data's iterator (whose shuffle buffer would be
 saved with every checkpoint): the stream is a sequence of epochs, and epoch e is a pure function
 of (seed, e) -- the host's files in a permutation seeded by (seed, e), read interleaved, shuffled
-with a buffer seeded by (seed, e), cut to the same number of batches on every host. Global batch i
-is batch i mod B_e of epoch i div B_e, so resuming at batch i rebuilds that epoch and skips the
-serialized records before it (skipping happens before parsing, so it costs a read, not a parse).
-The position saved in a checkpoint is just i (with the seed and batch size that give it meaning).
+with a buffer seeded by (seed, e), cut to the same number B_e of batches on every host. Global
+batch i is batch i mod B_e of epoch i div B_e, so resuming at batch i starts the stream at that
+epoch and skips the serialized records before it (before parsing: a read, not a parse). The
+position saved in a checkpoint is just i (with the seed and batch size that give it meaning).
 
 Batches (host-local share of the global batch, rows [b]):
     tokens       int32   [b, n]          inputs (record tokens[:n])
@@ -235,31 +235,43 @@ class TrainBatches:
             )
         self.position = start
         self._iterator: Iterator | None = None
-        self._epoch = -1
 
     def state(self) -> dict:
         """What a checkpoint must hold to resume this stream exactly."""
         return {"position": self.position, "seed": self.seed, "global_batch": self.global_batch}
 
-    def epoch_dataset(self, epoch: int, skip_batches: int = 0):
-        """tf.data of epoch `epoch` (a pure function of seed and epoch), from batch skip_batches."""
+    def dataset(self, start: int):
+        """tf.data of this host's batches from global batch `start` on, epoch after epoch.
+
+        Epoch e is a pure function of (seed, e): files in a permutation seeded by (seed, e), read
+        interleaved, shuffled with a buffer seeded by (seed, e), cut to batches_per_epoch batches.
+        All epochs are one dataset, so prefetching runs across epoch boundaries.
+        """
         tf = _tf()
-        rng = np.random.default_rng([self.seed, epoch])
-        files = [self.shards.mine[i] for i in rng.permutation(len(self.shards.mine))]
-        ds = tf.data.Dataset.from_tensor_slices(files)
-        ds = ds.interleave(
-            tf.data.TFRecordDataset,
-            cycle_length=min(len(files), 8),
-            block_length=1,
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        ds = ds.shuffle(
-            self.shuffle_buffer, seed=int(rng.integers(2**31)), reshuffle_each_iteration=False
-        )
-        ds = ds.take(self.batches_per_epoch * self.host_batch)
-        ds = ds.skip(skip_batches * self.host_batch)  # serialized records: no parsing cost
-        ds = ds.batch(self.host_batch, drop_remainder=True)
+        first_epoch, offset = divmod(start, self.batches_per_epoch)
+        files = tf.constant(self.shards.mine)
+        seed = tf.constant(self.seed, tf.int64)
+        records_per_epoch = self.batches_per_epoch * self.host_batch
+        skip_records = tf.constant(offset * self.host_batch, tf.int64)
+
+        def epoch_records(epoch):
+            order = tf.random.experimental.stateless_shuffle(files, seed=tf.stack([seed, epoch]))
+            ds = tf.data.Dataset.from_tensor_slices(order).interleave(
+                tf.data.TFRecordDataset,
+                cycle_length=min(len(self.shards.mine), 8),
+                block_length=1,
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True,
+            )
+            ds = ds.shuffle(
+                self.shuffle_buffer, seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False
+            )
+            ds = ds.take(records_per_epoch)  # the same number of batches on every host
+            # resuming mid-epoch: skip serialized records (a read, no parsing)
+            return ds.skip(tf.where(epoch == first_epoch, skip_records, tf.constant(0, tf.int64)))
+
+        ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_records)
+        ds = ds.batch(self.host_batch, drop_remainder=True)  # epochs hold whole batches
         ds = ds.map(
             lambda s: _to_batch(self.shards.parse(s), self.num_neighbours),
             num_parallel_calls=tf.data.AUTOTUNE,
@@ -272,16 +284,13 @@ class TrainBatches:
 
     def __next__(self) -> dict[str, np.ndarray]:
         tf = _tf()
-        epoch, offset = divmod(self.position, self.batches_per_epoch)
-        if self._iterator is None or epoch != self._epoch:
-            self._iterator = self.epoch_dataset(epoch, offset).as_numpy_iterator()
-            self._epoch = epoch
+        if self._iterator is None:
+            self._iterator = self.dataset(self.position).as_numpy_iterator()
         try:
             batch = next(self._iterator)
         except StopIteration:
             raise RetroError(
-                f"training shards changed while reading (epoch {epoch} ended early): "
-                + ", ".join(self.shards.mine)
+                "training shards changed while reading: " + ", ".join(self.shards.mine)
             ) from None
         except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as e:
             bad = find_corrupt_file(self.shards.mine)
