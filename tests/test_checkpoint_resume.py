@@ -49,6 +49,12 @@ def launch(config_path, workdir, cache):
     )
 
 
+def wait_for(path, process, timeout=240):
+    deadline = time.time() + timeout
+    while not path.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+
+
 def finish(process, timeout=300):
     out, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, out
@@ -62,7 +68,8 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path
     config_path.write_text(CONFIG.format(tests=TESTS, steps=steps, every=every))
     cache = str(tmp_path / "jax_cache")
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    for workdir in (reference, interrupted):
+    preempted = tmp_path / "preempted"
+    for workdir in (reference, interrupted, preempted):
         write_fake_prepare(workdir, train_files=3, records_per_file=12)
 
     finish(launch(config_path, reference, cache))
@@ -70,10 +77,7 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path
     assert sorted(expected) == list(range(1, steps + 1))
 
     process = launch(config_path, interrupted, cache)
-    first_checkpoint = interrupted / "checkpoints" / str(every)
-    deadline = time.time() + 240
-    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    wait_for(interrupted / "checkpoints" / str(every), process)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
@@ -92,3 +96,12 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path
     assert again["finished"] and again["step"] == steps
     kept = sorted(int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit())
     assert kept[-1] == steps and len(kept) == 2  # keep_checkpoints=2
+
+    # SIGTERM (preemption): a checkpoint at the step reached, a clean exit, a message.
+    process = launch(config_path, preempted, cache)
+    wait_for(preempted / "checkpoints" / str(every), process)
+    process.send_signal(signal.SIGTERM)
+    out = finish(process)
+    stopped = int(out.split("SIGTERM at step ")[1].split(":")[0])
+    assert stopped < steps and (preempted / "checkpoints" / str(stopped)).exists()
+    assert read_metrics(str(preempted))[-1]["step"] == stopped
