@@ -57,6 +57,11 @@ def test_sharded_exact_search_equals_unsharded():
     np.testing.assert_allclose(dist, whole[1], rtol=1e-6)
 
 
+def test_tiny_shards_are_exact_even_when_brute_force_is_off():
+    index = NeighbourIndex.build(clustered(1500), brute_force_below=0, shard_size=900)
+    assert [s.kind for s in index.shards] == ["exact", "exact"]
+
+
 def test_fewer_keys_than_k_pads_with_minus_one_and_inf():
     keys = np.eye(3, 4, dtype=np.float32)
     ids, dist = NeighbourIndex.build(keys, shard_size=2, progress=False).search(keys, 5)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from retro_jax.errors import RetroError
 
 FORMAT_VERSION = 1
+MIN_SCANN_KEYS = 1000  # smaller shards are always exact: too few keys to train a tree on
 _BLOCK_ELEMENTS = 1 << 25  # query x key distance entries computed at once by the exact search
 
 
@@ -177,7 +178,7 @@ class NeighbourIndex:
             part = keys[start : start + shard_size]  # may be a view of a memory-mapped file
             if not np.isfinite(part).all():
                 raise RetroError(f"index: keys {start}..{start + len(part)} contain NaN or inf")
-            if len(part) < brute_force_below:
+            if len(part) < max(brute_force_below, MIN_SCANN_KEYS):
                 shards.append(_Shard(start, len(part), keys=np.array(part)))
             else:
                 params = ScannParams.for_size(len(part), num_leaves, leaves_to_search, reorder)
