@@ -9,9 +9,10 @@ shows the traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from retro_jax.errors import RetroError
@@ -32,7 +33,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "bits-per-byte with/without retrieval, leakage curve",
     ),
     "sample": ("retro_jax.sample", "main", "generate with live retrieval"),
+    "demo": ("retro_jax.demo", "main", "everything end to end on a real corpus, one table"),
 }
+
+# The demo's defaults live in experiments/demo.py of this checkout.
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "demo.py")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/X.py[:arg])")
@@ -98,9 +103,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if argv[1] == "sweep":
         argv = _sweep_argv(argv)
+    if argv[1] == "demo" and not any(a.startswith("--config=") or a == "--config" for a in argv):
+        argv.insert(2, f"--config={DEMO_CONFIG}")
     argv = _underscore_flags(argv)
 
     def _absl_main(args):
+        if not FLAGS.verbose:  # Orbax and TensorFlow log every step at INFO
+            logging.set_verbosity(logging.WARNING)
         try:
             _run(args)
         except RetroError as e:
