@@ -41,6 +41,16 @@ def test_keys_do_not_depend_on_batch_company_or_order(embedder, reference):
     np.testing.assert_allclose(alone, together[:3], atol=1e-5)
 
 
+def test_small_calls_compute_few_rows_and_sorting_keeps_padding_low(embedder, reference):
+    texts, _, _ = reference
+    before = embedder.tokens_computed
+    embedder.embed(texts[1:2])  # 10 WordPiece tokens: one row of the 16-token bucket
+    assert embedder.tokens_computed - before == 16
+    embedder.tokens_computed = embedder.tokens_useful = 0
+    embedder.embed(texts * 4)  # 32 texts in batches of 4 sorted by length
+    assert embedder.tokens_useful / embedder.tokens_computed > 0.8  # 532 of 640 here
+
+
 def test_embed_empty_list_and_model_identity(embedder):
     assert embedder.embed([]).shape == (0, embedder.dim)
     assert embedder.dim == 384

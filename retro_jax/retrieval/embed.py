@@ -3,7 +3,7 @@
 Speed comes from three things: one jit-compiled function per (batch, length) shape, so nothing
 recompiles after warm-up; texts sorted by tokenised length and batched in that order, each batch
 padded only to the next of a few fixed lengths (buckets), so short chunks do not pay for the
-longest one's padding; the last batch padded to the fixed batch size rather than compiled again.
+longest one's padding; the last batch padded to a power of two rows (at most batch_size).
 With a mesh, batches are split over its data axes and parameters replicated.
 """
 
@@ -86,8 +86,10 @@ class ChunkEmbedder:
         self.buckets = length_buckets(self.max_len, bucket_step)
         self.mesh = mesh
         graphdef, state = nnx.split(model)
+        self._data_devices = 1
         if mesh is not None:
             n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+            self._data_devices = n_batch
             if self.batch_size % n_batch:
                 raise RetroError(
                     f"retrieval.embed_batch_size={batch_size} is not a multiple of the mesh's "
@@ -164,10 +166,19 @@ class ChunkEmbedder:
         )
         return encoded["input_ids"]
 
+    def _rows_for(self, n: int) -> int:
+        """Batch rows to compute for n texts: batch_size, or for a smaller (last or only) batch
+        the next power of two, a multiple of the data-parallel devices. A handful of extra
+        shapes, and a one-text call (live retrieval while sampling) costs one row, not 64."""
+        rows = min(self.batch_size, 1 << max(0, n - 1).bit_length())
+        return -(-rows // self._data_devices) * self._data_devices
+
     def _run_batch(self, ids: list[list[int]], length: int) -> np.ndarray:
-        """Pad ids to [batch_size, length], run, return the first len(ids) rows [n, dim]."""
-        input_ids = np.zeros((self.batch_size, length), np.int32)
-        mask = np.zeros((self.batch_size, length), np.int32)
+        """Pad ids to [rows, length] (rows from _rows_for), run, return the first len(ids) keys
+        [len(ids), dim]."""
+        rows = self._rows_for(len(ids))
+        input_ids = np.zeros((rows, length), np.int32)
+        mask = np.zeros((rows, length), np.int32)
         pad_id = self.tokenizer.pad_token_id or 0
         input_ids[:] = pad_id
         for row, seq in enumerate(ids):
@@ -179,8 +190,8 @@ class ChunkEmbedder:
             sharding = batch_sharding(self.mesh, 2)
             input_ids, mask = jax.device_put((input_ids, mask), sharding)
         out = self._forward(self._state, input_ids, mask)
-        self.tokens_computed += self.batch_size * length
-        self.flops_computed += self.batch_size * length * self.config.flops_per_token(length)
+        self.tokens_computed += rows * length
+        self.flops_computed += rows * length * self.config.flops_per_token(length)
         self.tokens_useful += sum(len(s) for s in ids)
         return np.asarray(out[: len(ids)], dtype=np.float32)
 
