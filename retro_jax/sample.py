@@ -92,7 +92,6 @@ class LiveRetriever:
         """-> (entries int32 [k, 2m], ids int64 [k], distances float32 [k]).
 
         A chunk without text (only padding and EOS) retrieves nothing, as in prepare."""
-        m = self.database.chunk_size
         chunk = np.asarray(chunk)
         text_tokens = (chunk != self.tokenizer.pad_id) & (chunk != self.tokenizer.eos_id)
         if not text_tokens.any():
@@ -109,7 +108,6 @@ class LiveRetriever:
         self.seconds["search"] += searched - embedded
         self.seconds["lookup"] += done - searched
         self.queries += 1
-        assert entries.shape == (self.k, 2 * m)
         return entries, ids[0], distances[0]
 
 
@@ -289,14 +287,12 @@ class Sampler:
 
     def _describe(self, u, chunk, first, prompt_end, entries, ids, distances) -> RetrievedChunk:
         m, tok = self.config.chunk_size, self.tokenizer
-        last = first + m - 1
-        source = (
-            "prompt"
-            if last < prompt_end
-            else "generated"
-            if first >= prompt_end
-            else ("prompt+generated")
-        )
+        if first + m <= prompt_end:
+            source = "prompt"
+        elif first >= prompt_end:
+            source = "generated"
+        else:
+            source = "prompt+generated"
         return RetrievedChunk(
             chunk=u,
             text=tok.decode(chunk),

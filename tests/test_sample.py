@@ -105,8 +105,8 @@ def test_a_prompt_made_of_database_chunks_retrieves_them(sampler):
 
 
 def test_same_seed_same_text_and_stopping(sampler):
-    a = sampler.generate("We the people", max_new_tokens=6, temperature=1.0, top_p=1.0, seed=7)
-    b = sampler.generate("We the people", max_new_tokens=6, temperature=1.0, top_p=1.0, seed=7)
+    a = sampler.generate("We the people", max_new_tokens=20, temperature=1.0, top_p=1.0, seed=7)
+    b = sampler.generate("We the people", max_new_tokens=20, temperature=1.0, top_p=1.0, seed=7)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert a.stopped in ("max_new_tokens", "eos")
     long = sampler.generate("We the people", max_new_tokens=500, temperature=0)
