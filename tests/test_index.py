@@ -74,6 +74,8 @@ def test_fewer_keys_than_k_pads_with_minus_one_and_inf():
 def test_scann_recall_at_10_on_clustered_keys(scann_index):
     keys, index = scann_index
     assert [s.kind for s in index.shards] == ["scann", "exact"]
+    no_ids, no_dist = index.search(np.zeros((0, 32), np.float32), 10)
+    assert no_ids.shape == no_dist.shape == (0, 10)
     queries = clustered(200, seed=5)
     ids, dist = index.search(queries, 10)
     ref_ids, ref_dist = exact_neighbours(keys, queries, 10)

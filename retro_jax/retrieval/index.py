@@ -205,6 +205,8 @@ class NeighbourIndex:
         if k <= 0:
             raise RetroError(f"index: k must be positive, got {k}")
         q = len(queries)
+        if q == 0:
+            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
         found = [s.search(queries, k) for s in self.shards if s.count]
         ids = np.concatenate([f[0] for f in found] + [np.full((q, k), -1, np.int64)], axis=1)
         dist = np.concatenate([f[1] for f in found] + [np.full((q, k), np.inf, np.float32)], 1)
