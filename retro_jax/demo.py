@@ -41,7 +41,7 @@ def _variant(config, **sections):
 
 def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
     """Run every stage; returns the summary written to W/demo.json."""
-    from retro_jax.evaluate import evaluate
+    from retro_jax.evaluate import evaluate, write_outputs
     from retro_jax.prepare import run_prepare
     from retro_jax.sample import Sampler
     from retro_jax.train.loop import train
@@ -79,6 +79,8 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
     eval_cfg = _variant(config, eval={"baseline_workdir": baseline_dir})
     retro_eval = timed("eval RETRO", evaluate, eval_cfg, retro_dir, progress=progress)
     retrofit_eval = timed("eval retro-fit", evaluate, config, retrofit_dir, progress=progress)
+    for folder, metrics in ((retro_dir, retro_eval), (retrofit_dir, retrofit_eval)):
+        write_outputs(metrics, os.path.join(folder, "eval"))
 
     sampler = Sampler.from_workdir(config, retro_dir)
     result = timed(
