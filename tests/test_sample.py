@@ -193,8 +193,11 @@ def test_sample_command(workdirs, tmp_path, capsys):
     argv = ["retro-jax", "sample", f"--config={config_file}", f"--workdir={workdir}"]
     argv += ["--prompt", "The Congress", "--max-new-tokens", "18", "--temperature=0"]
     argv += ["--show-neighbours", "--seed", "1"]
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+    finally:
+        cli.FLAGS.unparse_flags()  # absl keeps parsed values process-wide: leave none behind
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr()
     assert "chunk 0 (prompt)" in out.out and "chunk 1 (generated)" in out.out
