@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from retro_jax.errors import RetroError
+
 
 def shingles(text: str, ngram: int = 13) -> list[bytes]:
     """The distinct word n-grams of a text (one shingle if it has fewer than `ngram` words)."""
@@ -48,13 +50,16 @@ class LeakageFilter:
         from datasketch import MinHashLSH
 
         if not 0.0 < threshold <= 1.0:
-            from retro_jax.errors import RetroError
-
             raise RetroError(f"dedup.threshold={threshold} must be in (0, 1]")
         self.threshold = threshold
         self.ngram = ngram
         self.num_perm = num_perm
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        try:
+            self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        except ValueError as e:  # datasketch finds no band layout for these settings
+            raise RetroError(
+                f"dedup.threshold={threshold} with dedup.num_perm={num_perm}: {e}"
+            ) from e
         self.sketches = []
         for i, text in enumerate(eval_texts):
             sketch = minhash(text, ngram=ngram, num_perm=num_perm)
