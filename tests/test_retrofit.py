@@ -22,11 +22,15 @@ def runs(tmp_path_factory):
     retrofitted = tmp_path_factory.mktemp("retrofitted")
     for workdir in (baseline, retrofitted):
         write_fake_prepare(workdir, train_files=2, records_per_file=16)
-    train(small_config("tiny-baseline", steps=3, checkpoint_every=3), str(baseline))
-    config = small_config(steps=3, checkpoint_every=3, learning_rate=1e-2)
+    evals = dict(eval_every=3, eval_batches=1)
+    base = train(small_config("tiny-baseline", steps=3, checkpoint_every=3, **evals), str(baseline))
+    config = small_config(steps=3, checkpoint_every=3, learning_rate=1e-2, **evals)
     config.train.retrofit_from = str(baseline)
     out = train(config, str(retrofitted))
-    assert out["step"] == 3
+    assert out["step"] == 3 and "retro_eval_loss" not in base
+    # held-out evaluation with retrieval off is the baseline's; with retrieval, its own
+    assert out["eval_loss"] == base["eval_loss"] and out["eval_bpb"] == base["eval_bpb"]
+    assert out["retro_eval_loss"] != out["eval_loss"] and out["retro_eval_bpb"] > 0
     return baseline, retrofitted
 
 

@@ -25,6 +25,7 @@ Batches (host-local share of the global batch, rows [b]):
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import struct
@@ -32,7 +33,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from retro_jax.data.records import RecordSpec, load_records_info, parse_example
+from retro_jax.data.records import RECORDS_INFO, RecordSpec, load_records_info, parse_example
 from retro_jax.errors import RetroError
 
 _SHARD_NAME = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.tfrecord$")
@@ -49,6 +50,18 @@ def _exists(path: str) -> bool:
 
 
 # ---------------------------------------------------------------- the shards of a split
+
+
+def load_info(prepare_dir: str) -> tuple[RecordSpec, dict]:
+    """(RecordSpec, records.json) of a prepare folder, local or on gs:// (via tf.io.gfile)."""
+    if "://" not in prepare_dir:
+        return load_records_info(prepare_dir)
+    path = f"{prepare_dir.rstrip('/')}/{RECORDS_INFO}"
+    if not _exists(path):
+        raise RetroError(f"{path} not found: run `retro-jax prepare` first")
+    with _tf().io.gfile.GFile(path) as f:
+        info = json.load(f)
+    return RecordSpec(info["seq_len"], info["chunk_size"], info["num_neighbours"]), info
 
 
 def shard_files(prepare_dir: str, split: str, info: dict | None = None) -> list[str]:
@@ -164,7 +177,7 @@ class _ShardSet:
         process_index: int,
         process_count: int,
     ):
-        self.spec, self.info = load_records_info(prepare_dir)
+        self.spec, self.info = load_info(prepare_dir)
         if not 0 <= num_neighbours <= self.spec.num_neighbours:
             raise RetroError(
                 f"train/eval num_neighbours={num_neighbours} but the shards in {prepare_dir} store "

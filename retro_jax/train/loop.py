@@ -19,7 +19,6 @@ import numpy as np
 from etils import epath
 
 from retro_jax.config import model_config
-from retro_jax.data.records import load_records_info
 from retro_jax.errors import RetroError
 from retro_jax.model.create import create_model
 from retro_jax.model.info import flops_per_token
@@ -154,7 +153,9 @@ def train(config, workdir: str) -> dict:
     t = config.train
     model_cfg = model_config(config)
     prepare_dir = os.path.join(workdir, "prepare")
-    spec, info = load_records_info(prepare_dir)
+    from retro_jax.data.pipeline import load_info  # TensorFlow only for gs:// paths
+
+    spec, info = load_info(prepare_dir)
     _check_records(config, spec, info, model_cfg)
     mesh = make_mesh(config.mesh)
     check_batch_split(int(t.batch_size), int(t.grad_accum), mesh)
