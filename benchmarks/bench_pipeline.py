@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -135,6 +136,7 @@ def main() -> None:
             live.append(seconds)
     # The minimum is the estimate least disturbed by other processes; the median is shown too.
     memory_s, live_s = min(memory), min(live)
+    shutil.rmtree(folder, ignore_errors=True)
     print(
         json.dumps(
             {

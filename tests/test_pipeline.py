@@ -23,15 +23,17 @@ def write_fake_prepare(
     eval_records_per_file=6,
     pad_id=0,
     seed=0,
+    listed=True,
 ) -> str:
     """W/prepare/ with shards in the record schema: learnable token patterns (arithmetic
-    progressions mod vocab), neighbours that continue them. Returns the prepare folder."""
+    progressions mod vocab), neighbours that continue them. records.json lists the files as
+    `prepare` does (`splits.<split>.files`) unless listed=False. Returns the prepare folder."""
     prepare = os.path.join(str(workdir), "prepare")
     os.makedirs(prepare, exist_ok=True)
     spec = records.RecordSpec(seq_len, chunk_size, num_neighbours)
     rng = np.random.default_rng(seed)
     n, m, chunks = seq_len, chunk_size, seq_len // chunk_size
-    doc = 0
+    doc, splits = 0, {}
     for split, files, per_file in (
         ("train", train_files, records_per_file),
         ("eval", eval_files, eval_records_per_file),
@@ -65,9 +67,10 @@ def write_fake_prepare(
                 doc += 1
             name = f"{split}-{f:05d}-of-{files:05d}.tfrecord"
             records.write_records(os.path.join(prepare, name), examples, spec=spec)
-    records.write_records_info(
-        prepare, {**spec.to_dict(), "pad_id": pad_id, "vocab_size": vocab_size}
-    )
+            splits.setdefault(split, {"files": [], "records": 0})["files"].append(name)
+            splits[split]["records"] += per_file
+    info = {**spec.to_dict(), "pad_id": pad_id, "vocab_size": vocab_size}
+    records.write_records_info(prepare, {**info, "splits": splits} if listed else info)
     return prepare
 
 
@@ -170,8 +173,9 @@ def test_eval_is_one_fixed_pass_with_padding(prepare_dir):
         assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_missing_shard_is_named(tmp_path):
-    prepare = write_fake_prepare(tmp_path, train_files=3, records_per_file=8)
+@pytest.mark.parametrize("listed", [True, False])
+def test_missing_shard_is_named(tmp_path, listed):
+    prepare = write_fake_prepare(tmp_path, train_files=3, records_per_file=8, listed=listed)
     os.remove(os.path.join(prepare, "train-00001-of-00003.tfrecord"))
     with pytest.raises(RetroError, match="train-00001-of-00003.tfrecord"):
         TrainBatches(

@@ -67,10 +67,10 @@ def load_info(prepare_dir: str) -> tuple[RecordSpec, dict]:
 def shard_files(prepare_dir: str, split: str, info: dict | None = None) -> list[str]:
     """Paths of the `split` shards, in order; RetroError naming any missing file.
 
-    The list comes from records.json (`info[split]["files"]` or `info["files"][split]`) when it
-    names one, else from the file names: NNNNN-of-MMMMM must count 0..MMMMM-1 without gaps.
+    The list comes from records.json when it has one (see listed_files), else from the file
+    names: NNNNN-of-MMMMM must count 0..MMMMM-1 without gaps.
     """
-    names = _listed_files(info or {}, split)
+    names = listed_files(info or {}, split)
     if names is None:
         pattern = os.path.join(prepare_dir, f"{split}-*-of-*.tfrecord")
         found = _tf().io.gfile.glob(pattern) if "://" in prepare_dir else sorted(glob.glob(pattern))
@@ -90,10 +90,12 @@ def shard_files(prepare_dir: str, split: str, info: dict | None = None) -> list[
     return paths
 
 
-def _listed_files(info: dict, split: str) -> list[str] | None:
-    entry = info.get(split)
-    if isinstance(entry, dict) and isinstance(entry.get("files"), list):
-        return list(entry["files"])
+def listed_files(info: dict, split: str) -> list[str] | None:
+    """The `split` shard names records.json lists (`splits.<split>.files`, as prepare writes
+    it, or `<split>.files` / `files.<split>`), or None when it lists none."""
+    for entry in (info.get("splits", {}).get(split), info.get(split)):
+        if isinstance(entry, dict) and isinstance(entry.get("files"), list):
+            return list(entry["files"])
     files = info.get("files")
     if isinstance(files, dict) and isinstance(files.get(split), list):
         return list(files[split])

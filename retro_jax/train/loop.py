@@ -139,10 +139,11 @@ class _Evaluator:
 
 
 def _has_eval_shards(prepare_dir: str, info: dict) -> bool:
-    if isinstance(info.get("eval"), dict) and info["eval"].get("files"):
-        return True
-    if isinstance(info.get("files"), dict) and info["files"].get("eval"):
-        return True
+    from retro_jax.data.pipeline import listed_files
+
+    listed = listed_files(info, "eval")
+    if listed is not None:
+        return bool(listed)
     return any(epath.Path(prepare_dir).glob("eval-*-of-*.tfrecord"))
 
 
