@@ -9,7 +9,6 @@ from test_train_step import small_config
 from retro_jax.config import model_config
 from retro_jax.errors import RetroError
 from retro_jax.model.create import create_model
-from retro_jax.sharding import make_mesh
 from retro_jax.train.checkpoint import load_model
 from retro_jax.train.loop import train
 from retro_jax.train.state import split_model
@@ -36,17 +35,16 @@ def runs(tmp_path_factory):
 
 def test_retrieval_off_logits_are_the_baselines_bit_for_bit(runs):
     baseline_dir, retro_dir = runs
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    baseline, _ = load_model(str(baseline_dir), mesh=mesh)
-    retro, step = load_model(str(retro_dir), mesh=mesh)
+    # (the fixture already saw equal held-out losses on the 8-device mesh; here one device)
+    baseline, _ = load_model(str(baseline_dir))
+    retro, step = load_model(str(retro_dir))
     assert step == 3 and not retro.config.is_baseline
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, 64, (8, 32)).astype(np.int32)
     neighbours = rng.integers(1, 64, (8, 4, 2, 16)).astype(np.int32)
-    with jax.set_mesh(mesh):
-        off = np.asarray(jax.jit(lambda t: retro(t, None))(tokens))
-        base = np.asarray(jax.jit(lambda t: baseline(t, None))(tokens))
-        on = np.asarray(jax.jit(lambda t, n: retro(t, n))(tokens, neighbours))
+    off = np.asarray(jax.jit(lambda t: retro(t, None))(tokens))
+    base = np.asarray(jax.jit(lambda t: baseline(t, None))(tokens))
+    on = np.asarray(jax.jit(lambda t, n: retro(t, n))(tokens, neighbours))
     np.testing.assert_array_equal(off, base)
     assert np.abs(on - base).max() > 1e-4  # the trained CCA does change the predictions
 
