@@ -8,8 +8,10 @@ install:
 test: install
 	$(PY) -m pytest -n 2 -q tests
 
+WORKDIR ?= /tmp/retro_jax_demo
+
 demo: install
-	retro-jax model-info --config experiments/tiny.py
+	retro-jax demo --workdir $(WORKDIR)
 
 lint:
 	ruff check . && ruff format --check .

