@@ -2,7 +2,7 @@
 
     retro-jax demo --workdir W                          # default: about 15 minutes on 2 cores
     retro-jax demo --workdir W --config experiments/demo.py:smallest   # the CI test's size
-    retro-jax demo --workdir W --config experiments/demo.py:large      # the longer experiment
+    retro-jax demo --workdir W --config experiments/demo.py:large      # whole corpus, ~40 min
     retro-jax demo --workdir W --config experiments/demo.py:linux-doc  # the kernel docs corpus
 
 The most recent addresses are held out for evaluation (`data.sotu_eval_docs`). One decoder is
@@ -72,14 +72,14 @@ def get_config(arg: str = ""):
         config.demo.retrofit_steps = 4
         config.demo.max_new_tokens = 40
         config.eval.max_batches = 4
-    if "large" in options:  # about an hour on 2 CPU cores
+    if "large" in options:  # the whole corpus, ~40 minutes on 2 CPU cores
         config.data.max_docs = 0
         config.data.sotu_eval_docs = 10
-        config.train.steps = 1500
+        config.train.steps = 1000
         config.train.warmup_steps = 100
         config.train.log_every = 50
         config.train.checkpoint_every = 250
-        config.demo.retrofit_steps = 500
+        config.demo.retrofit_steps = 300
     if "linux-doc" in options:
         config.data.train_source = "linux-doc"
         config.data.eval_source = "linux-doc"

@@ -32,6 +32,7 @@ from retro_jax.data.records import load_records_info
 from retro_jax.errors import RetroError
 from retro_jax.leakage import ALPHAS, LeakageHistogram, chunk_overlap
 from retro_jax.sharding import BATCH_AXES, make_mesh, shard_batch
+from retro_jax.train.checkpoint import load_model
 
 LEAKAGE_MODES = ("retrieval", "no_retrieval", "baseline")
 LABELS = {"retrieval": "RETRO", "no_retrieval": "RETRO[OFF]", "baseline": "baseline"}
@@ -65,34 +66,6 @@ class TokenScorer:
             batch["neighbours"],
             k,
         )
-
-
-def restore_model(path: str, *, mesh=None, step: int | None = None):
-    """(Retro with the weights of a checkpoint, step): a workdir, checkpoints or step folder.
-
-    Restores straight into the parameters' final layout (sharded over `mesh` by the logical
-    rules, or on the default device): no initialisation is run or compiled first, unlike
-    retro_jax.train.checkpoint.load_model, whose public pieces it uses.
-    """
-    from retro_jax.model.create import abstract_model
-    from retro_jax.sharding import state_shardings
-    from retro_jax.train.checkpoint import find_checkpoints, load_params, read_model_config
-
-    directory, _ = find_checkpoints(path)
-    graphdef, abstract = nnx.split(abstract_model(read_model_config(directory)))
-    if mesh is not None:
-        shardings = state_shardings(abstract, mesh).to_pure_dict()
-    else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract.to_pure_dict())
-    target = jax.tree.map(
-        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        abstract.to_pure_dict(),
-        shardings,
-    )
-    params, step = load_params(path, target, step)
-    nnx.replace_by_pure_dict(abstract, params)
-    return nnx.merge(graphdef, abstract), step
 
 
 def _host_local(x: jax.Array, mesh) -> np.ndarray:
@@ -187,13 +160,13 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     baseline_dir = str(config.eval.baseline_workdir or "")
     if baseline_dir:
         find_checkpoints(baseline_dir)  # fail before loading anything
-    model, step = restore_model(workdir, mesh=mesh)
+    model, step = load_model(workdir, mesh=mesh)
     _check_model(model.config, info, spec, f"{workdir}/checkpoints")
     retro = TokenScorer(model)
     passes = {"retrieval": (retro, k), "no_retrieval": (retro, 0)}
     baseline_step = None
     if baseline_dir:
-        baseline_model, baseline_step = restore_model(baseline_dir, mesh=mesh)
+        baseline_model, baseline_step = load_model(baseline_dir, mesh=mesh)
         _check_model(baseline_model.config, info, spec, f"eval.baseline_workdir={baseline_dir}")
         if baseline_model.config.vocab_size != model.config.vocab_size:
             raise RetroError(

@@ -322,13 +322,12 @@ def load_parts(config, workdir: str, *, step: int | None = None):
     """(model, tokenizer, LiveRetriever or None for a baseline, max_len) of a workdir; a
     RetroError naming what is missing or inconsistent."""
     from retro_jax.data.tokenizer import load_tokenizer
-    from retro_jax.evaluate import restore_model
-    from retro_jax.train.checkpoint import find_checkpoints
+    from retro_jax.train.checkpoint import find_checkpoints, load_model
 
     if not os.path.isdir(workdir):
         raise RetroError(f"sample: workdir {workdir} does not exist")
     checkpoints_dir, _ = find_checkpoints(workdir)  # RetroError when there is none
-    model, step = restore_model(workdir, step=step)
+    model, step = load_model(workdir, step=step)
     meta = _read_meta(checkpoints_dir, step)
     model_cfg = model.config
     prepare_dir = os.path.join(workdir, "prepare")

@@ -4,25 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from model_configs import SMALL as CONFIG
 
-from retro_jax.model import Retro, RetroConfig
+from retro_jax.model import Retro
 from retro_jax.model.decode import Decoder
 
 M = 4
-CONFIG = RetroConfig(
-    vocab_size=64,
-    chunk_size=M,
-    num_layers=4,
-    d_model=32,
-    num_heads=2,
-    head_dim=16,
-    d_ff=64,
-    cca_layers=(2, 4),
-    enc_d_model=16,
-    enc_num_heads=2,
-    enc_head_dim=8,
-    enc_d_ff=32,
-)
 
 
 def decode_all(model, tokens, neighbours, k):

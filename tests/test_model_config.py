@@ -6,27 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from model_configs import SMALL
 
 from retro_jax.config import default_config, model_config
 from retro_jax.errors import RetroError
 from retro_jax.model import PAPER_PARAMS, Retro, RetroConfig, default_cca_layers
 from retro_jax.model.info import baseline_formula, flops_per_token, param_breakdown
-
-SMALL = RetroConfig(
-    vocab_size=64,
-    chunk_size=4,
-    num_layers=4,
-    d_model=32,
-    num_heads=2,
-    head_dim=16,
-    d_ff=64,
-    cca_layers=(2, 4),
-    enc_d_model=16,
-    enc_num_heads=2,
-    enc_head_dim=8,
-    enc_d_ff=32,
-)
-
 
 forward = nnx.jit(lambda model, *args: model(*args))
 
