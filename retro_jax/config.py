@@ -35,7 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.retrieval_source = ""  # the chunk database; "" = the training source
     c.data.seq_len = 256  # n: tokens per sequence (a multiple of model.chunk_size)
     c.data.num_neighbours_stored = 4  # K_max neighbours stored per chunk in the shards
-    c.data.max_docs = 0  # 0 = all documents of each source (a cap for quick runs)
+    c.data.max_docs = 0  # 0 = all; else the first N of each source (`sotu`: the latest N)
     c.data.sotu_eval_docs = 10  # `sotu`: the most recent addresses held out for evaluation
     c.data.linux_doc_eval_every = 50  # `linux-doc`: every 50th document (by id) for evaluation
     c.data.tokenizer = ""  # "" = train SentencePiece; or a .model file / HF tokenizer folder

@@ -72,6 +72,10 @@ def test_sotu_split_by_date():
     dates = [d.metadata["date"] for d in train + evaluation]
     assert dates == sorted(dates)  # eval = the most recent addresses
     assert train[0].key == "sotu:1790-Washington-1.txt" and "Union" in evaluation[-1].text
+    # A cap keeps the addresses just before the held-out ones (nearest in time).
+    config.data.max_docs = 5
+    latest = [d.key for d in open_source(config, "train").documents()]
+    assert latest == [d.key for d in train[-5:]]
 
 
 def test_tfds_spec_parsing():

@@ -169,6 +169,9 @@ class Source:
             if self.role == "eval"
             else speeches[: len(speeches) - held_out]
         )
+        if self.role != "eval" and self.max_docs:
+            # The addresses just before the held-out ones: the nearest in time to evaluation.
+            split = split[-self.max_docs :]
         for path, meta in split:
             with open(path, "rb") as f:
                 text = self._decoded(f.read(), path)
