@@ -59,3 +59,35 @@ def test_linux_doc_missing_is_a_clear_error(monkeypatch):
     config.data.train_source = "linux-doc"
     with pytest.raises(sources.RetroError, match="apt-get install linux-doc"):
         list(sources.open_source(config, "train").documents())
+
+
+def _demo_config(arg: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_config", f"{ROOT}/experiments/demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.mark.slow
+def test_linux_doc_corpus_end_to_end(tmp_path):
+    """The kernel docs through prepare, a few RETRO steps and evaluation."""
+    if not HAS_LINUX_DOC:
+        pytest.skip("Debian's linux-doc is not installed (apt-get install linux-doc)")
+    from retro_jax.evaluate import evaluate
+    from retro_jax.prepare import run_prepare
+    from retro_jax.train.loop import train
+
+    config = _demo_config("smallest,linux-doc")
+    config.data.max_docs = 16
+    config.train.steps = 3
+    workdir = str(tmp_path / "linux-doc")
+    stages = run_prepare(config, workdir, progress=False)
+    assert {"dedup", "chunks", "index", "neighbours"} <= set(stages)
+    info = json.loads((tmp_path / "linux-doc" / "prepare" / "records.json").read_text())
+    assert info["splits"]["train"]["records"] > 0 and info["splits"]["eval"]["records"] > 0
+    train(config, workdir)
+    metrics = evaluate(config, workdir, progress=False)
+    assert metrics["retrieval"]["tokens"] > 0
+    assert _finite([metrics["retrieval"]["bpb"], metrics["no_retrieval"]["bpb"]])
