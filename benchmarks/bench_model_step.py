@@ -1,6 +1,9 @@
 """Forward + backward step of RETRO vs its baseline twin: tokens/s, FLOP/s and MFU.
 
     python benchmarks/bench_model_step.py [--presets tiny,172m] [--seq-len 256] [--steps 5]
+    # on a GPU (no TensorFlow needed): the 172m and 425m presets at the paper's length
+    python benchmarks/bench_model_step.py --presets 172m,425m --seq-len 2048 --batch 8 \
+        --dtype bfloat16 --peak-size 8192
 
 MFU is achieved model FLOP/s (analytic, retro_jax.model.info.flops_per_token) over the peak of a
 large float32 matmul measured in the same run, so ratios between models are what to compare.
@@ -25,8 +28,9 @@ from retro_jax.model import Retro, RetroConfig
 from retro_jax.model.info import flops_per_token
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    a = jnp.ones((size, size), jnp.float32)
+def matmul_peak(size: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """FLOP/s of the best of `repeats` [size, size] @ [size, size] matmuls in `dtype`."""
+    a = jnp.ones((size, size), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     times = []
@@ -83,10 +87,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="0: 8 for tiny, 2 otherwise")
     parser.add_argument("--neighbours", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
+    parser.add_argument("--peak-size", type=int, default=2048, help="8192 on a GPU/TPU")
     args = parser.parse_args()
 
-    peak = matmul_peak()
+    # The peak is measured in the compute dtype (bfloat16 on a GPU/TPU has its own peak).
+    peak = matmul_peak(args.peak_size, dtype=args.dtype)
     results = {
         "benchmark": "model_step",
         "device": str(jax.devices()[0].device_kind),
@@ -94,6 +100,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "cpu_count": __import__("os").cpu_count(),
         "matmul_peak_flop_per_s": peak,
+        "dtype": args.dtype,
         "seq_len": args.seq_len,
         "neighbours": args.neighbours,
         "models": {},
