@@ -12,23 +12,12 @@ from __future__ import annotations
 
 import os
 
+from model_configs import TWO_LAYERS
+
 from retro_jax.config import default_config, model_config, model_config_dict
 from retro_jax.data.sources import sotu_speeches
 
-SMALL_MODEL = dict(
-    vocab_size=320,
-    chunk_size=16,
-    num_layers=2,
-    cca_layers=(2,),
-    d_model=32,
-    num_heads=2,
-    head_dim=16,
-    d_ff=64,
-    enc_d_model=32,
-    enc_num_heads=2,
-    enc_head_dim=16,
-    enc_d_ff=64,
-)
+SMALL_MODEL = dict(TWO_LAYERS, vocab_size=320, chunk_size=16)
 
 _BUILT: dict[str, tuple[str, str, str]] = {}
 

@@ -1,4 +1,4 @@
-"""Small RETRO shapes shared by the model tests: 4 layers, CCA at 2 and 4, chunks of 4."""
+"""Small RETRO shapes shared by the tests."""
 
 from retro_jax.model import RetroConfig
 
@@ -15,4 +15,18 @@ SMALL = RetroConfig(
     enc_num_heads=2,
     enc_head_dim=8,
     enc_d_ff=32,
+)
+
+# Two decoder layers with CCA at layer 2 (train, eval and sample tests pick vocab and chunk).
+TWO_LAYERS = dict(
+    num_layers=2,
+    cca_layers=(2,),
+    d_model=32,
+    num_heads=2,
+    head_dim=16,
+    d_ff=64,
+    enc_d_model=32,
+    enc_num_heads=2,
+    enc_head_dim=16,
+    enc_d_ff=64,
 )

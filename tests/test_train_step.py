@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_configs import TWO_LAYERS
 
 from retro_jax.config import default_config, model_config, model_config_dict
 from retro_jax.model.create import create_model
@@ -18,20 +19,7 @@ from retro_jax.train.step import (
 )
 
 # A small RETRO: 2 decoder layers, CCA at layer 2, chunks of 8, sequences of 32.
-SMALL_MODEL = dict(
-    vocab_size=64,
-    chunk_size=8,
-    num_layers=2,
-    cca_layers=(2,),
-    d_model=32,
-    num_heads=2,
-    head_dim=16,
-    d_ff=64,
-    enc_d_model=32,
-    enc_num_heads=2,
-    enc_head_dim=16,
-    enc_d_ff=64,
-)
+SMALL_MODEL = dict(TWO_LAYERS, vocab_size=64, chunk_size=8)
 
 
 def small_config(preset: str = "tiny", **train):
