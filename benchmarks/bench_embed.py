@@ -20,9 +20,9 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 
 from retro_jax.retrieval import ChunkEmbedder
+from retro_jax.train.metrics import measure_matmul_flops
 
 
 def sotu_chunks(words_per_chunk: int = 48, limit: int | None = None) -> list[str]:
@@ -42,30 +42,17 @@ def sotu_chunks(words_per_chunk: int = 48, limit: int | None = None) -> list[str
     return chunks
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Best float32 FLOP/s of an n x n x n matmul under jit."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n**3 / best
-
-
 def run(embedder: ChunkEmbedder, texts: list[str]) -> dict:
     embedder.embed(texts[: embedder.batch_size * 4])  # warm the first buckets
     embedder.embed(texts)  # compile any remaining bucket shapes
     embedder.tokens_computed = embedder.tokens_useful = 0
     embedder.flops_computed = 0.0
     # The machine may be shared: the peak is measured right before and after the timed run.
-    peak_before = matmul_peak()
+    peak_before = measure_matmul_flops(2048, 10)
     t = time.perf_counter()
     embedder.embed(texts)
     seconds = time.perf_counter() - t
-    peak = (peak_before + matmul_peak()) / 2
+    peak = (peak_before + measure_matmul_flops(2048, 10)) / 2
     useful_flops = embedder.flops_computed * embedder.tokens_useful / embedder.tokens_computed
     return dict(
         seconds=round(seconds, 3),

@@ -26,19 +26,7 @@ from flax import nnx
 
 from retro_jax.model import Retro, RetroConfig
 from retro_jax.model.info import flops_per_token
-
-
-def matmul_peak(size: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
-    """FLOP/s of the best of `repeats` [size, size] @ [size, size] matmuls in `dtype`."""
-    a = jnp.ones((size, size), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * size**3 / min(times)
+from retro_jax.train.metrics import measure_matmul_flops
 
 
 def time_step(config: RetroConfig, batch: int, seq_len: int, k: int, steps: int) -> dict:
@@ -92,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
 
     # The peak is measured in the compute dtype (bfloat16 on a GPU/TPU has its own peak).
-    peak = matmul_peak(args.peak_size, dtype=args.dtype)
+    peak = measure_matmul_flops(args.peak_size, 10, dtype=args.dtype)
     results = {
         "benchmark": "model_step",
         "device": str(jax.devices()[0].device_kind),

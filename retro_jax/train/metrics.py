@@ -37,9 +37,9 @@ PEAK_FLOPS: dict[str, tuple[float, float]] = {
 _measured_cpu_peak: float | None = None
 
 
-def measure_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a float32 [size, size] matmul on the default device (best of `repeats`)."""
-    x = jax.random.normal(jax.random.key(0), (size, size), jax.numpy.float32)
+def measure_matmul_flops(size: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of a [size, size] matmul in `dtype` on the default device (best of `repeats`)."""
+    x = jax.random.normal(jax.random.key(0), (size, size), dtype)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
     best = math.inf
