@@ -1,4 +1,7 @@
-"""Incremental decoding with caches gives the logits of a full forward pass."""
+"""Incremental decoding with caches gives the logits of a full forward pass; Decoders (and
+Samplers) of the same config share their compiled steps."""
+
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
@@ -6,8 +9,9 @@ import pytest
 from flax import nnx
 from model_configs import SMALL as CONFIG
 
-from retro_jax.model import Retro
+from retro_jax.model import Retro, decode
 from retro_jax.model.decode import Decoder
+from retro_jax.sample import Sampler
 
 M = 4
 
@@ -35,3 +39,40 @@ def test_incremental_logits_equal_full_forward(baseline, retrieve):
     neighbours = neighbours if retrieve else None
     full = nnx.jit(lambda m, t, nb: m(t, nb))(model, tokens, neighbours)
     np.testing.assert_allclose(decode_all(model, tokens, neighbours, k), full, atol=1e-4)
+
+
+class _Chars:
+    """A tokenizer of single characters: enough for Sampler without a workdir."""
+
+    pad_id, eos_id = 0, 1
+
+    def encode(self, text):
+        return np.array([2 + ord(ch) % 40 for ch in text], np.int32)
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + int(i) % 26) for i in ids)
+
+
+def test_a_second_decoder_on_the_same_config_does_not_retrace(monkeypatch):
+    # A config of its own (vocab 48): no other test has compiled its decode step.
+    config = dataclasses.replace(CONFIG, vocab_size=48)
+    traces = []
+    traced = decode.decode_step
+
+    def counting(*args):
+        traces.append(1)
+        return traced(*args)
+
+    monkeypatch.setattr(decode, "decode_step", counting)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 48, (1, 8)), jnp.int32)
+    neighbours = jnp.zeros((1, 2, 2, 2 * M), jnp.int32)
+    first = decode_all(Retro(config, rngs=nnx.Rngs(0)), tokens, neighbours, 2)
+    assert len(traces) == 2  # one step with neighbours, one without
+    second = decode_all(Retro(config, rngs=nnx.Rngs(1)), tokens, neighbours, 2)
+    assert len(traces) == 2  # new weights, same graph: the compiled steps are reused
+    assert not np.allclose(first, second)  # ... and they do read the new weights
+    # A Sampler builds its own Decoder: a second Sampler on the same config does not retrace.
+    for seed in (2, 3):
+        sampler = Sampler(Retro(config, rngs=nnx.Rngs(seed)), _Chars(), None, max_len=16)
+        sampler.generate("abc", max_new_tokens=6, temperature=0)
+    assert len(traces) == 3  # no retriever: caches for k=1, a new shape traced once

@@ -8,6 +8,8 @@ The same pure functions as the full forward pass are used, so both give the same
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -120,18 +122,23 @@ def decode_step(
     return logits, cache | {"pos": t + 1}
 
 
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _jitted_step(graphdef, state, cache, token, neighbours):
+    """decode_step on a split model. One jit for the whole process: the (hashable) graphdef is a
+    static argument, so every Decoder of the same model structure (config) shares its compiled
+    steps; the weights are traced, and a new Sampler on the same config does not retrace."""
+    return decode_step(nnx.merge(graphdef, state), cache, token, neighbours)
+
+
 class Decoder:
-    """A model split once into (graph, state) with a jitted `decode_step`; caches are donated."""
+    """A model split once into (graph, state) with a jitted `decode_step`; caches are donated.
+
+    The jitted step is module-level (`_jitted_step`), keyed by the graphdef: Decoders of models
+    with the same config reuse each other's compilations."""
 
     def __init__(self, model: Retro):
         self.model = model
-        graphdef, state = nnx.split(model)
-
-        def step(state, cache, token, neighbours):
-            return decode_step(nnx.merge(graphdef, state), cache, token, neighbours)
-
-        self._state = state
-        self._step = jax.jit(step, donate_argnums=1)
+        self._graphdef, self._state = nnx.split(model)
 
     def init_cache(self, batch: int, max_len: int, num_neighbours: int) -> dict:
         return init_cache(self.model, batch, max_len, num_neighbours)
@@ -139,4 +146,4 @@ class Decoder:
     def step(
         self, cache: dict, token: jax.Array, neighbours: jax.Array | None = None
     ) -> tuple[jax.Array, dict]:
-        return self._step(self._state, cache, token, neighbours)
+        return _jitted_step(self._graphdef, self._state, cache, token, neighbours)
