@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from retro_jax.data.records import load_records_info
 from retro_jax.errors import RetroError
 from retro_jax.leakage import ALPHAS, LeakageHistogram, chunk_overlap
-from retro_jax.sharding import BATCH_AXES, make_mesh, shard_batch
+from retro_jax.sharding import BATCH_AXES, check_batch_divides, make_mesh, shard_batch
 from retro_jax.train.checkpoint import load_model
 
 LEAKAGE_MODES = ("retrieval", "no_retrieval", "baseline")
@@ -151,12 +151,7 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     k, sweep = _neighbour_counts(config, spec.num_neighbours)
     mesh = make_mesh(config.mesh)
     batch_size = int(config.eval.batch_size)
-    ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    if batch_size < 1 or batch_size % ways:
-        raise RetroError(
-            f"eval.batch_size={batch_size} must be a positive multiple of the {ways} devices of "
-            "mesh.data x mesh.fsdp"
-        )
+    check_batch_divides(batch_size, mesh, "eval.batch_size")
     baseline_dir = str(config.eval.baseline_workdir or "")
     if baseline_dir:
         find_checkpoints(baseline_dir)  # fail before loading anything

@@ -75,6 +75,22 @@ def make_mesh(shape, devices: Sequence[jax.Device] | None = None) -> jax.shardin
     )
 
 
+def batch_ways(mesh: jax.sharding.Mesh) -> int:
+    """How many ways a batch splits: the devices along the batch axes (data x fsdp)."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_batch_divides(batch: int, mesh: jax.sharding.Mesh, setting: str) -> None:
+    """One-line RetroError naming `setting` unless `batch` is a positive multiple of the mesh's
+    batch devices (a global batch whose rows do not split evenly over data x fsdp)."""
+    ways = batch_ways(mesh)
+    if batch < 1 or batch % ways:
+        raise RetroError(
+            f"{setting}={batch} must be a positive multiple of the {ways} batch devices of the "
+            f"mesh (mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']})"
+        )
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Pin an activation's layout by logical names (a no-op without a mesh in context)."""
     mesh = jax.sharding.get_abstract_mesh()

@@ -133,7 +133,11 @@ def test_without_baseline_it_is_null(workdirs):
         ("num_neighbours", 5, "eval.num_neighbours=5"),
         ("num_neighbours", 0, "eval.num_neighbours=0"),
         ("neighbour_sweep", (1, 9), "eval.neighbour_sweep"),
-        ("batch_size", 6, "eval.batch_size=6"),
+        (
+            "batch_size",
+            6,
+            "eval.batch_size=6 .* 8 batch devices of the mesh .*data=8 x mesh.fsdp=1",
+        ),
         ("baseline_workdir", "/nonexistent/base", "/nonexistent/base"),
     ],
 )

@@ -79,3 +79,37 @@ def test_shards_that_do_not_fit_the_model(tmp_path):
     config = small_config(num_neighbours=5)
     with pytest.raises(RetroError, match="num_neighbours=5 .* store only 4"):
         train(config, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "mesh,train_settings,eval_batch,message",
+    [
+        # 8 fake devices, all on the batch axes: 12 rows do not split 8 ways.
+        (
+            {},
+            dict(batch_size=12),
+            8,
+            r"train\.batch_size=12 .* 8 batch devices .*data=8 x mesh\.fsdp=1\)",
+        ),
+        ({}, dict(batch_size=16, grad_accum=4), 8, r"grad_accum \(16 / 4\)=4 .* 8 batch devices"),
+        # The periodic eval: eval.batch_size is checked too (it used to fail inside JAX).
+        (
+            {},
+            dict(eval_every=5),
+            6,
+            r"eval\.batch_size=6 .* 8 batch devices .*data=8 x mesh\.fsdp=1\)",
+        ),
+        # data 2 x fsdp 2 x tensor 2: batches split 4 ways.
+        (dict(data=2, fsdp=2, tensor=2), dict(eval_every=5), 6, r"eval\.batch_size=6 .* 4 batch "),
+    ],
+)
+def test_batches_that_do_not_split_over_the_mesh_are_named(
+    tmp_path, mesh, train_settings, eval_batch, message
+):
+    write_fake_prepare(tmp_path, train_files=1, records_per_file=8)
+    config = small_config(**train_settings)
+    config.mesh.update(mesh)
+    config.eval.batch_size = eval_batch
+    with pytest.raises(RetroError, match=message) as error:
+        train(config, str(tmp_path))
+    assert "\n" not in str(error.value)

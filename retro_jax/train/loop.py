@@ -22,7 +22,7 @@ from retro_jax.config import model_config
 from retro_jax.errors import RetroError
 from retro_jax.model.create import create_model
 from retro_jax.model.info import flops_per_token
-from retro_jax.sharding import make_mesh, shard_batch
+from retro_jax.sharding import check_batch_divides, make_mesh, shard_batch
 from retro_jax.train import metrics as metrics_lib
 from retro_jax.train.checkpoint import (
     Checkpoints,
@@ -160,6 +160,8 @@ def train(config, workdir: str) -> dict:
     _check_records(config, spec, info, model_cfg)
     mesh = make_mesh(config.mesh)
     check_batch_split(int(t.batch_size), int(t.grad_accum), mesh)
+    if int(t.eval_every) > 0 and _has_eval_shards(prepare_dir, info):  # the periodic eval
+        check_batch_divides(int(config.eval.batch_size), mesh, "eval.batch_size")
     ckpt_dir = os.path.join(workdir, "checkpoints")
     current = {
         "model": model_cfg.to_dict(),

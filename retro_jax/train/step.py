@@ -21,7 +21,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from retro_jax.errors import RetroError
-from retro_jax.sharding import BATCH_AXES, batch_sharding
+from retro_jax.sharding import BATCH_AXES, batch_sharding, check_batch_divides
 from retro_jax.train.state import ModelDef, TrainState
 
 # Parameter names that are scales of normalisations (or biases): never weight-decayed.
@@ -196,13 +196,12 @@ def batch_shardings(batch: dict, mesh: jax.sharding.Mesh) -> dict[str, NamedShar
 
 def check_batch_split(global_batch: int, grad_accum: int, mesh: jax.sharding.Mesh) -> None:
     """RetroError unless the global batch splits over micro-batches and the batch axes."""
-    ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
     if grad_accum < 1 or global_batch % grad_accum:
         raise RetroError(
             f"train.batch_size={global_batch} must be a multiple of train.grad_accum={grad_accum}"
         )
-    if (global_batch // grad_accum) % ways:
-        raise RetroError(
-            f"train.batch_size / train.grad_accum = {global_batch // grad_accum} must divide by "
-            f"the {ways} devices of mesh.data x mesh.fsdp"
-        )
+    if grad_accum == 1:
+        check_batch_divides(global_batch, mesh, "train.batch_size")
+    else:
+        name = f"train.batch_size / train.grad_accum ({global_batch} / {grad_accum})"
+        check_batch_divides(global_batch // grad_accum, mesh, name)
