@@ -36,6 +36,40 @@ def minhash(text: str, *, ngram: int = 13, num_perm: int = 128):
     return LeanMinHash(sketch)
 
 
+def signature(text: str, *, ngram: int = 13, num_perm: int = 128) -> np.ndarray:
+    """The MinHash signature of a text: uint64 [num_perm]."""
+    return np.asarray(minhash(text, ngram=ngram, num_perm=num_perm).hashvalues)
+
+
+def lsh_layout(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) that datasketch's MinHashLSH picks for these settings."""
+    from datasketch import MinHashLSH
+
+    if not 0.0 < threshold <= 1.0:
+        raise RetroError(f"dedup.threshold={threshold} must be in (0, 1]")
+    try:
+        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    except ValueError as e:  # datasketch finds no band layout for these settings
+        raise RetroError(f"dedup.threshold={threshold} with dedup.num_perm={num_perm}: {e}") from e
+    return lsh.b, lsh.r
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> list[tuple[int, bytes]]:
+    """The LSH bucket of each band: two signatures are candidates iff they share one."""
+    return [(b, sig[b * rows : (b + 1) * rows].tobytes()) for b in range(bands)]
+
+
+def best_twin(sig: np.ndarray, candidates, eval_sigs, threshold: float) -> tuple[int, float] | None:
+    """Confirm LSH candidates with the signatures' estimated Jaccard similarity: (candidate
+    with the highest, lowest index on ties; its similarity) if it reaches threshold, else None."""
+    best = None
+    for i in sorted(candidates):
+        similarity = float(np.count_nonzero(sig == eval_sigs[i])) / float(len(sig))
+        if similarity >= threshold and (best is None or similarity > best[1]):
+            best = (i, similarity)
+    return best
+
+
 class LeakageFilter:
     """MinHash LSH over the evaluation texts; `twin(text)` finds a near-duplicate of one."""
 
@@ -49,17 +83,11 @@ class LeakageFilter:
     ):
         from datasketch import MinHashLSH
 
-        if not 0.0 < threshold <= 1.0:
-            raise RetroError(f"dedup.threshold={threshold} must be in (0, 1]")
         self.threshold = threshold
         self.ngram = ngram
         self.num_perm = num_perm
-        try:
-            self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        except ValueError as e:  # datasketch finds no band layout for these settings
-            raise RetroError(
-                f"dedup.threshold={threshold} with dedup.num_perm={num_perm}: {e}"
-            ) from e
+        bands, rows = lsh_layout(threshold, num_perm)
+        self.lsh = MinHashLSH(num_perm=num_perm, params=(bands, rows))
         self.sketches = []
         for i, text in enumerate(eval_texts):
             sketch = minhash(text, ngram=ngram, num_perm=num_perm)
@@ -73,12 +101,9 @@ class LeakageFilter:
         """(index of the most similar evaluation text, estimated Jaccard) if it reaches the
         threshold, else None."""
         sketch = minhash(text, ngram=self.ngram, num_perm=self.num_perm)
-        best = None
-        for i in sorted(self.lsh.query(sketch)):
-            similarity = float(sketch.jaccard(self.sketches[i]))
-            if similarity >= self.threshold and (best is None or similarity > best[1]):
-                best = (i, similarity)
-        return best
+        candidates = self.lsh.query(sketch)
+        eval_sigs = {i: self.sketches[i].hashvalues for i in candidates}
+        return best_twin(sketch.hashvalues, candidates, eval_sigs, self.threshold)
 
 
 def near_duplicates(

@@ -106,21 +106,28 @@ class SequenceShardWriter:
 
     def _flush(self, rows: int) -> None:
         joined = {k: np.concatenate(v) for k, v in self.buffer.items()}
-        name = f"{self.prefix}-{len(self.shards):05d}.npz"
-        path = os.path.join(self.directory, name)
-        with open(path + ".tmp", "wb") as f:
-            np.savez(f, **{k: v[:rows] for k, v in joined.items()})
-        os.replace(path + ".tmp", path)
+        head = {k: v[:rows] for k, v in joined.items()}
         self.shards.append(
-            dict(
-                name=name,
-                sequences=rows,
-                scored_tokens=int(joined["loss_mask"][:rows].sum()),
-                scored_bytes=int(joined["target_bytes"][:rows].sum()),
-            )
+            write_sequence_shard(self.directory, self.prefix, len(self.shards), head)
         )
         self.buffer = {k: [v[rows:]] for k, v in joined.items()}
         self.buffered -= rows
+
+
+def write_sequence_shard(directory: str, prefix: str, index: int, rows: dict) -> dict:
+    """`prefix-NNNNN.npz` of the FIELDS arrays (temporary name, rename); returns its summary
+    {name, sequences, scored_tokens, scored_bytes}."""
+    name = f"{prefix}-{index:05d}.npz"
+    path = os.path.join(directory, name)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, **{k: rows[k] for k in FIELDS})
+    os.replace(path + ".tmp", path)
+    return dict(
+        name=name,
+        sequences=len(rows["doc_id"]),
+        scored_tokens=int(rows["loss_mask"].sum()),
+        scored_bytes=int(rows["target_bytes"].sum()),
+    )
 
 
 def write_sequences(

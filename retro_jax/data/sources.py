@@ -105,8 +105,7 @@ class Source:
     def documents(self) -> Iterator[Document]:
         """Documents in a deterministic order, capped at max_docs (0 = all)."""
         self.stats = SourceStats()
-        readers = {"sotu": self._sotu, "linux-doc": self._linux_doc, "tfds": self._tfds}
-        stream = readers.get(self.kind, self._files)()
+        stream = (doc for part in self.parts() for doc in self.read_part(part))
         for doc in stream:
             if not doc.text.strip():
                 self.stats.empty_skipped += 1
@@ -116,9 +115,46 @@ class Source:
             if self.max_docs and self.stats.documents >= self.max_docs:
                 break
         if self.stats.documents == 0:
-            raise RetroError(f"{self.setting}={self.spec!r}: no documents (source is empty)")
+            raise self.empty_error()
         if self.stats.empty_skipped:
             log.warning("%s: skipped %d empty documents", self.spec, self.stats.empty_skipped)
+
+    def empty_error(self) -> RetroError:
+        return RetroError(f"{self.setting}={self.spec!r}: no documents (source is empty)")
+
+    def parts(self) -> list:
+        """The source's independent pieces, in reading order: a file, an address, a TFDS file.
+        `documents()` reads them one after another; the Beam prepare reads them in parallel
+        (`read_part`) and restores this order from (part, position)."""
+        if self.kind == "files":
+            return self.files()
+        if self.kind == "sotu":
+            return self._sotu_split()
+        if self.kind == "linux-doc":
+            root, paths = linux_doc_files()
+            return [(root, path) for path in paths]
+        return tfds_parts(self.tfds_name, self.tfds_data_dir, self.tfds_split, self.setting)
+
+    def read_part(self, part) -> Iterator[Document]:
+        """The documents of one part in order, empty ones included (`documents()` skips and
+        counts them); invalid UTF-8 is replaced and counted in `self.stats`."""
+        if self.kind == "files":
+            if part.endswith((".jsonl", ".jsonl.gz")):
+                yield from self._jsonl(part)
+            else:
+                with open(part, "rb") as f:
+                    text = self._decoded(f.read(), part)
+                yield Document(stable_doc_id(part), part, text, {})
+        elif self.kind == "sotu":
+            path, meta = part
+            with open(path, "rb") as f:
+                text = self._decoded(f.read(), path)
+            key = "sotu:" + os.path.basename(path)
+            yield Document(stable_doc_id(key), key, text, meta)
+        elif self.kind == "linux-doc":
+            yield from self._linux_doc(*part)
+        else:
+            yield from self._tfds(part)
 
     def _decoded(self, data: bytes, where: str) -> str:
         text, replaced = decode_utf8(data)
@@ -136,15 +172,6 @@ class Source:
             raise RetroError(f"{self.setting}={self.spec!r}: no files match (missing source)")
         return paths
 
-    def _files(self) -> Iterator[Document]:
-        for path in self.files():
-            if path.endswith((".jsonl", ".jsonl.gz")):
-                yield from self._jsonl(path)
-            else:
-                with open(path, "rb") as f:
-                    text = self._decoded(f.read(), path)
-                yield Document(stable_doc_id(path), path, text, {})
-
     def _jsonl(self, path: str) -> Iterator[Document]:
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as f:
@@ -161,7 +188,7 @@ class Source:
                 text = record.pop("text")
                 yield Document(stable_doc_id(where), where, text, record)
 
-    def _sotu(self) -> Iterator[Document]:
+    def _sotu_split(self) -> list[tuple[str, dict]]:
         speeches = sotu_speeches()
         held_out = max(0, min(self.sotu_eval_docs, len(speeches) - 1))
         split = (
@@ -172,30 +199,23 @@ class Source:
         if self.role != "eval" and self.max_docs:
             # The addresses just before the held-out ones: the nearest in time to evaluation.
             split = split[-self.max_docs :]
-        for path, meta in split:
-            with open(path, "rb") as f:
-                text = self._decoded(f.read(), path)
-            key = "sotu:" + os.path.basename(path)
-            yield Document(stable_doc_id(key), key, text, meta)
+        return split
 
-    def _linux_doc(self) -> Iterator[Document]:
+    def _linux_doc(self, root: str, path: str) -> Iterator[Document]:
         """Every `linux_doc_eval_every`-th document (by stable id) is evaluation, the rest train."""
-        root, paths = linux_doc_files()
-        for path in paths:
-            key = "linux-doc:" + os.path.relpath(path, root)
-            doc_id = stable_doc_id(key)
-            if (doc_id % self.linux_doc_eval_every == 0) != (self.role == "eval"):
-                continue
+        key = "linux-doc:" + os.path.relpath(path, root)
+        doc_id = stable_doc_id(key)
+        if (doc_id % self.linux_doc_eval_every == 0) == (self.role == "eval"):
             with open(path, "rb") as f:
                 yield Document(doc_id, key, self._decoded(f.read(), path), {})
 
-    def _tfds(self) -> Iterator[Document]:
+    def _tfds(self, split: str) -> Iterator[Document]:
         import tensorflow_datasets as tfds
 
         builder = tfds_builder(self.tfds_name, self.tfds_data_dir, self.setting)
         try:
             dataset = builder.as_dataset(
-                split=self.tfds_split,
+                split=split,
                 shuffle_files=False,
                 read_config=tfds.ReadConfig(add_tfds_id=True, interleave_cycle_length=1),
             )
@@ -294,6 +314,18 @@ def tfds_builder(name: str, data_dir: str, setting: str):
                 f"{setting}: cannot prepare tfds dataset {name!r} ({_one_line(e)})"
             ) from e
     return builder
+
+
+def tfds_parts(name: str, data_dir: str, split: str, setting: str) -> list[str]:
+    """A plain split read file by file (`train[0shard]`, `train[1shard]`, ...: the order of one
+    sequential read); a split with a slice or arithmetic is one part."""
+    if not split.isidentifier():
+        return [split]
+    info = tfds_builder(name, data_dir, setting).info
+    if split not in info.splits:
+        raise RetroError(f"{setting}: tfds dataset {name!r} has no split {split!r}")
+    shards = info.splits[split].num_shards
+    return [f"{split}[{i}shard]" for i in range(shards)] if shards > 1 else [split]
 
 
 def _one_line(error: Exception) -> str:

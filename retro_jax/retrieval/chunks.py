@@ -43,6 +43,13 @@ def chunk_document(tokens: np.ndarray, chunk_size: int, pad_id: int, eos_id: int
     return entries[:keep]
 
 
+def document_entries(text: str, tokenizer, chunk_size: int) -> tuple[np.ndarray, int]:
+    """A document's database entries [c, 2m] and its length in tokens (with both EOS); a
+    document with fewer than m tokens of text is "short" (one padded chunk)."""
+    ids, _ = tokenizer.document_tokens(text)
+    return chunk_document(ids, chunk_size, tokenizer.pad_id, tokenizer.eos_id), len(ids)
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
@@ -77,21 +84,18 @@ def build_chunk_database(
         nonlocal buffer_tokens, buffer_docs, buffered
         tokens = np.concatenate(buffer_tokens)
         doc_ids = np.concatenate(buffer_docs)
-        name = shard_name(len(shards))
-        _save_npy(os.path.join(directory, name + ".tokens.npy"), tokens[:rows])
-        _save_npy(os.path.join(directory, name + ".doc_ids.npy"), doc_ids[:rows])
+        write_chunk_shard(directory, len(shards), tokens[:rows], doc_ids[:rows])
         shards.append(rows)
         buffer_tokens, buffer_docs = [tokens[rows:]], [doc_ids[rows:]]
         buffered -= rows
 
     for doc in tqdm(documents, desc="chunk database", unit="doc", disable=not progress):
-        ids, _ = tokenizer.document_tokens(doc.text)
-        tokens_seen += len(ids)
-        if len(ids) - 2 < m:
+        entries, length = document_entries(doc.text, tokenizer, m)
+        tokens_seen += length
+        if length - 2 < m:
             short_docs += 1
             if len(short_examples) < 5:
                 short_examples.append(doc.key)
-        entries = chunk_document(ids, m, tokenizer.pad_id, tokenizer.eos_id)
         if not len(entries):
             continue
         docs_table.append((doc.doc_id, total_chunks, len(entries)))
@@ -103,14 +107,53 @@ def build_chunk_database(
             flush(chunks_per_shard)
     if buffered:
         flush(buffered)
+    return write_database_info(
+        directory,
+        docs_table,
+        chunk_size=m,
+        chunks_per_shard=chunks_per_shard,
+        shards=shards,
+        short_documents=short_docs,
+        short_examples=short_examples,
+        tokens=tokens_seen,
+        pad_id=tokenizer.pad_id,
+        eos_id=tokenizer.eos_id,
+        log=log,
+    )
+
+
+def write_chunk_shard(directory: str, index: int, tokens: np.ndarray, doc_ids: np.ndarray) -> None:
+    """Shard `index`: tokens int32 [S_i, 2m] and doc_ids int64 [S_i] (temporary name, rename)."""
+    name = shard_name(index)
+    _save_npy(os.path.join(directory, name + ".tokens.npy"), tokens.astype(np.int32, copy=False))
+    _save_npy(os.path.join(directory, name + ".doc_ids.npy"), doc_ids.astype(np.int64, copy=False))
+
+
+def write_database_info(
+    directory: str,
+    docs_table: list[tuple[int, int, int]],
+    *,
+    chunk_size: int,
+    chunks_per_shard: int,
+    shards: list[int],
+    short_documents: int,
+    short_examples: list[str],
+    tokens: int,
+    pad_id: int,
+    eos_id: int,
+    log=None,
+) -> dict:
+    """docs.npy (doc_id, first chunk, count) sorted by doc_id, then db.json; checks that the
+    database is not empty and no document occurs twice. Returns db.json's contents."""
+    total_chunks = sum(shards)
     if total_chunks == 0:
         raise RetroError("chunk database: the retrieval documents produced no chunks")
-    if short_docs and log is not None:
+    if short_documents and log is not None:
         log.warning(
             "chunk database: %d documents shorter than one chunk (%d tokens), kept as one padded "
             "chunk each, e.g. %s",
-            short_docs,
-            m,
+            short_documents,
+            chunk_size,
             ", ".join(short_examples),
         )
     table = np.array(sorted(docs_table), np.int64).reshape(-1, 3)
@@ -119,15 +162,15 @@ def build_chunk_database(
         raise RetroError(f"chunk database: document id {table[duplicates[0], 0]} occurs twice")
     _save_npy(os.path.join(directory, "docs.npy"), table)
     info = dict(
-        chunk_size=m,
+        chunk_size=chunk_size,
         chunks_per_shard=chunks_per_shard,
         num_chunks=total_chunks,
         num_documents=len(table),
-        short_documents=short_docs,
-        tokens=tokens_seen,
-        shards=shards,
-        pad_id=tokenizer.pad_id,
-        eos_id=tokenizer.eos_id,
+        short_documents=short_documents,
+        tokens=tokens,
+        shards=[int(n) for n in shards],
+        pad_id=pad_id,
+        eos_id=eos_id,
     )
     with open(os.path.join(directory, DB_INFO), "w") as f:
         json.dump(info, f, indent=1)

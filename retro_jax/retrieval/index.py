@@ -140,6 +140,80 @@ def _build_scann(keys: np.ndarray, params: ScannParams):
     )
 
 
+def shard_starts(n: int, shard_size: int) -> list[int]:
+    """First row of each index shard of n keys."""
+    if shard_size <= 0:
+        raise RetroError(f"retrieval.index.shard_size must be positive, got {shard_size}")
+    return list(range(0, n, shard_size)) or [0]
+
+
+def build_shard(
+    part: np.ndarray,
+    start: int,
+    *,
+    brute_force_below: int,
+    num_leaves: int = 0,
+    leaves_to_search: int = 0,
+    reorder: int = 0,
+    **_,
+) -> _Shard:
+    """One shard over keys part [count, D] (global rows start..): exact below
+    brute_force_below keys, else a ScaNN searcher with parameters from its size."""
+    if not np.isfinite(part).all():
+        raise RetroError(f"index: keys {start}..{start + len(part)} contain NaN or inf")
+    if len(part) < max(brute_force_below, MIN_SCANN_KEYS):
+        return _Shard(start, len(part), keys=np.array(part, np.float32))
+    part = np.ascontiguousarray(part, dtype=np.float32)
+    params = ScannParams.for_size(len(part), num_leaves, leaves_to_search, reorder)
+    return _Shard(start, len(part), searcher=_build_scann(part, params), params=params)
+
+
+def save_shard(shard: _Shard, directory: str, index: int) -> dict:
+    """Write shard `index` to directory/shard-NNNNN/; returns its index.json entry."""
+    name = f"shard-{index:05d}"
+    os.makedirs(os.path.join(directory, name), exist_ok=True)
+    meta = dict(name=name, kind=shard.kind, start=shard.start, count=shard.count)
+    if shard.searcher is None:
+        np.save(os.path.join(directory, name, "keys.npy"), shard.keys)
+    else:
+        # relative_path=True: the assets must stay valid after the folder is renamed.
+        shard.searcher.serialize(os.path.join(directory, name), relative_path=True)
+        meta["params"] = dataclasses.asdict(shard.params)
+    return meta
+
+
+def write_metadata(directory: str, dim: int, model_id: str, settings: dict, shards: list) -> None:
+    """index.json: what `NeighbourIndex.load` reads (shard entries in shard order)."""
+    meta = dict(
+        format_version=FORMAT_VERSION,
+        dim=dim,
+        count=sum(s["count"] for s in shards),
+        model_id=model_id,
+        settings=settings,
+        shards=sorted(shards, key=lambda s: s["start"]),
+    )
+    with open(os.path.join(directory, "index.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def merge_topk(found: list[tuple[np.ndarray, ...]], q: int, k: int) -> tuple[np.ndarray, ...]:
+    """Per-shard results (ids [Q, k_i], dist [Q, k_i], *extra [Q, k_i]), in shard order -> the
+    k nearest of all: (ids int64, dist float32, *extra) [Q, k], ascending (stable: ties keep
+    shard order); ids and extras -1, dist inf where fewer than k were found."""
+    width = len(found[0]) if found else 2
+    fills = [-1, np.inf] + [-1] * (width - 2)
+    merged = [
+        np.concatenate(
+            [np.asarray(f[i]) for f in found]
+            + [np.full((q, k), fills[i], np.float32 if i == 1 else np.int64)],
+            axis=1,
+        )
+        for i in range(width)
+    ]
+    best = np.argsort(merged[1], axis=1, kind="stable")[:, :k]
+    return tuple(np.take_along_axis(a, best, axis=1) for a in merged)
+
+
 class NeighbourIndex:
     """k-nearest-neighbour search over a fixed database of keys by squared L2."""
 
@@ -169,21 +243,6 @@ class NeighbourIndex:
         keys = np.ascontiguousarray(keys, dtype=np.float32)
         if keys.ndim != 2 or keys.shape[1] == 0:
             raise RetroError(f"index: keys must be [N, D] with D > 0, got shape {keys.shape}")
-        if shard_size <= 0:
-            raise RetroError(f"retrieval.index.shard_size must be positive, got {shard_size}")
-        n = len(keys)
-        starts = list(range(0, n, shard_size)) or [0]
-        shards = []
-        for start in tqdm(starts, desc="index shards", unit="shard", disable=not progress):
-            part = keys[start : start + shard_size]  # may be a view of a memory-mapped file
-            if not np.isfinite(part).all():
-                raise RetroError(f"index: keys {start}..{start + len(part)} contain NaN or inf")
-            if len(part) < max(brute_force_below, MIN_SCANN_KEYS):
-                shards.append(_Shard(start, len(part), keys=np.array(part)))
-            else:
-                params = ScannParams.for_size(len(part), num_leaves, leaves_to_search, reorder)
-                searcher = _build_scann(part, params)
-                shards.append(_Shard(start, len(part), searcher=searcher, params=params))
         settings = dict(
             brute_force_below=brute_force_below,
             shard_size=shard_size,
@@ -191,6 +250,11 @@ class NeighbourIndex:
             leaves_to_search=leaves_to_search,
             reorder=reorder,
         )
+        starts = shard_starts(len(keys), shard_size)
+        shards = [
+            build_shard(keys[start : start + shard_size], start, **settings)
+            for start in tqdm(starts, desc="index shards", unit="shard", disable=not progress)
+        ]
         return cls(shards, keys.shape[1], model_id=model_id, settings=settings)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -207,11 +271,7 @@ class NeighbourIndex:
         q = len(queries)
         if q == 0:
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-        found = [s.search(queries, k) for s in self.shards if s.count]
-        ids = np.concatenate([f[0] for f in found] + [np.full((q, k), -1, np.int64)], axis=1)
-        dist = np.concatenate([f[1] for f in found] + [np.full((q, k), np.inf, np.float32)], 1)
-        best = np.argsort(dist, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(ids, best, axis=1), np.take_along_axis(dist, best, axis=1)
+        return merge_topk([s.search(queries, k) for s in self.shards if s.count], q, k)
 
     # -----------------------------------------------------------------------------------------
     # Persistence
@@ -223,28 +283,8 @@ class NeighbourIndex:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
         try:
-            shard_meta = []
-            for i, shard in enumerate(self.shards):
-                name = f"shard-{i:05d}"
-                os.makedirs(os.path.join(tmp, name))
-                meta = dict(name=name, kind=shard.kind, start=shard.start, count=shard.count)
-                if shard.searcher is None:
-                    np.save(os.path.join(tmp, name, "keys.npy"), shard.keys)
-                else:
-                    # relative_path=True: the assets must stay valid after the rename.
-                    shard.searcher.serialize(os.path.join(tmp, name), relative_path=True)
-                    meta["params"] = dataclasses.asdict(shard.params)
-                shard_meta.append(meta)
-            meta = dict(
-                format_version=FORMAT_VERSION,
-                dim=self.dim,
-                count=len(self),
-                model_id=self.model_id,
-                settings=self.settings,
-                shards=shard_meta,
-            )
-            with open(os.path.join(tmp, "index.json"), "w") as f:
-                json.dump(meta, f, indent=1)
+            shard_meta = [save_shard(shard, tmp, i) for i, shard in enumerate(self.shards)]
+            write_metadata(tmp, self.dim, self.model_id, self.settings, shard_meta)
             if os.path.exists(directory):
                 old = directory + ".old"
                 shutil.rmtree(old, ignore_errors=True)

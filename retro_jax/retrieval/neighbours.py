@@ -99,46 +99,74 @@ class NeighbourFinder:
         self.embedded += len(fresh)
         return out
 
-    def shard_examples(self, sequences: dict[str, np.ndarray], split: str) -> list[dict]:
-        """Records of one sequence shard (see retro_jax.data.records for the schema)."""
+    def plan(self, sequences: dict[str, np.ndarray], split: str) -> dict:
+        """The queries of one sequence shard: keys of its chunks that hold text.
+
+        Returns live (flat chunk positions [Q] of the S*l chunks), queries [Q, D], query_docs
+        ([Q] document ids to exclude, or None), ask (neighbours to request per query, K times
+        query_multiplier when excluding) and the [S, l] shape.
+        """
         tokens = sequences["tokens"]
         s, n = tokens.shape[0], tokens.shape[1] - 1
-        m, k = self.database.chunk_size, self.k
-        chunks = tokens[:, :n].reshape(s, n // m, m)  # [S, l, m]
+        m = self.database.chunk_size
         l = n // m  # noqa: E741 - the paper's name for chunks per sequence
+        chunks = tokens[:, :n].reshape(s * l, m)
         seq_docs = np.repeat(sequences["doc_id"], l)  # [S*l]
         starts = sequences["offset"]
         aligned = (starts % m == 0)[:, None] & np.ones((1, l), bool)
         chunk_index = np.where(aligned, starts[:, None] // m + np.arange(l)[None, :], -1)
-        flat_chunks = chunks.reshape(s * l, m)
-        live = np.flatnonzero(
-            chunk_has_text(flat_chunks, self.tokenizer.pad_id, self.tokenizer.eos_id)
+        live = np.flatnonzero(chunk_has_text(chunks, self.tokenizer.pad_id, self.tokenizer.eos_id))
+        if not self.k:
+            live = live[:0]
+        queries = np.zeros((0, self.embedder.dim), np.float32)
+        if len(live):
+            queries = self.query_keys(chunks[live], seq_docs[live], chunk_index.reshape(-1)[live])
+        exclude = self.exclude and split == "train"
+        return dict(
+            live=live,
+            queries=queries,
+            query_docs=seq_docs[live] if exclude else None,
+            ask=min(self.k * self.multiplier if exclude else self.k, len(self.database)),
+            shape=(s, l),
         )
-        ids = np.full((s * l, k), -1, np.int64)
-        if len(live) and k:
-            queries = self.query_keys(
-                flat_chunks[live], seq_docs[live], chunk_index.reshape(-1)[live]
-            )
-            exclude = self.exclude and split == "train"
-            ask = min(k * self.multiplier if exclude else k, len(self.index))
-            found, _ = self.index.search(queries, ask)
-            docs = self.database.doc_ids(found)
-            ids[live] = select_neighbours(found, docs, seq_docs[live] if exclude else None, k)
-            self.missing += int((ids[live] < 0).sum())
-        ids = ids.reshape(s, l, k)
-        entries = self.database.entries(ids)  # [S, l, K, 2m]
-        return [
-            {
-                "tokens": tokens[i],
-                "loss_mask": sequences["loss_mask"][i],
-                "target_bytes": sequences["target_bytes"][i],
-                "neighbours": entries[i],
-                "neighbour_ids": ids[i],
-                "doc_id": sequences["doc_id"][i : i + 1],
-                "offset": sequences["offset"][i : i + 1],
-            }
-            for i in range(s)
-        ]
+
+    def choose(self, plan: dict, found: np.ndarray, found_docs: np.ndarray) -> np.ndarray:
+        """Nearest-first candidates found [Q, ask] (and their document ids) -> neighbour ids
+        int64 [S, l, K], -1 where none."""
+        s, l = plan["shape"]  # noqa: E741
+        ids = np.full((s * l, self.k), -1, np.int64)
+        if len(plan["live"]):
+            kept = select_neighbours(found, found_docs, plan["query_docs"], self.k)
+            ids[plan["live"]] = kept
+            self.missing += int((kept < 0).sum())
+        return ids.reshape(s, l, self.k)
+
+    def shard_examples(self, sequences: dict[str, np.ndarray], split: str) -> list[dict]:
+        """Records of one sequence shard (see retro_jax.data.records for the schema)."""
+        plan = self.plan(sequences, split)
+        found = np.zeros((0, plan["ask"]), np.int64)
+        if len(plan["live"]):
+            found, _ = self.index.search(plan["queries"], plan["ask"])
+        ids = self.choose(plan, found, self.database.doc_ids(found))
+        return shard_records(sequences, ids, self.database.entries(ids))
+
+
+def shard_records(
+    sequences: dict[str, np.ndarray], ids: np.ndarray, entries: np.ndarray
+) -> list[dict]:
+    """One record per sequence: ids [S, l, K] and their entries [S, l, K, 2m]."""
+    return [
+        {
+            "tokens": sequences["tokens"][i],
+            "loss_mask": sequences["loss_mask"][i],
+            "target_bytes": sequences["target_bytes"][i],
+            "neighbours": entries[i],
+            "neighbour_ids": ids[i],
+            "doc_id": sequences["doc_id"][i : i + 1],
+            "offset": sequences["offset"][i : i + 1],
+        }
+        for i in range(len(ids))
+    ]
 
 
 def record_file_name(split: str, index: int, total: int) -> str:
