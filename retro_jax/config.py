@@ -35,6 +35,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.retrieval_source = ""  # the chunk database; "" = the training source
     c.data.seq_len = 256  # n: tokens per sequence (a multiple of model.chunk_size)
     c.data.num_neighbours_stored = 4  # K_max neighbours stored per chunk in the shards
+    # Neighbours are [chunk N, continuation F] (2m tokens). False: the input pipeline blanks F
+    # with pad_id in training and evaluation batches (the paper's continuation ablation).
+    c.data.neighbour_continuation = True
     c.data.max_docs = 0  # 0 = all; else the first N of each source (`sotu`: the latest N)
     c.data.sotu_eval_docs = 10  # `sotu`: the most recent addresses held out for evaluation
     c.data.linux_doc_eval_every = 50  # `linux-doc`: every 50th document (by id) for evaluation

@@ -143,7 +143,7 @@ def _neighbour_counts(config, stored: int) -> tuple[int, list[int]]:
 
 def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     """Score the eval records of `workdir` (see the module docstring); returns the metrics."""
-    from retro_jax.data.pipeline import EvalBatches
+    from retro_jax.data.pipeline import EvalBatches, keep_continuation
     from retro_jax.train.checkpoint import find_checkpoints
 
     prepare_dir = os.path.join(workdir, "prepare")
@@ -181,6 +181,7 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         global_batch=batch_size,
         num_neighbours=spec.num_neighbours,
         max_batches=int(config.eval.max_batches),
+        continuation=keep_continuation(config),
     )
     pad_id = int(info.get("pad_id", model.config.pad_id))
     histogram = LeakageHistogram(spec.chunk_size, [m for m in LEAKAGE_MODES if m in passes])

@@ -157,3 +157,18 @@ def test_workdir_without_checkpoint(workdirs, tmp_path):
     with pytest.raises(RetroError, match="--workdir"):
         main(small_config(root), None)
     assert jax.device_count() == 8
+
+
+def test_without_continuation_only_retrieval_changes(workdirs):
+    """data.neighbour_continuation=False: the eval batches' neighbours lose their continuation,
+    which changes RETRO's score and nothing that reads no neighbours."""
+    root, workdir, _ = workdirs
+    scores = {}
+    for continuation in (True, False):
+        config = small_config(root)
+        config.eval.max_batches = 1
+        config.eval.batch_size = 16  # the shape `evaluated` compiled
+        config.data.neighbour_continuation = continuation
+        scores[continuation] = evaluate(config, workdir, progress=False)
+    assert scores[True]["no_retrieval"] == scores[False]["no_retrieval"]
+    assert scores[True]["retrieval"]["bpb"] != scores[False]["retrieval"]["bpb"]

@@ -194,3 +194,55 @@ def test_corrupt_shard_is_named(tmp_path):
     )
     with pytest.raises(RetroError, match="corrupt training shard .*train-00001-of-00002"):
         take(stream, stream.batches_per_epoch)
+
+
+def test_without_continuation_the_neighbours_second_half_is_padding(tmp_path):
+    pad = 63  # not 0, so the test sees which id fills the continuation
+    prepare = write_fake_prepare(tmp_path, vocab_size=63, pad_id=pad)  # tokens in 1..62
+    m = 8
+    common = dict(num_neighbours=2, process_index=0, process_count=1)
+    train = lambda c: next(  # noqa: E731
+        TrainBatches(prepare, global_batch=8, seed=0, continuation=c, **common)
+    )
+    evals = lambda c: list(EvalBatches(prepare, global_batch=8, continuation=c, **common))  # noqa: E731
+    for full, cut in [(train(True), train(False)), *zip(evals(True), evals(False))]:
+        assert set(full) == set(cut)
+        for key in full:
+            if key != "neighbours":
+                np.testing.assert_array_equal(full[key], cut[key])
+        real = full["doc_id"] >= 0  # eval padding rows are all pad_id anyway
+        assert (full["neighbours"][real][..., m:] != pad).all()  # the records do continue
+        assert (cut["neighbours"][..., m:] == pad).all()
+        np.testing.assert_array_equal(cut["neighbours"][..., :m], full["neighbours"][..., :m])
+
+
+def test_train_and_eval_read_data_neighbour_continuation(tmp_path, monkeypatch):
+    """train passes data.neighbour_continuation to its training and evaluation batches."""
+    from test_train_step import small_config
+
+    from retro_jax.data import pipeline
+    from retro_jax.train.loop import train
+
+    write_fake_prepare(tmp_path, train_files=1, records_per_file=8)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def recording(cls):
+        def make(*args, **kwargs):
+            seen[cls.__name__] = kwargs.get("continuation", True)
+            if cls is EvalBatches:
+                raise Stop
+            return cls(*args, **kwargs)
+
+        return make
+
+    monkeypatch.setattr(pipeline, "TrainBatches", recording(TrainBatches))
+    monkeypatch.setattr(pipeline, "EvalBatches", recording(EvalBatches))
+    config = small_config(eval_every=5)
+    assert config.data.neighbour_continuation is True  # the default
+    config.data.neighbour_continuation = False
+    with pytest.raises(Stop):
+        train(config, str(tmp_path))
+    assert seen == {"TrainBatches": False, "EvalBatches": False}

@@ -18,7 +18,9 @@ Batches (host-local share of the global batch, rows [b]):
     targets      int32   [b, n]          next tokens (record tokens[1:])
     loss_mask    float32 [b, n]
     target_bytes int32   [b, n]
-    neighbours   int32   [b, l, k, 2m]   the first k of the K stored (absent when k = 0)
+    neighbours   int32   [b, l, k, 2m]   the first k of the K stored (absent when k = 0); with
+                                         continuation=False (data.neighbour_continuation) each
+                                         neighbour's continuation [..., m:] is pad_id
     doc_id       int32   [b]
 """
 
@@ -144,8 +146,13 @@ def host_shards(paths: list[str], process_index: int, process_count: int) -> lis
     return paths[process_index::process_count]
 
 
-def _to_batch(parsed: dict, num_neighbours: int) -> dict:
-    """Parsed int64 features [b, ...] -> the model's batch (see the module docstring)."""
+def _to_batch(
+    parsed: dict, num_neighbours: int, *, continuation: bool = True, pad_id: int = 0
+) -> dict:
+    """Parsed int64 features [b, ...] -> the model's batch (see the module docstring).
+
+    continuation=False blanks the second half (the continuation F) of every neighbour [N, F]
+    with pad_id: the model then reads the neighbour chunks N alone (the paper's ablation)."""
     tf = _tf()
     tokens = tf.cast(parsed["tokens"], tf.int32)
     batch = {
@@ -156,8 +163,17 @@ def _to_batch(parsed: dict, num_neighbours: int) -> dict:
         "doc_id": tf.cast(parsed["doc_id"][:, 0], tf.int32),
     }
     if num_neighbours:
-        batch["neighbours"] = tf.cast(parsed["neighbours"][:, :, :num_neighbours], tf.int32)
+        neighbours = tf.cast(parsed["neighbours"][:, :, :num_neighbours], tf.int32)
+        if not continuation:
+            m = neighbours.shape[-1] // 2
+            neighbours = tf.where(tf.range(2 * m) < m, neighbours, tf.constant(pad_id, tf.int32))
+        batch["neighbours"] = neighbours
     return batch
+
+
+def keep_continuation(config) -> bool:
+    """config.data.neighbour_continuation (True when the config predates the key)."""
+    return bool(config.data.get("neighbour_continuation", True))
 
 
 def _options():
@@ -218,6 +234,7 @@ class TrainBatches:
 
     `global_batch` sequences per step in total; this host yields global_batch / process_count.
     `start` is the global batch index to begin at (the `position` saved in a checkpoint).
+    continuation=False (data.neighbour_continuation) blanks the neighbours' continuations.
     """
 
     def __init__(
@@ -229,6 +246,7 @@ class TrainBatches:
         seed: int,
         shuffle_buffer: int = 1024,
         start: int = 0,
+        continuation: bool = True,
         process_index: int | None = None,
         process_count: int | None = None,
     ):
@@ -241,6 +259,7 @@ class TrainBatches:
         self.host_batch = global_batch // process_count
         self.global_batch, self.seed = global_batch, seed
         self.num_neighbours, self.shuffle_buffer = num_neighbours, shuffle_buffer
+        self.continuation = continuation
         # Every host must take the same number of steps per epoch, so the smallest share rules.
         self.batches_per_epoch = min(r // self.host_batch for r in self.shards.host_records)
         if self.batches_per_epoch == 0:
@@ -288,7 +307,12 @@ class TrainBatches:
         ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_records)
         ds = ds.batch(self.host_batch, drop_remainder=True)  # epochs hold whole batches
         ds = ds.map(
-            lambda s: _to_batch(self.shards.parse(s), self.num_neighbours),
+            lambda s: _to_batch(
+                self.shards.parse(s),
+                self.num_neighbours,
+                continuation=self.continuation,
+                pad_id=self.shards.pad_id,
+            ),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
@@ -321,7 +345,8 @@ class TrainBatches:
 
 class EvalBatches:
     """One pass over the eval shards in file order: every host yields the same number of batches;
-    the last ones are padded with rows whose loss_mask is 0 (so every record is scored once)."""
+    the last ones are padded with rows whose loss_mask is 0 (so every record is scored once).
+    continuation=False (data.neighbour_continuation) blanks the neighbours' continuations."""
 
     def __init__(
         self,
@@ -330,6 +355,7 @@ class EvalBatches:
         global_batch: int,
         num_neighbours: int,
         max_batches: int = 0,
+        continuation: bool = True,
         process_index: int | None = None,
         process_count: int | None = None,
     ):
@@ -338,7 +364,7 @@ class EvalBatches:
             raise RetroError(f"eval.batch_size={global_batch} must divide by {process_count} hosts")
         self.shards = _ShardSet(prepare_dir, "eval", num_neighbours, process_index, process_count)
         self.host_batch = global_batch // process_count
-        self.num_neighbours = num_neighbours
+        self.num_neighbours, self.continuation = num_neighbours, continuation
         most = max(self.shards.host_records)
         self.num_batches = -(-most // self.host_batch)
         if max_batches:
@@ -364,7 +390,12 @@ class EvalBatches:
         tf = _tf()
         ds = tf.data.TFRecordDataset(self.shards.mine)  # sequential: a fixed order
         ds = ds.batch(self.host_batch).map(
-            lambda s: _to_batch(self.shards.parse(s), self.num_neighbours),
+            lambda s: _to_batch(
+                self.shards.parse(s),
+                self.num_neighbours,
+                continuation=self.continuation,
+                pad_id=self.shards.pad_id,
+            ),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )

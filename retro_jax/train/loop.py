@@ -108,13 +108,14 @@ class _Evaluator:
     """Held-out loss and bits-per-byte over the eval shards, with and without retrieval."""
 
     def __init__(self, config, prepare_dir, model_def, mesh, retro: bool, k: int):
-        from retro_jax.data.pipeline import EvalBatches
+        from retro_jax.data.pipeline import EvalBatches, keep_continuation
 
         self.batches = EvalBatches(
             prepare_dir,
             global_batch=int(config.eval.batch_size),
             num_neighbours=k,
             max_batches=int(config.train.eval_batches),
+            continuation=keep_continuation(config),
         )
         self.mesh = mesh
         self.modes = {"": make_eval_step(model_def, retrieval=False)}
@@ -202,7 +203,7 @@ def _run(config, workdir, ckpts, current, spec, info, model_cfg, mesh) -> dict:
             return {**(rows[-1] if rows else {"step": latest}), "finished": True}
 
     # ---------------------------------------------------------------- data (bad shards fail here)
-    from retro_jax.data.pipeline import TrainBatches
+    from retro_jax.data.pipeline import TrainBatches, keep_continuation
 
     position = int(ckpts.read_meta(latest)["position"]) if latest is not None else 0
     batches = TrainBatches(
@@ -212,6 +213,7 @@ def _run(config, workdir, ckpts, current, spec, info, model_cfg, mesh) -> dict:
         seed=int(t.shuffle_seed),
         shuffle_buffer=int(t.shuffle_buffer),
         start=position,
+        continuation=keep_continuation(config),
     )
     first = next(batches)
 
