@@ -92,6 +92,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.num_neighbours = 2
     c.eval.baseline_workdir = ""
+    # Evaluate the checkpoint of this workdir instead of --workdir's ("" = --workdir's): one
+    # trained model scored against the records/database of other workdirs (paper ablation).
+    c.eval.checkpoint_workdir = ""
     c.eval.batch_size = 8
     c.eval.neighbour_sweep = ()  # e.g. (1, 2, 4) to plot bpb against k
     c.eval.max_batches = 0  # 0 = every eval record; else a cap on eval batches (quick checks)

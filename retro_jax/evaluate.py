@@ -5,6 +5,8 @@ scored once) scores the same tokens several ways:
     retrieval      RETRO with the first k stored neighbours of every chunk (eval.num_neighbours)
     no_retrieval   RETRO with retrieval switched off (RETRO[OFF]: neighbours=None)
     baseline       the checkpoint in eval.baseline_workdir, if given
+The RETRO checkpoint is W's, or eval.checkpoint_workdir's when set (one trained model scored
+against the database and records another workdir prepared).
     k=j            RETRO with j neighbours, for j in eval.neighbour_sweep
 Each record's chunks also get the leakage measure r(C) against all their stored neighbours
 (retro_jax/leakage.py), so bpb(alpha) comes out of the same pass.
@@ -138,11 +140,28 @@ def _neighbour_counts(config, stored: int) -> tuple[int, list[int]]:
     return k, sweep
 
 
+def checkpoint_source(config, workdir: str) -> str:
+    """Where the evaluated checkpoint comes from: eval.checkpoint_workdir (one trained model
+    scored against the database prepared in `workdir`), else `workdir` itself. A RetroError
+    naming the setting when it holds no checkpoint."""
+    from retro_jax.train.checkpoint import find_checkpoints
+
+    source = str(config.eval.get("checkpoint_workdir", "") or "")
+    if not source:
+        return workdir
+    try:
+        find_checkpoints(source)
+    except RetroError as e:
+        raise RetroError(f"eval.checkpoint_workdir={source}: {e}") from None
+    return source
+
+
 # ---------------------------------------------------------------- the evaluation pass
 
 
 def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
-    """Score the eval records of `workdir` (see the module docstring); returns the metrics."""
+    """Score the eval records of `workdir` (see the module docstring) with the checkpoint of
+    `workdir`, or of eval.checkpoint_workdir when set; returns the metrics."""
     from retro_jax.data.pipeline import EvalBatches, keep_continuation
     from retro_jax.train.checkpoint import find_checkpoints
 
@@ -155,8 +174,10 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     baseline_dir = str(config.eval.baseline_workdir or "")
     if baseline_dir:
         find_checkpoints(baseline_dir)  # fail before loading anything
-    model, step = load_model(workdir, mesh=mesh)
-    _check_model(model.config, info, spec, f"{workdir}/checkpoints")
+    model_dir = checkpoint_source(config, workdir)
+    checkpoints_dir, _ = find_checkpoints(model_dir)
+    model, step = load_model(model_dir, mesh=mesh)
+    _check_model(model.config, info, spec, checkpoints_dir)
     retro = TokenScorer(model)
     passes = {"retrieval": (retro, k), "no_retrieval": (retro, 0)}
     baseline_step = None
@@ -233,7 +254,7 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         "baseline": totals.get("baseline"),
         "leakage": leakage,
         "leakage_neighbours": spec.num_neighbours,
-        "checkpoint": {"path": os.path.join(workdir, "checkpoints"), "step": int(step)},
+        "checkpoint": {"path": checkpoints_dir, "step": int(step)},
         "baseline_checkpoint": (
             {"path": baseline_dir, "step": int(baseline_step)} if baseline_dir else None
         ),
@@ -382,7 +403,9 @@ def main(config, workdir: str | None) -> dict:
     if jax.process_index() == 0:
         paths = write_outputs(metrics, os.path.join(workdir, "eval"))
         step = metrics["checkpoint"]["step"]
-        print(f"eval: {workdir} (checkpoint step {step})")
+        path = metrics["checkpoint"]["path"]
+        other = "" if path == os.path.join(workdir, "checkpoints") else f" of {path}"
+        print(f"eval: {workdir} (checkpoint step {step}{other})")
         print(format_table(metrics))
         print("eval: wrote " + ", ".join(paths))
     return metrics

@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from eval_workdir import small_config, tiny_workdir
+from eval_workdir import save_random_checkpoint, small_config, tiny_workdir
 
 from retro_jax.data.records import load_records_info, read_records
 from retro_jax.errors import RetroError
@@ -139,6 +139,11 @@ def test_without_baseline_it_is_null(workdirs):
             "eval.batch_size=6 .* 8 batch devices of the mesh .*data=8 x mesh.fsdp=1",
         ),
         ("baseline_workdir", "/nonexistent/base", "/nonexistent/base"),
+        (
+            "checkpoint_workdir",
+            "/nonexistent/m",
+            "eval.checkpoint_workdir=/nonexistent/m: .*no retro",
+        ),
     ],
 )
 def test_bad_settings_are_named(workdirs, key, value, message):
@@ -172,3 +177,32 @@ def test_without_continuation_only_retrieval_changes(workdirs):
         scores[continuation] = evaluate(config, workdir, progress=False)
     assert scores[True]["no_retrieval"] == scores[False]["no_retrieval"]
     assert scores[True]["retrieval"]["bpb"] != scores[False]["retrieval"]["bpb"]
+
+
+def test_checkpoint_workdir_scores_another_workdirs_model(workdirs, tmp_path):
+    """eval.checkpoint_workdir: W's records (its database), the model of another workdir."""
+    root, workdir, _ = workdirs
+    other = str(tmp_path / "other")  # its own prepare/ (W's) and its own, different model
+    os.makedirs(other)
+    os.symlink(os.path.join(workdir, "prepare"), os.path.join(other, "prepare"))
+    save_random_checkpoint(small_config(root), other, seed=5)
+
+    def config(checkpoint_workdir=""):
+        c = small_config(root)
+        c.eval.max_batches = 1
+        c.eval.batch_size = 16  # the shape `evaluated` compiled
+        c.eval.checkpoint_workdir = checkpoint_workdir
+        return c
+
+    assert small_config(root).eval.checkpoint_workdir == ""  # the default: --workdir's model
+    own = evaluate(config(), other, progress=False)
+    trained = evaluate(config(), workdir, progress=False)
+    borrowed = main(config(workdir), other)
+    assert own["retrieval"]["bpb"] != trained["retrieval"]["bpb"]
+    for mode in ("retrieval", "no_retrieval"):
+        assert borrowed[mode] == trained[mode]
+    assert borrowed["checkpoint"]["path"] == os.path.join(workdir, "checkpoints")
+    assert own["checkpoint"]["path"] == os.path.join(other, "checkpoints")
+    saved = json.load(open(os.path.join(other, "eval", "metrics.json")))  # written in --workdir
+    assert saved["checkpoint"]["path"] == os.path.join(workdir, "checkpoints")
+    assert os.path.exists(os.path.join(other, "eval", "leakage.png"))
