@@ -79,18 +79,43 @@ def _underscore_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def _beam_argv(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """`prepare --runner=R [Beam options]`: (argv without them, R, the Beam options). Flags
+    this CLI does not define are Beam pipeline options (`--direct_num_workers=2`,
+    `--project=P`, `--region R`, ...), passed to Beam as given."""
+    keep, runner, beam_args = argv[:2], None, []
+    rest = iter(argv[2:])
+    for arg in rest:
+        name, eq, value = arg[2:].partition("=")
+        if not arg.startswith("--") or name.split(".")[0] in FLAGS or name[2:] in FLAGS:
+            keep.append(arg)
+        elif name == "runner":
+            runner = value if eq else next(rest, "")
+            if not runner:
+                raise RetroError("prepare: --runner needs a value (e.g. --runner=DirectRunner)")
+        else:
+            beam_args.append(arg)
+            if not eq:  # `--option value` (not for boolean flags followed by another flag)
+                following = next(rest, None)
+                if following is not None and not following.startswith("--"):
+                    beam_args.append(following)
+                elif following is not None:
+                    rest = iter([following, *rest])
+    return keep, runner, beam_args
+
+
 def _usage() -> str:
     lines = ["usage: retro-jax COMMAND --config CFG [--workdir W] [--config.KEY=VALUE ...]", ""]
     lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
-def _run(argv: list[str]) -> None:
+def _run(argv: list[str], extra: dict) -> None:
     command = argv[1]
     module, function, _ = COMMANDS[command]
     if FLAGS.config is None:
         raise RetroError(f"{command}: --config is required (e.g. --config experiments/tiny.py)")
-    getattr(importlib.import_module(module), function)(FLAGS.config, FLAGS.workdir)
+    getattr(importlib.import_module(module), function)(FLAGS.config, FLAGS.workdir, **extra)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,12 +131,20 @@ def main(argv: list[str] | None = None) -> None:
     if argv[1] == "demo" and not any(a.startswith("--config=") or a == "--config" for a in argv):
         argv.insert(2, f"--config={DEMO_CONFIG}")
     argv = _underscore_flags(argv)
+    extra: dict = {}
+    if argv[1] == "prepare":
+        try:
+            argv, runner, beam_args = _beam_argv(argv)
+        except RetroError as e:
+            print(f"retro-jax prepare: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        extra = dict(runner=runner, beam_args=beam_args) if runner or beam_args else {}
 
     def _absl_main(args):
         if not FLAGS.verbose:  # Orbax and TensorFlow log every step at INFO
             logging.set_verbosity(logging.WARNING)
         try:
-            _run(args)
+            _run(args, extra)
         except RetroError as e:
             if FLAGS.verbose:
                 raise

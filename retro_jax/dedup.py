@@ -146,40 +146,53 @@ def filter_report(
     del eval_texts
     roles: dict[str, dict] = {}
     dropped: list[dict] = []
-    read: dict[str, list[str]] = {}  # spec -> roles already filtered with it
+    read: dict[str, str] = {}  # spec -> first role filtered with it
     for role, source in sources.items():
         if source.spec in read:  # same documents as an earlier role: copy its verdicts
-            first = read[source.spec][0]
-            roles[role] = dict(roles[first])
-            dropped += [dict(e, role=role) for e in dropped if e["role"] == first]
-            read[source.spec].append(role)
+            copy_verdicts(roles, dropped, read[source.spec], role)
             continue
-        read[source.spec] = [role]
+        read[source.spec] = role
         count = 0
         for doc in tqdm(source.documents(), desc=f"dedup {role}", unit="doc", disable=not progress):
             count += 1
             twin = leak.twin(doc.text)
             if twin is not None:
-                eval_id, eval_key = eval_docs[twin[0]]
-                dropped.append(
-                    dict(
-                        role=role,
-                        doc_id=doc.doc_id,
-                        key=doc.key,
-                        eval_doc_id=eval_id,
-                        eval_key=eval_key,
-                        similarity=round(twin[1], 4),
-                    )
-                )
-        roles[role] = dict(
-            documents=count,
-            dropped=sum(e["role"] == role for e in dropped),
-            replaced_utf8=source.stats.replaced,
-            empty_skipped=source.stats.empty_skipped,
-        )
+                dropped.append(dropped_entry(role, doc, eval_docs[twin[0]], twin[1]))
+        roles[role] = role_counts(dropped, role, count, source.stats)
+    return make_report(threshold, ngram, num_perm, len(eval_docs), roles, dropped)
+
+
+def dropped_entry(role: str, doc, eval_doc: tuple[int, str], similarity: float) -> dict:
+    """The report's line for a dropped document and its evaluation twin (doc_id, key)."""
+    return dict(
+        role=role,
+        doc_id=doc.doc_id,
+        key=doc.key,
+        eval_doc_id=eval_doc[0],
+        eval_key=eval_doc[1],
+        similarity=round(similarity, 4),
+    )
+
+
+def role_counts(dropped: list[dict], role: str, documents: int, stats) -> dict:
+    return dict(
+        documents=documents,
+        dropped=sum(e["role"] == role for e in dropped),
+        replaced_utf8=stats.replaced,
+        empty_skipped=stats.empty_skipped,
+    )
+
+
+def copy_verdicts(roles: dict, dropped: list[dict], first: str, role: str) -> None:
+    """`role` reads the same documents as `first`: the same counts and dropped documents."""
+    roles[role] = dict(roles[first])
+    dropped += [dict(e, role=role) for e in dropped if e["role"] == first]
+
+
+def make_report(threshold, ngram, num_perm, eval_documents: int, roles, dropped) -> dict:
     return dict(
         settings=dict(threshold=threshold, ngram=ngram, num_perm=num_perm),
-        eval_documents=len(eval_docs),
+        eval_documents=eval_documents,
         roles=roles,
         dropped=dropped,
     )

@@ -145,22 +145,47 @@ def _remove(path: str) -> None:
 
 
 def run_prepare(
-    config, workdir: str, *, progress: bool = True, until: str | None = None
+    config,
+    workdir: str,
+    *,
+    progress: bool = True,
+    until: str | None = None,
+    runner: str | None = None,
+    beam_args: tuple[str, ...] = (),
 ) -> dict[str, dict]:
     """Run (or resume) every stage, or those up to `until`; returns stage -> summary (with
-    `skipped` for stages that were up to date)."""
+    `skipped` for stages that were up to date).
+
+    runner: None builds every stage in this process; a Beam runner name (DirectRunner,
+    DataflowRunner, FlinkRunner, SparkRunner, ...) builds the distributable stages as Beam
+    pipelines with `beam_args` as pipeline options. Both give the same outputs, so a workdir
+    prepared by one is up to date for the other.
+    """
     from retro_jax.prepare_stages import StageContext
 
     if not workdir:
         raise RetroError("prepare: --workdir is required")
-    prepare_dir = os.path.join(workdir, "prepare")
-    os.makedirs(prepare_dir, exist_ok=True)
+    if beam_args and not runner:
+        raise RetroError(f"prepare: Beam pipeline options ({beam_args[0]}) need --runner")
     RecordSpec(
         int(config.data.seq_len),
         int(config.model.chunk_size),
         int(config.data.num_neighbours_stored),
     )
-    ctx = StageContext(config, prepare_dir, progress=progress)
+    prepare_dir = os.path.join(workdir, "prepare")
+    if runner:
+        try:
+            from retro_jax.beam.stages import BeamStageContext, pipeline_options
+        except ImportError as e:
+            raise RetroError(
+                f"prepare --runner={runner} needs Apache Beam: pip install -e '.[beam]' ({e})"
+            ) from e
+        options = pipeline_options(runner, list(beam_args))
+        os.makedirs(prepare_dir, exist_ok=True)
+        ctx = BeamStageContext(config, prepare_dir, options, progress=progress)
+    else:
+        os.makedirs(prepare_dir, exist_ok=True)
+        ctx = StageContext(config, prepare_dir, progress=progress)
     manifest = Manifest(prepare_dir)
     if "index" not in manifest.stages:
         ctx.check_foreign_index()  # an index this workdir's manifest does not know
@@ -224,10 +249,10 @@ def _read(path: str) -> str | None:
         return None
 
 
-def main(config, workdir: str) -> None:
-    """CLI entry: `retro-jax prepare --config CFG --workdir W`."""
+def main(config, workdir: str, *, runner: str | None = None, beam_args=()) -> None:
+    """CLI entry: `retro-jax prepare --config CFG --workdir W [--runner=R BEAM_OPTIONS...]`."""
     logging.getLogger("retro_jax").setLevel(logging.INFO)
-    results = run_prepare(config, workdir)
+    results = run_prepare(config, workdir, runner=runner, beam_args=tuple(beam_args))
     info = os.path.join(workdir, "prepare", RECORDS_INFO)
     built = [s for s, r in results.items() if not r.get("skipped")]
     print(

@@ -208,12 +208,11 @@ class StageContext:
 
     # ------------------------------------------------------------------ builds
 
-    def _build_dedup(self, partial: str, _hook) -> dict:
-        from retro_jax.dedup import filter_report, write_report
+    def dedup_report(self, sources: dict, eval_source, partial: str) -> dict:
+        """The leakage filter's report (the Beam context runs it as a pipeline)."""
+        from retro_jax.dedup import filter_report
 
         c = self.config.dedup
-        sources = {role: open_source(self.config, role) for role in ("train", "retrieval")}
-        eval_source = open_source(self.config, "eval")
         report = filter_report(
             eval_source,
             sources,
@@ -223,6 +222,13 @@ class StageContext:
             progress=self.progress,
         )
         report["eval_replaced_utf8"] = eval_source.stats.replaced
+        return report
+
+    def _build_dedup(self, partial: str, _hook) -> dict:
+        from retro_jax.dedup import write_report
+
+        sources = {role: open_source(self.config, role) for role in ("train", "retrieval")}
+        report = self.dedup_report(sources, open_source(self.config, "eval"), partial)
         write_report(os.path.join(partial, REPORT), report)
         roles = report["roles"]
         for role, counts in roles.items():
@@ -294,18 +300,20 @@ class StageContext:
             log=log,
         )
 
-    def _build_keys(self, partial: str, hook) -> dict:
+    def embed_keys(self, partial: str, hook) -> dict:
         from retro_jax.retrieval.chunks import ChunkDatabase, write_keys
 
-        database = ChunkDatabase(self.path("db"))
-        summary = write_keys(
-            database,
+        return write_keys(
+            ChunkDatabase(self.path("db")),
             self.tokenizer(),
             self.embedder(),
             partial,
             progress=self.progress,
             on_shard=hook,
         )
+
+    def _build_keys(self, partial: str, hook) -> dict:
+        summary = self.embed_keys(partial, hook)
         with open(os.path.join(partial, "keys.json"), "w") as f:
             json.dump({k: v for k, v in summary.items() if k != "run"}, f, indent=1)
         return summary
@@ -342,26 +350,34 @@ class StageContext:
         del joined
         os.remove(joined_path)
         index.save(partial)
+        return self.write_built_with(
+            partial, dict(keys=len(index), dim=index.dim, shards=len(index.shards))
+        )
+
+    def write_built_with(self, partial: str, summary: dict) -> dict:
+        """index/built_with.json: the embedding model and chunk size of the index's keys."""
+        from retro_jax.retrieval.chunks import ChunkDatabase
+
+        with open(self.path("keys", "keys.json")) as f:
+            keys_info = json.load(f)
+        built_with = dict(
+            model_id=keys_info["model_id"],
+            chunk_size=ChunkDatabase(self.path("db")).chunk_size,
+            keys=summary["keys"],
+            dim=keys_info["dim"],
+        )
         with open(os.path.join(partial, BUILT_WITH), "w") as f:
-            json.dump(
-                dict(
-                    model_id=keys_info["model_id"],
-                    chunk_size=database.chunk_size,
-                    keys=len(database),
-                    dim=keys_info["dim"],
-                ),
-                f,
-                indent=1,
-            )
-        return dict(keys=len(index), dim=index.dim, shards=len(index.shards))
+            json.dump(built_with, f, indent=1)
+        return summary
 
-    def _build_sequences(self, partial: str, _hook) -> dict:
-        from retro_jax.data.sequences import write_sequences, write_summary
+    def cut_sequences(self, partial: str) -> dict:
+        """{split: summary} of the train and eval sequence shards written to `partial`."""
+        from retro_jax.data.sequences import write_sequences
 
-        d, summaries = self.config.data, {}
-        for split, role in (("train", "train"), ("eval", "eval")):
-            summaries[split] = write_sequences(
-                self.documents(role),
+        d = self.config.data
+        return {
+            split: write_sequences(
+                self.documents(split),
                 self.tokenizer(),
                 partial,
                 split=split,
@@ -369,6 +385,13 @@ class StageContext:
                 records_per_shard=int(d.records_per_shard),
                 progress=self.progress,
             )
+            for split in ("train", "eval")
+        }
+
+    def _build_sequences(self, partial: str, _hook) -> dict:
+        from retro_jax.data.sequences import write_summary
+
+        summaries = self.cut_sequences(partial)
         write_summary(partial, "sequences.json", summaries)
         return dict(
             documents=sum(s["documents"] for s in summaries.values()),
@@ -383,32 +406,24 @@ class StageContext:
             },
         )
 
-    def _build_neighbours(self, partial: str, hook) -> dict:
+    def find_neighbours(self, partial: str, hook, sequences: dict) -> tuple[dict, dict]:
+        """Record files of every sequence shard in `partial`: ({split: records.json entry},
+        what this run did)."""
         from retro_jax.retrieval import NeighbourIndex
         from retro_jax.retrieval.chunks import ChunkDatabase, load_keys
         from retro_jax.retrieval.neighbours import NeighbourFinder, write_neighbour_shards
 
-        database = ChunkDatabase(self.path("db"))
-        index = NeighbourIndex.load(self.path("index"))
-        embedder, tokenizer, spec = self.embedder(), self.tokenizer(), self.spec()
-        if index.model_id != embedder.model_id or len(index) != len(database):
-            raise RetroError(
-                f"{self.path('index')} ({index.model_id}, {len(index)} keys) does not match "
-                f"the embedder {embedder.model_id} and database ({len(database)} chunks)"
-            )
-        r = self.config.retrieval
+        database, spec, r = ChunkDatabase(self.path("db")), self.spec(), self.config.retrieval
         finder = NeighbourFinder(
             database,
             load_keys(self.path("keys"), database),
-            index,
-            embedder,
-            tokenizer,
+            NeighbourIndex.load(self.path("index")),
+            self.embedder(),
+            self.tokenizer(),
             num_neighbours=spec.num_neighbours,
             query_multiplier=int(r.query_multiplier),
             exclude_same_document=bool(r.exclude_same_document),
         )
-        with open(self.path("sequences", "sequences.json")) as f:
-            sequences = json.load(f)
         done = set(os.listdir(partial))
         splits, queries_run = {}, 0
         for split in ("train", "eval"):
@@ -424,6 +439,30 @@ class StageContext:
                 on_shard=hook,
             )
             queries_run += splits[split].pop("run")["queries"]
+        run = dict(
+            queries=queries_run,
+            embedded=finder.embedded,
+            reused_keys=finder.reused,
+            missing_neighbours=finder.missing,
+        )
+        return splits, run
+
+    def _build_neighbours(self, partial: str, hook) -> dict:
+        from retro_jax.retrieval import NeighbourIndex
+        from retro_jax.retrieval.chunks import ChunkDatabase
+
+        database = ChunkDatabase(self.path("db"))
+        index = NeighbourIndex.read_metadata(self.path("index"))
+        model_id, tokenizer, spec = self.bert_model_id(), self.tokenizer(), self.spec()
+        if index["model_id"] != model_id or index["count"] != len(database):
+            raise RetroError(
+                f"{self.path('index')} ({index['model_id']}, {index['count']} keys) does not "
+                f"match the embedder {model_id} and database ({len(database)} chunks)"
+            )
+        with open(self.path("sequences", "sequences.json")) as f:
+            sequences = json.load(f)
+        splits, run = self.find_neighbours(partial, hook, sequences)
+        for split in splits:
             splits[split]["documents"] = sequences[split]["documents"]
         info = dict(
             spec.to_dict(),
@@ -431,7 +470,7 @@ class StageContext:
             eos_id=tokenizer.eos_id,
             vocab_size=tokenizer.vocab_size,
             tokenizer="tokenizer",
-            model_id=embedder.model_id,
+            model_id=model_id,
             database_chunks=len(database),
             splits=splits,
         )
@@ -439,12 +478,7 @@ class StageContext:
         return dict(
             queries=sum(s["queries"] for s in splits.values()),
             **{f"{k}_records": s["records"] for k, s in splits.items()},
-            run=dict(
-                queries=queries_run,
-                embedded=finder.embedded,
-                reused_keys=finder.reused,
-                missing_neighbours=finder.missing,
-            ),
+            run=run,
         )
 
 

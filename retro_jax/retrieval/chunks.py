@@ -277,10 +277,7 @@ def write_keys(
             skipped += size
             bar.update(size)
             continue
-        keys = embedder.embed(database.shard_texts(index, tokenizer))
-        if keys.shape != (size, embedder.dim):
-            raise RetroError(f"keys: shard {index} embedded to shape {keys.shape}")
-        _save_npy(path, keys.astype(np.float32))
+        embed_shard(database, index, tokenizer, embedder, directory)
         embedded += size
         bar.update(size)
         if on_shard is not None:
@@ -293,6 +290,17 @@ def write_keys(
         model_id=str(embedder.model_id),
         run=dict(embedded=embedded, resumed=skipped, seconds=round(seconds, 3)),
     )
+
+
+def embed_shard(database: ChunkDatabase, index: int, tokenizer, embedder, directory: str) -> int:
+    """Keys of database shard `index` -> directory/shard-NNNNN.npy (float32 [S_i, D]);
+    returns S_i."""
+    size = database.shard_sizes[index]
+    keys = embedder.embed(database.shard_texts(index, tokenizer))
+    if keys.shape != (size, embedder.dim):
+        raise RetroError(f"keys: shard {index} embedded to shape {keys.shape}")
+    _save_npy(os.path.join(directory, shard_name(index) + ".npy"), keys.astype(np.float32))
+    return size
 
 
 def load_keys(directory: str, database: ChunkDatabase) -> list[np.ndarray]:

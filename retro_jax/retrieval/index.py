@@ -182,6 +182,21 @@ def save_shard(shard: _Shard, directory: str, index: int) -> dict:
     return meta
 
 
+def load_shard(directory: str, entry: dict, dim: int) -> _Shard:
+    """One shard of a saved index, from its index.json entry."""
+    folder = os.path.join(directory, entry["name"])
+    if entry["kind"] == "exact":
+        keys = np.load(os.path.join(folder, "keys.npy"))
+        if keys.shape != (entry["count"], dim):
+            raise RetroError(f"index {directory}: {entry['name']} has shape {keys.shape}")
+        return _Shard(entry["start"], entry["count"], keys=keys)
+    if not os.path.isfile(os.path.join(folder, "scann_assets.pbtxt")):
+        raise RetroError(f"index {directory}: {entry['name']} has no ScaNN assets")
+    searcher = _scann_module().load_searcher(folder)
+    params = ScannParams(**entry["params"])
+    return _Shard(entry["start"], entry["count"], searcher=searcher, params=params)
+
+
 def write_metadata(directory: str, dim: int, model_id: str, settings: dict, shards: list) -> None:
     """index.json: what `NeighbourIndex.load` reads (shard entries in shard order)."""
     meta = dict(
@@ -316,21 +331,8 @@ class NeighbourIndex:
     def load(cls, directory: str) -> NeighbourIndex:
         """The index saved in `directory`; RetroError naming it if missing or corrupt."""
         meta = cls.read_metadata(directory)
-        shards = []
         try:
-            for s in meta["shards"]:
-                folder = os.path.join(directory, s["name"])
-                if s["kind"] == "exact":
-                    keys = np.load(os.path.join(folder, "keys.npy"))
-                    if keys.shape != (s["count"], meta["dim"]):
-                        raise RetroError(f"index {directory}: {s['name']} has shape {keys.shape}")
-                    shards.append(_Shard(s["start"], s["count"], keys=keys))
-                else:
-                    if not os.path.isfile(os.path.join(folder, "scann_assets.pbtxt")):
-                        raise RetroError(f"index {directory}: {s['name']} has no ScaNN assets")
-                    searcher = _scann_module().load_searcher(folder)
-                    params = ScannParams(**s["params"])
-                    shards.append(_Shard(s["start"], s["count"], searcher=searcher, params=params))
+            shards = [load_shard(directory, s, int(meta["dim"])) for s in meta["shards"]]
         except RetroError:
             raise
         except Exception as e:  # numpy / scann errors on truncated or missing files

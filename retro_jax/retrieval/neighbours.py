@@ -133,13 +133,9 @@ class NeighbourFinder:
     def choose(self, plan: dict, found: np.ndarray, found_docs: np.ndarray) -> np.ndarray:
         """Nearest-first candidates found [Q, ask] (and their document ids) -> neighbour ids
         int64 [S, l, K], -1 where none."""
-        s, l = plan["shape"]  # noqa: E741
-        ids = np.full((s * l, self.k), -1, np.int64)
-        if len(plan["live"]):
-            kept = select_neighbours(found, found_docs, plan["query_docs"], self.k)
-            ids[plan["live"]] = kept
-            self.missing += int((kept < 0).sum())
-        return ids.reshape(s, l, self.k)
+        ids, missing = choose_neighbours(plan, found, found_docs, self.k)
+        self.missing += missing
+        return ids
 
     def shard_examples(self, sequences: dict[str, np.ndarray], split: str) -> list[dict]:
         """Records of one sequence shard (see retro_jax.data.records for the schema)."""
@@ -149,6 +145,17 @@ class NeighbourFinder:
             found, _ = self.index.search(plan["queries"], plan["ask"])
         ids = self.choose(plan, found, self.database.doc_ids(found))
         return shard_records(sequences, ids, self.database.entries(ids))
+
+
+def choose_neighbours(plan: dict, found, found_docs, k: int) -> tuple[np.ndarray, int]:
+    """(`NeighbourFinder.choose`'s ids [S, l, K], empty slots of chunks with text)."""
+    s, l = plan["shape"]  # noqa: E741
+    ids = np.full((s * l, k), -1, np.int64)
+    if not len(plan["live"]):
+        return ids.reshape(s, l, k), 0
+    kept = select_neighbours(found, found_docs, plan["query_docs"], k)
+    ids[plan["live"]] = kept
+    return ids.reshape(s, l, k), int((kept < 0).sum())
 
 
 def shard_records(
@@ -191,7 +198,7 @@ def write_neighbour_shards(
     `on_shard(file name)` is called after each new file is complete.
     """
     shards = sequence_summary["shards"]
-    files, records, queries = [], 0, 0
+    queries = 0
     start = time.time()
     bar = tqdm(
         total=sum(sh["sequences"] for sh in shards),
@@ -201,8 +208,6 @@ def write_neighbour_shards(
     )
     for index, shard in enumerate(shards):
         name = record_file_name(split, index, len(shards))
-        files.append(name)
-        records += shard["sequences"]
         if name in done and os.path.exists(os.path.join(out_dir, name)):
             bar.update(shard["sequences"])
             continue
@@ -216,10 +221,19 @@ def write_neighbour_shards(
     bar.close()
     seconds = time.time() - start
     return dict(
-        files=files,
+        split_summary(split, sequence_summary, spec),
+        run=dict(queries=queries, seconds=round(seconds, 3)),
+    )
+
+
+def split_summary(split: str, sequence_summary: dict, spec: RecordSpec) -> dict:
+    """records.json's entry of a split: its files, records and scored tokens and bytes."""
+    shards = sequence_summary["shards"]
+    records = sum(sh["sequences"] for sh in shards)
+    return dict(
+        files=[record_file_name(split, i, len(shards)) for i in range(len(shards))],
         records=records,
         scored_tokens=sum(sh["scored_tokens"] for sh in shards),
         scored_bytes=sum(sh["scored_bytes"] for sh in shards),
         queries=records * spec.num_chunks,
-        run=dict(queries=queries, seconds=round(seconds, 3)),
     )

@@ -1,0 +1,233 @@
+"""The retrieval database as Beam transforms: chunks, keys and index, shard by shard.
+
+- chunks: documents are tokenized and chunked in parallel (`document_entries`); their entries
+  are placed in ordinal order (`ordered_shards`), so chunk ids and shards equal the local path's.
+- keys: one element per database shard; the frozen BERT is loaded once per worker (`setup`) and
+  embeds a whole shard per call (batched inside `ChunkEmbedder`, on the worker's accelerator if
+  it has one). Shards already written by an interrupted run are kept.
+- index: one element per index shard; each worker builds its ScaNN searcher (or exact shard)
+  from the key rows it covers and saves it; `index.json` lists them in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import apache_beam as beam
+import numpy as np
+
+# Imported at module top, not lazily in DoFn.setup: a lazy transformers import races when a
+# worker runs several threads.
+from transformers import AutoTokenizer, BertTokenizerFast  # noqa: F401
+
+from retro_jax.beam.documents import collect, load_collected, ordered_shards
+from retro_jax.retrieval.chunks import (
+    ChunkDatabase,
+    document_entries,
+    embed_shard,
+    load_keys,
+    shard_name,
+    write_chunk_shard,
+    write_database_info,
+)
+
+
+class _Chunk(beam.DoFn):
+    """(ordinal, Document) -> (ordinal, {tokens [c, 2m], doc_ids [c]}, doc_id), and tagged
+    `info` (ordinal, tokens, key) for the database's counts."""
+
+    def __init__(self, tokenizer_dir: str, pad_id: int, chunk_size: int):
+        self.tokenizer_dir, self.pad_id, self.chunk_size = tokenizer_dir, pad_id, chunk_size
+
+    def setup(self):
+        from retro_jax.data.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.tokenizer_dir, pad_id=self.pad_id)
+
+    def process(self, item):
+        ordinal, doc = item
+        entries, length = document_entries(doc.text, self.tokenizer, self.chunk_size)
+        yield beam.pvalue.TaggedOutput("info", (ordinal, length, doc.key))
+        if len(entries):
+            rows = dict(tokens=entries, doc_ids=np.full(len(entries), doc.doc_id, np.int64))
+            yield ordinal, rows, doc.doc_id
+
+
+class _Counts(beam.CombineFn):
+    """tokens seen, short documents, and the keys of the first five short ones (by ordinal)."""
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
+
+    def create_accumulator(self):
+        return 0, 0, []
+
+    def add_input(self, acc, item):
+        ordinal, length, key = item
+        short = length - 2 < self.chunk_size
+        examples = sorted(acc[2] + [(ordinal, key)])[:5] if short else acc[2]
+        return acc[0] + length, acc[1] + short, examples
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        return (
+            sum(a[0] for a in accs),
+            sum(a[1] for a in accs),
+            sorted(e for a in accs for e in a[2])[:5],
+        )
+
+    def extract_output(self, acc):
+        return dict(tokens=acc[0], short=acc[1], examples=[key for _, key in acc[2]])
+
+
+def build_chunks(
+    options, documents_of, tokenizer, tokenizer_dir, directory, *, chunk_size, per_shard, log
+):
+    """The chunk database of the retrieval documents in `directory` (as
+    `retro_jax.retrieval.chunks.build_chunk_database` writes it)."""
+    from retro_jax.errors import RetroError
+
+    if per_shard <= 0:
+        raise RetroError(f"data.chunks_per_shard={per_shard} must be positive")
+    os.makedirs(directory, exist_ok=True)
+    work = os.path.join(directory, "_beam")
+    os.makedirs(work, exist_ok=True)
+    with beam.Pipeline(options=options) as p:
+        docs, _ = documents_of(p, "retrieval")
+        chunked = docs | "chunk" >> beam.ParDo(
+            _Chunk(tokenizer_dir, tokenizer.pad_id, chunk_size)
+        ).with_outputs("info", main="rows")
+        shards, offsets = ordered_shards(chunked.rows, per_shard, "chunks")
+        written = shards | "write shards" >> beam.Map(lambda s: (s[0], _write_shard(directory, s)))
+        collect(written, os.path.join(work, "shards.pkl"), "shard sizes")
+        collect(offsets, os.path.join(work, "docs.pkl"), "docs table")
+        collect(chunked.info, os.path.join(work, "counts.pkl"), "counts", _Counts(chunk_size))
+    shard_sizes = dict(load_collected(os.path.join(work, "shards.pkl")))
+    counts = load_collected(os.path.join(work, "counts.pkl"))
+    docs_table = [
+        (int(d), int(first), int(n)) for d, first, n in load_collected(work + "/docs.pkl")
+    ]
+    for name in os.listdir(work):
+        os.remove(os.path.join(work, name))
+    os.rmdir(work)
+    return write_database_info(
+        directory,
+        docs_table,
+        chunk_size=chunk_size,
+        chunks_per_shard=per_shard,
+        shards=[shard_sizes[i] for i in range(len(shard_sizes))],
+        short_documents=counts["short"],
+        short_examples=counts["examples"],
+        tokens=counts["tokens"],
+        pad_id=tokenizer.pad_id,
+        eos_id=tokenizer.eos_id,
+        log=log,
+    )
+
+
+def _write_shard(directory: str, shard) -> int:
+    index, rows = shard
+    write_chunk_shard(directory, index, rows["tokens"], rows["doc_ids"])
+    return len(rows["tokens"])
+
+
+class _EmbedShard(beam.DoFn):
+    """Database shard index -> keys/shard-NNNNN.npy (kept if an interrupted run wrote it)."""
+
+    def __init__(self, prepare_dir: str, out_dir: str, pad_id: int, bert: dict):
+        self.prepare_dir, self.out_dir, self.pad_id, self.bert = prepare_dir, out_dir, pad_id, bert
+
+    def setup(self):
+        from retro_jax.data.tokenizer import load_tokenizer
+        from retro_jax.retrieval import ChunkEmbedder
+
+        self.database = ChunkDatabase(os.path.join(self.prepare_dir, "db"))
+        self.tokenizer = load_tokenizer(
+            os.path.join(self.prepare_dir, "tokenizer"), pad_id=self.pad_id
+        )
+        self.embedder = ChunkEmbedder.from_pretrained(
+            self.bert["path"] or None,
+            max_len=self.bert["max_len"],
+            batch_size=self.bert["batch_size"],
+        )
+
+    def process(self, index):
+        if os.path.exists(os.path.join(self.out_dir, shard_name(index) + ".npy")):
+            yield 0, self.database.shard_sizes[index]  # kept from an interrupted run
+        else:
+            yield embed_shard(self.database, index, self.tokenizer, self.embedder, self.out_dir), 0
+
+
+def build_keys(options, prepare_dir: str, directory: str, *, pad_id: int, bert: dict) -> dict:
+    """Keys of every database shard into `directory` (as `write_keys` writes them)."""
+    database = ChunkDatabase(os.path.join(prepare_dir, "db"))
+    work = os.path.join(directory, "_beam.pkl")
+    with beam.Pipeline(options=options) as p:
+        done = (
+            p
+            | "shards" >> beam.Create(list(range(database.num_shards)))
+            | "spread" >> beam.Reshuffle()
+            | "embed" >> beam.ParDo(_EmbedShard(prepare_dir, directory, pad_id, bert))
+        )
+        collect(done, work, "counts", beam.combiners.ToListCombineFn())
+    counts = np.array(load_collected(work), np.int64).reshape(-1, 2).sum(axis=0)
+    os.remove(work)
+    first = np.load(os.path.join(directory, shard_name(0) + ".npy"), mmap_mode="r")
+    return dict(
+        chunks=len(database),
+        dim=int(first.shape[1]),
+        model_id=bert["model_id"],
+        run=dict(embedded=int(counts[0]), resumed=int(counts[1])),
+    )
+
+
+class _BuildIndexShard(beam.DoFn):
+    """(shard number, first row) -> the shard saved in directory/shard-NNNNN; its index.json
+    entry."""
+
+    def __init__(self, prepare_dir: str, directory: str, settings: dict):
+        self.prepare_dir, self.directory, self.settings = prepare_dir, directory, settings
+
+    def process(self, item):
+        from retro_jax.retrieval.index import build_shard, save_shard
+
+        number, start = item
+        database = ChunkDatabase(os.path.join(self.prepare_dir, "db"))
+        keys = load_keys(os.path.join(self.prepare_dir, "keys"), database)
+        size = self.settings["shard_size"]
+        part = _rows(keys, database.per_shard, start, min(start + size, len(database)))
+        yield save_shard(build_shard(part, start, **self.settings), self.directory, number)
+
+
+def _rows(shards: list[np.ndarray], per_shard: int, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop of arrays split in shards of per_shard rows (copied)."""
+    first, last = start // per_shard, (stop - 1) // per_shard
+    parts = [shards[i] for i in range(first, last + 1)]
+    joined = np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
+    offset = first * per_shard
+    return np.array(joined[start - offset : stop - offset], np.float32)
+
+
+def build_index(options, prepare_dir: str, directory: str, settings: dict, model_id: str) -> dict:
+    """Index shards built in parallel into `directory` (loadable by `NeighbourIndex.load`)."""
+    from retro_jax.retrieval.index import shard_starts, write_metadata
+
+    database = ChunkDatabase(os.path.join(prepare_dir, "db"))
+    with open(os.path.join(prepare_dir, "keys", "keys.json")) as f:
+        dim = json.load(f)["dim"]
+    os.makedirs(directory, exist_ok=True)
+    work = os.path.join(directory, "_beam.pkl")
+    starts = list(enumerate(shard_starts(len(database), int(settings["shard_size"]))))
+    with beam.Pipeline(options=options) as p:
+        metas = (
+            p
+            | "starts" >> beam.Create(starts)
+            | "spread" >> beam.Reshuffle()
+            | "build" >> beam.ParDo(_BuildIndexShard(prepare_dir, directory, settings))
+        )
+        collect(metas, work, "shards")
+    shards = load_collected(work)
+    os.remove(work)
+    write_metadata(directory, dim, model_id, settings, shards)
+    return dict(keys=len(database), dim=dim, shards=len(shards))

@@ -1,0 +1,159 @@
+"""`retro-jax prepare --runner=...`: the stages as Beam pipelines, one pipeline per stage.
+
+`BeamStageContext` is the local `StageContext` with the heavy work of six stages replaced by
+pipelines over the same per-document and per-shard functions; the driver (`run_prepare`), the
+manifest, the `<stage>.partial/` folders and their commits are shared, so a stage can be built
+by either driver and the outputs are the same. The tokenizer is trained on the driver (one
+SentencePiece model over a sample of sentences is not worth distributing).
+
+Resuming: `keys` and `neighbours` keep the shards an interrupted run finished, as locally.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from retro_jax.beam.documents import read_documents
+from retro_jax.data.sources import open_source
+from retro_jax.errors import RetroError
+from retro_jax.prepare_stages import StageContext
+
+log = logging.getLogger("retro_jax.prepare")
+
+
+def pipeline_options(runner: str, args: list[str]) -> PipelineOptions:
+    """Beam options from `--runner` and the remaining command-line flags (e.g.
+    `--direct_num_workers=2 --direct_running_mode=multi_processing`, or Dataflow's `--project`,
+    `--region`, `--temp_location`, `--sdk_container_image`)."""
+    # The portable runners log every worker's start-up at WARNING.
+    logging.getLogger("apache_beam").setLevel(logging.ERROR)
+    options = PipelineOptions([f"--runner={runner}", *args])
+    options.view_as(beam.options.pipeline_options.SetupOptions).save_main_session = False
+    return options
+
+
+def _retro_error(error: Exception) -> RetroError | None:
+    """A RetroError raised on a worker reaches the driver as text inside the runner's error."""
+    found = re.search(r"RetroError: (.+)", str(error))
+    return RetroError(found.group(1).strip()) if found else None
+
+
+class BeamStageContext(StageContext):
+    def __init__(self, config, prepare_dir: str, options: PipelineOptions, *, progress=True):
+        super().__init__(config, prepare_dir, progress=progress)
+        self.options = options
+
+    def build(self, stage: str, partial: str, on_shard) -> dict:
+        try:
+            return super().build(stage, partial, on_shard)
+        except RetroError:
+            raise
+        except Exception as e:  # a worker's error, wrapped by the runner
+            error = _retro_error(e)
+            if error is None:
+                raise
+            raise error from e
+
+    def documents_of(self, pipeline, role: str):
+        """(ordinal, Document) of a role, without the documents the leakage filter dropped."""
+        from retro_jax.dedup import read_dropped_ids
+
+        docs, stats = read_documents(pipeline, open_source(self.config, role), role)
+        dropped = read_dropped_ids(self.path("dedup_report.json")).get(role, set())
+        if dropped:
+            docs = docs | f"{role}: leakage filter" >> beam.Filter(
+                lambda od, dropped=frozenset(dropped): od[1].doc_id not in dropped
+            )
+        return docs, stats
+
+    def dedup_report(self, sources: dict, eval_source, partial: str) -> dict:
+        from retro_jax.beam.dedup import build_dedup
+
+        work = os.path.join(partial, "_beam")
+        os.makedirs(work, exist_ok=True)
+        report = build_dedup(self.options, self.config, sources, eval_source, work)
+        for name in os.listdir(work):
+            os.remove(os.path.join(work, name))
+        os.rmdir(work)
+        return report
+
+    def _build_chunks(self, partial: str, _hook) -> dict:
+        from retro_jax.beam.database import build_chunks
+
+        return build_chunks(
+            self.options,
+            self.documents_of,
+            self.tokenizer(),
+            self.path("tokenizer"),
+            partial,
+            chunk_size=int(self.config.model.chunk_size),
+            per_shard=int(self.config.data.chunks_per_shard),
+            log=log,
+        )
+
+    def _bert(self) -> dict:
+        r = self.config.retrieval
+        return dict(
+            path=str(r.bert_path),
+            max_len=int(r.bert_max_len),
+            batch_size=int(r.embed_batch_size),
+            model_id=self.bert_model_id(),
+        )
+
+    def embed_keys(self, partial: str, hook) -> dict:
+        from retro_jax.beam.database import build_keys
+
+        pad_id = int(self.config.model.pad_id)
+        return build_keys(self.options, self.dir, partial, pad_id=pad_id, bert=self._bert())
+
+    def _build_index(self, partial: str, _hook) -> dict:
+        from retro_jax.beam.database import build_index
+
+        o = self.config.retrieval.index
+        settings = dict(
+            brute_force_below=int(o.brute_force_below),
+            shard_size=int(o.shard_size),
+            num_leaves=int(o.num_leaves),
+            leaves_to_search=int(o.leaves_to_search),
+            reorder=int(o.reorder),
+        )
+        summary = build_index(self.options, self.dir, partial, settings, self.bert_model_id())
+        return self.write_built_with(partial, summary)
+
+    def cut_sequences(self, partial: str) -> dict:
+        from retro_jax.beam.neighbours import build_sequences
+
+        d = self.config.data
+        return build_sequences(
+            self.options,
+            self.documents_of,
+            self.path("tokenizer"),
+            int(self.config.model.pad_id),
+            partial,
+            seq_len=int(d.seq_len),
+            per_shard=int(d.records_per_shard),
+        )
+
+    def find_neighbours(self, partial: str, hook, sequences: dict) -> tuple[dict, dict]:
+        from retro_jax.beam.neighbours import build_neighbours
+        from retro_jax.retrieval.neighbours import split_summary
+
+        r, spec = self.config.retrieval, self.spec()
+        bert = self._bert()
+        settings = dict(
+            bert_path=bert["path"],
+            max_len=bert["max_len"],
+            batch_size=bert["batch_size"],
+            pad_id=int(self.config.model.pad_id),
+            k=spec.num_neighbours,
+            multiplier=int(r.query_multiplier),
+            exclude=bool(r.exclude_same_document),
+        )
+        run = build_neighbours(self.options, self.dir, partial, sequences, spec, settings)
+        splits = {split: split_summary(split, sequences[split], spec) for split in sequences}
+        return {s: splits[s] for s in ("train", "eval")}, run
