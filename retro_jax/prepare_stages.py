@@ -88,11 +88,15 @@ class StageContext:
             )
         return self._embedder
 
+    def source(self, role: str):
+        """The Source of a role (train | eval | retrieval) the config names."""
+        return open_source(self.config, role)
+
     def documents(self, role: str):
         """Documents of a role; train and retrieval without those the leakage filter drops."""
         from retro_jax.dedup import read_dropped_ids
 
-        source = open_source(self.config, role)
+        source = self.source(role)
         dropped = read_dropped_ids(self.path(REPORT)).get(role, set()) if role != "eval" else set()
         return (doc for doc in source.documents() if doc.doc_id not in dropped)
 
@@ -107,7 +111,7 @@ class StageContext:
     def settings(self, stage: str) -> dict:
         c, d, r = self.config, self.config.data, self.config.retrieval
         if stage == "dedup":
-            sources = {role: open_source(c, role) for role in ("train", "eval", "retrieval")}
+            sources = {role: self.source(role) for role in ("train", "eval", "retrieval")}
             return dict(
                 sources={k: [s.spec, s.fingerprint()] for k, s in sources.items()},
                 max_docs=int(d.max_docs),
@@ -227,8 +231,8 @@ class StageContext:
     def _build_dedup(self, partial: str, _hook) -> dict:
         from retro_jax.dedup import write_report
 
-        sources = {role: open_source(self.config, role) for role in ("train", "retrieval")}
-        report = self.dedup_report(sources, open_source(self.config, "eval"), partial)
+        sources = {role: self.source(role) for role in ("train", "retrieval")}
+        report = self.dedup_report(sources, self.source("eval"), partial)
         write_report(os.path.join(partial, REPORT), report)
         roles = report["roles"]
         for role, counts in roles.items():

