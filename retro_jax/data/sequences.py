@@ -14,13 +14,13 @@ target_bytes [S, n], doc_id [S], offset [S]) so later stages stream them shard b
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from retro_jax.data import files
 from retro_jax.errors import RetroError
 
 FIELDS = ("tokens", "loss_mask", "target_bytes", "doc_id", "offset")
@@ -87,7 +87,7 @@ class SequenceShardWriter:
         if per_shard <= 0:
             raise RetroError(f"data.records_per_shard={per_shard} must be positive")
         self.directory, self.prefix, self.per_shard = directory, prefix, per_shard
-        os.makedirs(directory, exist_ok=True)
+        files.makedirs(directory)
         self.buffer: dict[str, list[np.ndarray]] = {k: [] for k in FIELDS}
         self.buffered = 0
         self.shards: list[dict] = []
@@ -119,9 +119,8 @@ def write_sequence_shard(directory: str, prefix: str, index: int, rows: dict) ->
     {name, sequences, scored_tokens, scored_bytes}."""
     name = f"{prefix}-{index:05d}.npz"
     path = os.path.join(directory, name)
-    with open(path + ".tmp", "wb") as f:
+    with files.atomic_write(path) as f:
         np.savez(f, **{k: rows[k] for k in FIELDS})
-    os.replace(path + ".tmp", path)
     return dict(
         name=name,
         sequences=len(rows["doc_id"]),
@@ -175,7 +174,7 @@ def write_sequences(
 
 
 def read_sequence_shard(path: str) -> dict[str, np.ndarray]:
-    with np.load(path) as data:
+    with files.load_npy(path, mmap=False) as data:
         return {k: data[k] for k in FIELDS}
 
 
@@ -185,7 +184,4 @@ def iter_sequence_shards(directory: str, summary: dict) -> Iterator[tuple[str, d
 
 
 def write_summary(directory: str, name: str, summary: dict) -> None:
-    path = os.path.join(directory, name)
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(path + ".tmp", path)
+    files.write_json(os.path.join(directory, name), summary, indent=1)

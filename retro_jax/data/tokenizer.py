@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from retro_jax.data import files
 from retro_jax.errors import RetroError
 
 SPM_FILE = "spm.model"
@@ -99,41 +99,43 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """sha256 of the tokenizer's files (names the tokenizer in manifests)."""
         digest = hashlib.sha256()
-        files = (
-            [self.path]
-            if os.path.isfile(self.path)
-            else sorted(os.path.join(self.path, f) for f in os.listdir(self.path))
-        )
-        for name in files:
-            if os.path.isfile(name):
-                digest.update(os.path.basename(name).encode() + b"\0")
-                with open(name, "rb") as f:
-                    digest.update(f.read())
+        for name in _files_of(self.path):
+            digest.update(os.path.basename(name).encode() + b"\0")
+            digest.update(files.read_bytes(name))
         return digest.hexdigest()
 
     def save(self, directory: str) -> None:
         """Copy the tokenizer's files into `directory` (spm.model, or the HF folder's files)."""
-        os.makedirs(directory, exist_ok=True)
-        if os.path.isfile(self.path):
-            shutil.copyfile(self.path, os.path.join(directory, SPM_FILE))
-        else:
-            for name in sorted(os.listdir(self.path)):
-                source = os.path.join(self.path, name)
-                if os.path.isfile(source):
-                    shutil.copyfile(source, os.path.join(directory, name))
+        files.makedirs(directory)
+        single = files.isfile(self.path)
+        for source in _files_of(self.path):
+            name = SPM_FILE if single else os.path.basename(source)
+            files.copy(source, os.path.join(directory, name))
+
+
+def _files_of(path: str) -> list[str]:
+    """[path] for a file, else the files directly in the folder `path` (sorted)."""
+    if files.isfile(path):
+        return [path]
+    names = sorted(os.path.join(path, name) for name in files.listdir(path))
+    return [name for name in names if files.isfile(name)]
 
 
 def load_tokenizer(path: str, *, pad_id: int = 0) -> Tokenizer:
     """A SentencePiece .model file, a folder holding spm.model, or a Hugging Face tokenizer
-    folder. `pad_id` is the id that pads records (config.model.pad_id)."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, SPM_FILE)):
+    folder (local or any tf.io.gfile scheme). `pad_id` is the id that pads records
+    (config.model.pad_id)."""
+    if files.isdir(path) and files.isfile(os.path.join(path, SPM_FILE)):
         path = os.path.join(path, SPM_FILE)
-    if os.path.isfile(path):
+    if files.isfile(path):
         import sentencepiece as spm
 
         model = spm.SentencePieceProcessor()
         try:
-            model.load(path)
+            if files.is_remote(path):
+                model.load_from_serialized_proto(files.read_bytes(path))
+            else:
+                model.load(path)
         except (OSError, RuntimeError) as e:
             raise RetroError(f"data.tokenizer={path}: not a SentencePiece model ({e})") from e
         if model.eos_id() < 0:
@@ -146,11 +148,12 @@ def load_tokenizer(path: str, *, pad_id: int = 0) -> Tokenizer:
             eos_id=int(model.eos_id()),
             vocab_size=int(model.get_piece_size()),
         )
-    if os.path.isdir(path):
+    if files.isdir(path):
         from transformers import AutoTokenizer
 
         try:
-            model = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            with files.local_copy(path) as local:  # (loaded whole: the copy can go)
+                model = AutoTokenizer.from_pretrained(local, local_files_only=True)
         except Exception as e:  # transformers raises many types for missing/corrupt files
             raise RetroError(f"data.tokenizer={path}: cannot load tokenizer ({e})") from e
         eos = model.eos_token_id if model.eos_token_id is not None else model.sep_token_id
@@ -239,9 +242,7 @@ def train_sentencepiece(
         raise RetroError(
             f"tokenizer: SentencePiece training failed with data.vocab_size={vocab_size}: {e}"
         ) from e
-    with open(path + ".tmp", "wb") as f:
-        f.write(out.getvalue())
-    os.replace(path + ".tmp", path)
+    files.write_bytes(path, out.getvalue())
     return load_tokenizer(path, pad_id=pad_id)
 
 
