@@ -23,6 +23,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 
+BEAM = [
+    "--runner",
+    "DirectRunner",
+    "--beam-args=--direct_num_workers=2 --direct_running_mode=multi_processing",
+    "--compare",
+]
 # name -> (script, full arguments, --quick arguments); "{workdir}" is filled in.
 BENCHMARKS = {
     "model_step": ("bench_model_step.py", ["--presets", "tiny,172m"], ["--presets", "tiny"]),
@@ -36,6 +42,12 @@ BENCHMARKS = {
         "bench_prepare.py",
         ["--workdir", "{workdir}/prepare", "--repeat", "1"],
         ["--workdir", "{workdir}/prepare", "--docs", "10"],
+    ),
+    # The Beam path with 2 worker processes against the local path, same corpus, one run.
+    "prepare_beam": (
+        "bench_prepare.py",
+        ["--workdir", "{workdir}/prepare_beam", "--repeat", "1", *BEAM],
+        ["--workdir", "{workdir}/prepare_beam", "--docs", "10", *BEAM],
     ),
 }
 
