@@ -40,7 +40,7 @@ from retro_jax.retrieval.neighbours import (
 
 
 class _Cut(beam.DoFn):
-    """(ordinal, Document) -> (ordinal, sequences {FIELDS}, None); tagged `info`: (tokens,
+    """(ordinal, Document) -> (ordinal, sequences {FIELDS}, None); tagged `info`: (1, tokens,
     bytes) of the document."""
 
     def __init__(self, tokenizer_dir: str, pad_id: int, seq_len: int, split: str):
@@ -55,7 +55,7 @@ class _Cut(beam.DoFn):
     def process(self, item):
         ordinal, doc = item
         ids, counts = self.tokenizer.document_tokens(doc.text)
-        yield beam.pvalue.TaggedOutput("info", (len(ids), int(counts.sum())))
+        yield beam.pvalue.TaggedOutput("info", np.array([1, len(ids), counts.sum()], np.int64))
         rows = cut_document(
             ids,
             counts,
@@ -66,6 +66,25 @@ class _Cut(beam.DoFn):
         )
         if len(rows["doc_id"]):
             yield ordinal, rows, None
+
+
+class _Sum(beam.CombineFn):
+    """Element-wise sum of int64 [width] arrays (counts summed on the workers, not listed)."""
+
+    def __init__(self, width: int):
+        self.width = width
+
+    def create_accumulator(self):
+        return 0
+
+    def add_input(self, acc, item):
+        return acc + item
+
+    def merge_accumulators(self, accs):
+        return sum(accs, 0)
+
+    def extract_output(self, acc):
+        return np.zeros(self.width, np.int64) + acc
 
 
 def build_sequences(options, documents_of, tokenizer_dir, pad_id, directory, *, seq_len, per_shard):
@@ -90,17 +109,17 @@ def build_sequences(options, documents_of, tokenizer_dir, pad_id, directory, *, 
                 lambda s, split=split: write_sequence_shard(directory, split, s[0], s[1])
             )
             collect(written, work(split + "-shards"), f"{split}: shards")
-            collect(cut.info, work(split + "-docs"), f"{split}: docs")
+            collect(cut.info, work(split + "-docs"), f"{split}: docs", _Sum(3))
     summaries = {}
     for split in ("train", "eval"):
         shards = sorted(load_collected(work(split + "-shards")), key=lambda s: s["name"])
-        docs = np.array(load_collected(work(split + "-docs")), np.int64).reshape(-1, 2)
+        documents, tokens, size = load_collected(work(split + "-docs"))
         summaries[split] = dict(
             split=split,
             shards=shards,
-            documents=len(docs),
-            tokens=int(docs[:, 0].sum()),
-            bytes=int(docs[:, 1].sum()),
+            documents=int(documents),
+            tokens=int(tokens),
+            bytes=int(size),
         )
         for name in ("-shards", "-docs"):
             os.remove(work(split + name))
@@ -284,8 +303,8 @@ def build_neighbours(options, prepare_dir: str, out_dir: str, sequences: dict, s
             | "by record file" >> beam.GroupByKey()
             | "write" >> beam.ParDo(_Write(prepare_dir, out_dir, spec, settings["pad_id"]))
         )
-        collect(done, work, "counts", beam.combiners.ToListCombineFn())
-    counts = np.array(load_collected(work), np.int64).reshape(-1, 4).sum(axis=0)
+        collect(done, work, "counts", _Sum(4))
+    counts = load_collected(work)
     os.remove(work)
     return dict(
         queries=int(counts[0]),
