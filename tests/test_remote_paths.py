@@ -69,6 +69,13 @@ def test_files_round_trip(base):
     assert not files.exists(f"{base}/c") and sorted(files.listdir(f"{base}/d")) == ["b"]
     with pytest.raises(FileNotFoundError):
         files.read_bytes(f"{base}/d/x.json")
+    files.write_bytes(f"{base}/p.tmp", b"x")  # (ram:// matches "p" by prefix to this)
+    assert not files.exists(f"{base}/p") and not files.isdir(f"{base}/p")
+    files.makedirs(f"{base}/p")
+    files.write_bytes(f"{base}/p/q", b"")
+    assert files.listdir(f"{base}/p") == ["q"]
+    files.rmtree(f"{base}/p")
+    assert files.exists(f"{base}/p.tmp") and not files.exists(f"{base}/p")
     files.rmtree(base)
     assert not files.exists(base)
 
@@ -115,3 +122,48 @@ def test_sources_and_tokenizer_on_ram(tmp_path):
     assert loaded.encode(texts[0]).tolist() == tokenizer.encode(texts[0]).tolist()
     loaded.save(str(tmp_path / "copy"))
     assert load_tokenizer(str(tmp_path / "copy")).fingerprint() == loaded.fingerprint()
+
+
+def test_index_and_database_on_ram(tmp_path):
+    """A ScaNN + exact index saved to ram:// (twice: replaced, no temporary folder left) loads
+    back with identical results; a chunk database and its keys read from ram:// equal the
+    local ones."""
+    from retro_jax.retrieval import NeighbourIndex
+    from retro_jax.retrieval.chunks import ChunkDatabase, load_keys, write_chunk_shard
+
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(40, 16))[rng.integers(0, 40, 2600)] + rng.normal(size=(2600, 16))
+    keys = keys.astype(np.float32)
+    index = NeighbourIndex.build(keys, brute_force_below=1500, shard_size=2000, progress=False)
+    assert [s.kind for s in index.shards] == ["scann", "exact"]
+    ram = _ram("index")
+    index.save(f"{ram}/index")
+    index.save(f"{ram}/index")
+    assert files.listdir(ram) == ["index"]
+    loaded = NeighbourIndex.load(f"{ram}/index")
+    queries = keys[:30] + 0.1
+    for a, b in zip(index.search(queries, 5), loaded.search(queries, 5)):
+        np.testing.assert_array_equal(a, b)
+
+    from retro_jax.retrieval.chunks import write_database_info
+
+    for root in (str(tmp_path / "db"), f"{ram}/db"):
+        files.makedirs(root)
+        for shard in range(3):
+            tokens = np.arange(shard * 10, shard * 10 + 8, dtype=np.int32).reshape(2, 4)
+            write_chunk_shard(root, shard, tokens, np.full(2, shard, np.int64))
+        write_database_info(
+            root, [(s, 2 * s, 2) for s in range(3)], chunk_size=2, chunks_per_shard=2,
+            shards=[2, 2, 2], short_documents=0, short_examples=[], tokens=18, pad_id=0, eos_id=1
+        )  # fmt: skip
+        files.makedirs(f"{root}-keys")
+        for shard in range(3):
+            files.save_npy(f"{root}-keys/shard-{shard:05d}.npy", keys[2 * shard : 2 * shard + 2])
+    local, remote = ChunkDatabase(str(tmp_path / "db")), ChunkDatabase(f"{ram}/db")
+    ids = np.array([[5, -1], [0, 3]])
+    np.testing.assert_array_equal(remote.entries(ids), local.entries(ids))
+    np.testing.assert_array_equal(remote.doc_ids(ids), local.doc_ids(ids))
+    np.testing.assert_array_equal(
+        remote.document_chunks(np.array([2, 7]))[0], local.document_chunks(np.array([2, 7]))[0]
+    )
+    np.testing.assert_array_equal(np.concatenate(load_keys(f"{ram}/db-keys", remote)), keys[:6])

@@ -25,6 +25,13 @@ def is_remote(path) -> bool:
     return "://" in str(path)
 
 
+def _ram(path: str) -> bool:
+    """TensorFlow's in-memory ram:// matches names by prefix ("a" exists while "a.tmp" does, and
+    is listed in "a"'s listing): for it, existence is asked exactly (a glob) and folders are
+    always made explicitly."""
+    return path.startswith("ram://")
+
+
 def _gfile():
     import tensorflow as tf
 
@@ -37,17 +44,22 @@ def open(path: str, mode: str = "r"):  # noqa: A001 - the module's file-like `op
         return builtins.open(path, mode)
     if "r" in mode and not exists(path):
         raise FileNotFoundError(f"no such file: {path}")
-    if "w" in mode and exists(path):
-        remove(path)  # (ram:// appends to an existing file instead of truncating it)
+    if "w" in mode and _ram(path):
+        makedirs(os.path.dirname(path))
+        delete(path)  # (ram:// appends to an existing file instead of truncating it)
     return _gfile().GFile(path, mode)
 
 
 def exists(path: str) -> bool:
-    return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+    if not is_remote(path):
+        return os.path.exists(path)
+    return bool(_gfile().glob(path)) if _ram(path) else _gfile().exists(path)
 
 
 def isdir(path: str) -> bool:
-    return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
+    if not is_remote(path):
+        return os.path.isdir(path)
+    return (not _ram(path) or exists(path)) and _gfile().isdir(path)
 
 
 def isfile(path: str) -> bool:
@@ -63,7 +75,8 @@ def listdir(path: str) -> list[str]:
         return os.listdir(path)
     if not isdir(path):
         raise FileNotFoundError(f"no such folder: {path}")
-    return [name.rstrip("/") for name in _gfile().listdir(path)]
+    names = [name.rstrip("/") for name in _gfile().listdir(path)]
+    return [n for n in names if exists(f"{path}/{n}")] if _ram(path) else names
 
 
 def remove(path: str) -> None:
@@ -71,7 +84,14 @@ def remove(path: str) -> None:
 
 
 def rmtree(path: str) -> None:
-    _gfile().rmtree(path) if is_remote(path) else shutil.rmtree(path)
+    if not is_remote(path):
+        shutil.rmtree(path)
+    elif not _ram(path):
+        _gfile().rmtree(path)
+    else:  # (ram://'s own removal trips over its prefix matches)
+        for root, _, names in reversed(list(walk(path))):
+            for name in names + [""]:
+                _gfile().remove(f"{root}/{name}".rstrip("/"))
 
 
 def delete(path: str) -> None:
@@ -109,7 +129,16 @@ def _tree(source: str, target: str):
 
 def walk(top: str):
     """(folder, subfolders, files) top-down, like os.walk (sort subfolders in place to order)."""
-    return _gfile().walk(top) if is_remote(top) else os.walk(top)
+    if not is_remote(top):
+        yield from os.walk(top)
+        return
+    if not isdir(top):
+        return
+    names = listdir(top)
+    folders = [name for name in names if isdir(f"{top}/{name}")]
+    yield top, folders, sorted(set(names) - set(folders))
+    for folder in folders:
+        yield from walk(f"{top}/{folder}")
 
 
 def stat(path: str) -> tuple[int, int]:
@@ -159,7 +188,8 @@ def copy(source: str, target: str) -> None:
     if not is_remote(source) and not is_remote(target):
         shutil.copyfile(source, target)
     else:
-        delete(target)
+        if _ram(target):
+            delete(target)  # (ram:// appends to an existing file)
         _gfile().copy(source, target, overwrite=True)
 
 
