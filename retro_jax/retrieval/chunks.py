@@ -10,20 +10,21 @@ are global and contiguous; shard i holds ids [i*S, (i+1)*S) with S = chunks_per_
     db/docs.npy                 int64 [D, 3]      (doc_id, first chunk id, chunk count), by doc_id
     db/db.json                  sizes, chunk size, pad/EOS ids
 
-Writing streams one document at a time and keeps one shard in memory; reading memory-maps.
+Writing streams one document at a time and keeps one shard in memory; reading memory-maps local
+shards and reads a remote shard (gs://...) whole when it is first touched.
 The keys stage embeds each shard's detokenized chunks (`write_keys`) into keys/shard-NNNNN.npy.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from retro_jax.data import files
 from retro_jax.errors import RetroError
 
 DB_INFO = "db.json"
@@ -70,7 +71,7 @@ def build_chunk_database(
     """
     if chunks_per_shard <= 0:
         raise RetroError(f"data.chunks_per_shard={chunks_per_shard} must be positive")
-    os.makedirs(directory, exist_ok=True)
+    files.makedirs(directory)
     m = chunk_size
     shards: list[int] = []
     buffer_tokens: list[np.ndarray] = []
@@ -124,9 +125,9 @@ def build_chunk_database(
 
 def write_chunk_shard(directory: str, index: int, tokens: np.ndarray, doc_ids: np.ndarray) -> None:
     """Shard `index`: tokens int32 [S_i, 2m] and doc_ids int64 [S_i] (temporary name, rename)."""
-    name = shard_name(index)
-    _save_npy(os.path.join(directory, name + ".tokens.npy"), tokens.astype(np.int32, copy=False))
-    _save_npy(os.path.join(directory, name + ".doc_ids.npy"), doc_ids.astype(np.int64, copy=False))
+    name = os.path.join(directory, shard_name(index))
+    files.save_npy(name + ".tokens.npy", tokens.astype(np.int32, copy=False))
+    files.save_npy(name + ".doc_ids.npy", doc_ids.astype(np.int64, copy=False))
 
 
 def write_database_info(
@@ -160,7 +161,7 @@ def write_database_info(
     duplicates = np.flatnonzero(np.diff(table[:, 0]) == 0)
     if len(duplicates):
         raise RetroError(f"chunk database: document id {table[duplicates[0], 0]} occurs twice")
-    _save_npy(os.path.join(directory, "docs.npy"), table)
+    files.save_npy(os.path.join(directory, "docs.npy"), table)
     info = dict(
         chunk_size=chunk_size,
         chunks_per_shard=chunks_per_shard,
@@ -172,15 +173,30 @@ def write_database_info(
         pad_id=pad_id,
         eos_id=eos_id,
     )
-    with open(os.path.join(directory, DB_INFO), "w") as f:
-        json.dump(info, f, indent=1)
+    files.write_json(os.path.join(directory, DB_INFO), info, indent=1)
     return info
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path + ".tmp", "wb") as f:
-        np.save(f, array)
-    os.replace(path + ".tmp", path)
+class _RemoteShards(Sequence):
+    """The arrays of remote .npy files, each read whole on first access and kept."""
+
+    def __init__(self, paths: list[str]):
+        self.paths, self.loaded = paths, {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if index not in self.loaded:
+            self.loaded[index] = files.load_npy(self.paths[index])
+        return self.loaded[index]
+
+
+def load_shards(paths: list[str]) -> Sequence[np.ndarray]:
+    """Arrays of .npy files: memory-mapped when local; remote ones read when first used."""
+    if paths and files.is_remote(paths[0]):
+        return _RemoteShards(paths)
+    return [files.load_npy(path) for path in paths]
 
 
 class ChunkDatabase:
@@ -188,23 +204,21 @@ class ChunkDatabase:
 
     def __init__(self, directory: str):
         path = os.path.join(directory, DB_INFO)
-        if not os.path.exists(path):
+        if not files.exists(path):
             raise RetroError(f"chunk database {directory}: no {DB_INFO} (run prepare)")
-        with open(path) as f:
-            self.info = json.load(f)
+        self.info = files.read_json(path)
         self.directory = directory
         self.chunk_size = int(self.info["chunk_size"])
         self.per_shard = int(self.info["chunks_per_shard"])
         self.pad_id = int(self.info["pad_id"])
         self.shard_sizes = [int(s) for s in self.info["shards"]]
-        self._tokens = [self._load(i, "tokens") for i in range(len(self.shard_sizes))]
-        self._doc_ids = [self._load(i, "doc_ids") for i in range(len(self.shard_sizes))]
-        self.docs = np.load(os.path.join(directory, "docs.npy"), mmap_mode="r")
+        self._tokens = self._shards("tokens")
+        self._doc_ids = self._shards("doc_ids")
+        self.docs = files.load_npy(os.path.join(directory, "docs.npy"))
 
-    def _load(self, index: int, what: str) -> np.ndarray:
-        return np.load(
-            os.path.join(self.directory, f"{shard_name(index)}.{what}.npy"), mmap_mode="r"
-        )
+    def _shards(self, what: str) -> Sequence[np.ndarray]:
+        names = [f"{shard_name(i)}.{what}.npy" for i in range(len(self.shard_sizes))]
+        return load_shards([os.path.join(self.directory, name) for name in names])
 
     def __len__(self) -> int:
         return int(self.info["num_chunks"])
@@ -214,7 +228,7 @@ class ChunkDatabase:
         return len(self.shard_sizes)
 
     def shard_tokens(self, index: int) -> np.ndarray:
-        """int32 [S_i, 2m], memory-mapped."""
+        """int32 [S_i, 2m], memory-mapped (local)."""
         return self._tokens[index]
 
     def shard_texts(self, index: int, tokenizer) -> list[str]:
@@ -273,7 +287,7 @@ def write_keys(
     for index in range(database.num_shards):
         path = os.path.join(directory, shard_name(index) + ".npy")
         size = database.shard_sizes[index]
-        if os.path.exists(path):
+        if files.exists(path):
             skipped += size
             bar.update(size)
             continue
@@ -299,13 +313,12 @@ def embed_shard(database: ChunkDatabase, index: int, tokenizer, embedder, direct
     keys = embedder.embed(database.shard_texts(index, tokenizer))
     if keys.shape != (size, embedder.dim):
         raise RetroError(f"keys: shard {index} embedded to shape {keys.shape}")
-    _save_npy(os.path.join(directory, shard_name(index) + ".npy"), keys.astype(np.float32))
+    files.save_npy(os.path.join(directory, shard_name(index) + ".npy"), keys.astype(np.float32))
     return size
 
 
-def load_keys(directory: str, database: ChunkDatabase) -> list[np.ndarray]:
-    """The keys shards, memory-mapped: [S_i, D] each."""
-    return [
-        np.load(os.path.join(directory, shard_name(i) + ".npy"), mmap_mode="r")
-        for i in range(database.num_shards)
-    ]
+def load_keys(directory: str, database: ChunkDatabase) -> Sequence[np.ndarray]:
+    """The keys shards, [S_i, D] each (memory-mapped, or read on first use: `load_shards`)."""
+    return load_shards(
+        [os.path.join(directory, shard_name(i) + ".npy") for i in range(database.num_shards)]
+    )

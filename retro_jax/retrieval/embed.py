@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from retro_jax.data import files
 from retro_jax.errors import RetroError
 from retro_jax.retrieval.bert import BertConfig, BertEncoder, load_bert, mean_pool
 
@@ -40,13 +41,12 @@ def default_bert_path() -> str:
 def model_id_of(folder: str) -> str:
     """Folder name + hash of config.json + weights file size: names the embedding model."""
     digest = hashlib.sha256()
-    with open(os.path.join(folder, "config.json"), "rb") as f:
-        digest.update(f.read())
-    weights = os.path.join(folder, "model.safetensors")
-    digest.update(str(os.path.getsize(weights)).encode())
-    name = os.path.basename(os.path.normpath(folder))
+    digest.update(files.read_bytes(os.path.join(folder, "config.json")))
+    digest.update(str(files.stat(os.path.join(folder, "model.safetensors"))[0]).encode())
+    folder = folder.rstrip("/") if files.is_remote(folder) else os.path.normpath(folder)
+    name = os.path.basename(folder)
     if name == "model":  # the packaged folder is called `model`: use its parent's name too
-        name = os.path.basename(os.path.dirname(os.path.normpath(folder))) + "/" + name
+        name = os.path.basename(os.path.dirname(folder)) + "/" + name
     return f"{name}@{digest.hexdigest()[:12]}"
 
 
@@ -121,21 +121,26 @@ class ChunkEmbedder:
         bucket_step: int = 8,
     ) -> ChunkEmbedder:
         """Load a Hugging Face BERT folder (config.json, model.safetensors, tokenizer files);
-        None or "" = the packaged all-MiniLM-L6-v2. Batches are padded to a multiple of
-        bucket_step tokens (or max_len); normalize=True divides each key by its L2 norm."""
+        None or "" = the packaged all-MiniLM-L6-v2; a remote folder (gs://...) is copied to a
+        local temporary folder to load. Batches are padded to a multiple of bucket_step tokens
+        (or max_len); normalize=True divides each key by its L2 norm."""
         folder = path or default_bert_path()
-        if not os.path.isdir(folder):
+        if not files.isdir(folder):
             raise RetroError(f"retrieval.bert_path {folder}: not a folder")
-        if not os.path.isfile(os.path.join(folder, "config.json")):
+        if not files.isfile(os.path.join(folder, "config.json")):
             raise RetroError(f"retrieval.bert_path {folder}: no config.json")
         from transformers import AutoTokenizer
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        except Exception as e:  # transformers raises many types for missing/corrupt files
-            raise RetroError(f"retrieval.bert_path {folder}: cannot load tokenizer ({e})") from e
+        with files.local_copy(folder) as local:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(local, local_files_only=True)
+            except Exception as e:  # transformers raises many types for missing/corrupt files
+                raise RetroError(
+                    f"retrieval.bert_path {folder}: cannot load tokenizer ({e})"
+                ) from e
+            bert = load_bert(local)
         return cls(
-            load_bert(folder),
+            bert,
             tokenizer,
             model_id=model_id_of(folder),
             max_len=max_len,

@@ -8,7 +8,8 @@ merged by distance. scann (and with it TensorFlow) is imported only when a ScaNN
 or loaded, so small indexes and everything else in retro_jax work without it.
 
 On disk, `directory/index.json` (dim, count, model_id, shards, parameters) and one folder per
-shard: `shard-00000/keys.npy` for exact shards, ScaNN's serialized assets otherwise.
+shard: `shard-00000/keys.npy` for exact shards, ScaNN's serialized assets otherwise. The folder
+may be remote (gs://...): ScaNN then serialises to and loads from a local temporary folder.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import tempfile
+import uuid
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from retro_jax.data import files
 from retro_jax.errors import RetroError
 
 FORMAT_VERSION = 1
@@ -171,13 +173,19 @@ def build_shard(
 def save_shard(shard: _Shard, directory: str, index: int) -> dict:
     """Write shard `index` to directory/shard-NNNNN/; returns its index.json entry."""
     name = f"shard-{index:05d}"
-    os.makedirs(os.path.join(directory, name), exist_ok=True)
+    folder = os.path.join(directory, name)
+    files.makedirs(folder)
     meta = dict(name=name, kind=shard.kind, start=shard.start, count=shard.count)
     if shard.searcher is None:
-        np.save(os.path.join(directory, name, "keys.npy"), shard.keys)
-    else:
+        files.save_npy(os.path.join(folder, "keys.npy"), shard.keys)
+    elif not files.is_remote(folder):
         # relative_path=True: the assets must stay valid after the folder is renamed.
-        shard.searcher.serialize(os.path.join(directory, name), relative_path=True)
+        shard.searcher.serialize(folder, relative_path=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="retro_jax-scann-") as local:
+            shard.searcher.serialize(local, relative_path=True)
+            files.copy_tree(local, folder)
+    if shard.searcher is not None:
         meta["params"] = dataclasses.asdict(shard.params)
     return meta
 
@@ -186,13 +194,14 @@ def load_shard(directory: str, entry: dict, dim: int) -> _Shard:
     """One shard of a saved index, from its index.json entry."""
     folder = os.path.join(directory, entry["name"])
     if entry["kind"] == "exact":
-        keys = np.load(os.path.join(folder, "keys.npy"))
+        keys = files.load_npy(os.path.join(folder, "keys.npy"), mmap=False)
         if keys.shape != (entry["count"], dim):
             raise RetroError(f"index {directory}: {entry['name']} has shape {keys.shape}")
         return _Shard(entry["start"], entry["count"], keys=keys)
-    if not os.path.isfile(os.path.join(folder, "scann_assets.pbtxt")):
+    if not files.isfile(os.path.join(folder, "scann_assets.pbtxt")):
         raise RetroError(f"index {directory}: {entry['name']} has no ScaNN assets")
-    searcher = _scann_module().load_searcher(folder)
+    with files.local_copy(folder) as local:  # (ScaNN reads its assets into memory)
+        searcher = _scann_module().load_searcher(local)
     params = ScannParams(**entry["params"])
     return _Shard(entry["start"], entry["count"], searcher=searcher, params=params)
 
@@ -207,8 +216,7 @@ def write_metadata(directory: str, dim: int, model_id: str, settings: dict, shar
         settings=settings,
         shards=sorted(shards, key=lambda s: s["start"]),
     )
-    with open(os.path.join(directory, "index.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    files.write_json(os.path.join(directory, "index.json"), meta, indent=1)
 
 
 def merge_topk(found: list[tuple[np.ndarray, ...]], q: int, k: int) -> tuple[np.ndarray, ...]:
@@ -293,23 +301,25 @@ class NeighbourIndex:
 
     def save(self, directory: str) -> None:
         """Write to a temporary sibling folder, then rename it to `directory` (replacing it)."""
-        directory = os.path.abspath(directory)
-        parent = os.path.dirname(directory)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
+        directory = directory.rstrip("/")
+        if not files.is_remote(directory):
+            directory = os.path.abspath(directory)
+        files.makedirs(os.path.dirname(directory))
+        tmp = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
+        files.makedirs(tmp)
         try:
             shard_meta = [save_shard(shard, tmp, i) for i, shard in enumerate(self.shards)]
             write_metadata(tmp, self.dim, self.model_id, self.settings, shard_meta)
-            if os.path.exists(directory):
+            if files.exists(directory):
                 old = directory + ".old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(directory, old)
-                os.rename(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
+                files.delete(old)
+                files.replace(directory, old)
+                files.replace(tmp, directory)
+                files.delete(old)
             else:
-                os.rename(tmp, directory)
+                files.replace(tmp, directory)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            files.delete(tmp)
             raise
 
     @staticmethod
@@ -317,8 +327,7 @@ class NeighbourIndex:
         """index.json of a saved index (dim, count, model_id, shards); RetroError if absent."""
         path = os.path.join(directory, "index.json")
         try:
-            with open(path) as f:
-                meta = json.load(f)
+            meta = files.read_json(path)
         except FileNotFoundError as e:
             raise RetroError(f"index {directory}: missing (no index.json)") from e
         except (OSError, json.JSONDecodeError) as e:

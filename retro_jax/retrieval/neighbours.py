@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
+from retro_jax.data import files
 from retro_jax.data.records import RecordSpec, write_records
 from retro_jax.data.sequences import read_sequence_shard
 from retro_jax.retrieval.chunks import ChunkDatabase
@@ -208,7 +209,7 @@ def write_neighbour_shards(
     )
     for index, shard in enumerate(shards):
         name = record_file_name(split, index, len(shards))
-        if name in done and os.path.exists(os.path.join(out_dir, name)):
+        if name in done and files.exists(os.path.join(out_dir, name)):
             bar.update(shard["sequences"])
             continue
         sequences = read_sequence_shard(os.path.join(sequence_dir, shard["name"]))
