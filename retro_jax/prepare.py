@@ -23,10 +23,10 @@ import importlib.metadata
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 
+from retro_jax.data import files
 from retro_jax.data.records import RECORDS_INFO, RecordSpec
 from retro_jax.errors import RetroError
 
@@ -77,17 +77,17 @@ def tree_digest(paths: list[str], base: str) -> str:
     """sha256 over the names (relative to `base`) and contents of files (folders walked in
     sorted order)."""
     digest = hashlib.sha256()
-    files = []
+    found = []
     for path in paths:
-        if os.path.isdir(path):
-            for root, dirs, names in os.walk(path):
+        if files.isdir(path):
+            for root, dirs, names in files.walk(path):
                 dirs.sort()
-                files += [os.path.join(root, n) for n in sorted(names)]
-        elif os.path.exists(path):
-            files.append(path)
-    for name in files:
+                found += [os.path.join(root, n) for n in sorted(names)]
+        elif files.exists(path):
+            found.append(path)
+    for name in found:
         digest.update(os.path.relpath(name, base).encode() + b"\0")
-        with open(name, "rb") as f:
+        with files.open(name, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
@@ -109,17 +109,14 @@ class Manifest:
     def __init__(self, prepare_dir: str):
         self.path = os.path.join(prepare_dir, MANIFEST)
         self.stages: dict[str, dict] = {}
-        if os.path.exists(self.path):
+        if files.exists(self.path):
             try:
-                with open(self.path) as f:
-                    self.stages = json.load(f).get("stages", {})
+                self.stages = files.read_json(self.path).get("stages", {})
             except (OSError, json.JSONDecodeError) as e:
                 raise RetroError(f"{self.path}: unreadable manifest ({e}); delete it") from e
 
     def save(self) -> None:
-        with open(self.path + ".tmp", "w") as f:
-            json.dump({"stages": self.stages}, f, indent=1, sort_keys=True)
-        os.replace(self.path + ".tmp", self.path)
+        files.write_json(self.path, {"stages": self.stages}, indent=1, sort_keys=True)
 
 
 class _KillHook:
@@ -135,13 +132,6 @@ class _KillHook:
         self.done += 1
         if self.limit and self.done >= self.limit:
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.exists(path):
-        os.remove(path)
 
 
 def run_prepare(
@@ -181,11 +171,10 @@ def run_prepare(
                 f"prepare --runner={runner} needs Apache Beam: pip install -e '.[beam]' ({e})"
             ) from e
         options = pipeline_options(runner, list(beam_args))
-        os.makedirs(prepare_dir, exist_ok=True)
         ctx = BeamStageContext(config, prepare_dir, options, progress=progress)
     else:
-        os.makedirs(prepare_dir, exist_ok=True)
         ctx = StageContext(config, prepare_dir, progress=progress)
+    files.makedirs(prepare_dir)
     manifest = Manifest(prepare_dir)
     if "index" not in manifest.stages:
         ctx.check_foreign_index()  # an index this workdir's manifest does not know
@@ -201,7 +190,7 @@ def run_prepare(
         key = _hash({"settings": settings, "upstream": upstream})
         entry = manifest.stages.get(stage)
         outputs = ctx.outputs(stage)
-        if entry and entry["hash"] == key and all(os.path.exists(p) for p in outputs):
+        if entry and entry["hash"] == key and all(files.exists(p) for p in outputs):
             results[stage] = dict(entry["counts"], skipped=True)
             print(f"prepare {stage}: up to date, skipped", flush=True)
             continue
@@ -209,21 +198,21 @@ def run_prepare(
         for name in [stage] + downstream(stage):
             manifest.stages.pop(name, None)
             for path in ctx.outputs(name):
-                _remove(path)
+                files.delete(path)
         manifest.save()
         partial = os.path.join(prepare_dir, stage + ".partial")
         marker = os.path.join(partial, ".stage-hash")
         if stage not in RESUMABLE or not _read(marker) == key:
-            _remove(partial)
-        os.makedirs(partial, exist_ok=True)
-        with open(marker, "w") as f:
+            files.delete(partial)
+        files.makedirs(partial)
+        with files.open(marker, "w") as f:
             f.write(key)
         start = time.time()
         summary = ctx.build(stage, partial, _KillHook(stage))
         # `run`: what this run did (time, shards resumed); the rest are the outputs' counts,
         # the same however often the stage was interrupted.
         run = dict(summary.pop("run", {}), seconds=round(time.time() - start, 3))
-        _remove(marker)  # (a stage may have replaced its partial folder wholesale)
+        files.delete(marker)  # (a stage may have replaced its partial folder wholesale)
         ctx.commit(stage, partial)
         manifest.stages[stage] = dict(
             hash=key,
@@ -243,8 +232,7 @@ def run_prepare(
 
 def _read(path: str) -> str | None:
     try:
-        with open(path) as f:
-            return f.read()
+        return files.read_text(path)
     except OSError:
         return None
 

@@ -9,14 +9,13 @@ neighbours); this is the glue that feeds each one the previous stages' outputs.
 
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import os
-import shutil
+import tempfile
 
 import numpy as np
 
+from retro_jax.data import files
 from retro_jax.data.records import RECORDS_INFO, RecordSpec, write_records_info
 from retro_jax.data.sources import open_source
 from retro_jax.errors import RetroError
@@ -63,7 +62,7 @@ class StageContext:
         from retro_jax.retrieval.embed import model_id_of
 
         folder = self.bert_folder()
-        if not os.path.isfile(os.path.join(folder, "config.json")):
+        if not files.isfile(os.path.join(folder, "config.json")):
             raise RetroError(f"retrieval.bert_path={folder}: no config.json there")
         return model_id_of(folder)
 
@@ -149,11 +148,10 @@ class StageContext:
         if stage in FOLDERS:
             return [self.path(FOLDERS[stage])]
         listed = []
-        if os.path.exists(self.path(RECORDS_INFO)):
-            with open(self.path(RECORDS_INFO)) as f:
-                info = json.load(f)
+        if files.exists(self.path(RECORDS_INFO)):
+            info = files.read_json(self.path(RECORDS_INFO))
             listed = [self.path(n) for split in info["splits"].values() for n in split["files"]]
-        found = glob.glob(self.path("train-*-of-*.tfrecord")) + glob.glob(
+        found = files.glob(self.path("train-*-of-*.tfrecord")) + files.glob(
             self.path("eval-*-of-*.tfrecord")
         )
         return [self.path(RECORDS_INFO)] + sorted(set(listed) | set(found))
@@ -161,26 +159,25 @@ class StageContext:
     def commit(self, stage: str, partial: str) -> None:
         """Move a finished `<stage>.partial/` into place (records.json last)."""
         if stage in FOLDERS:
-            os.replace(partial, self.path(FOLDERS[stage]))
+            files.replace(partial, self.path(FOLDERS[stage]))
             return
-        names = sorted(os.listdir(partial))
+        names = sorted(files.listdir(partial))
         last = REPORT if stage == "dedup" else RECORDS_INFO
         for name in [n for n in names if n != last] + [last]:
-            os.replace(os.path.join(partial, name), self.path(name))
-        shutil.rmtree(partial)
+            files.replace(os.path.join(partial, name), self.path(name))
+        files.rmtree(partial)
 
     def check_foreign_index(self) -> None:
         """An index/ this manifest did not build must match the embedding model and chunk size."""
         folder = self.path("index")
-        if not os.path.isdir(folder):
+        if not files.isdir(folder):
             return
         from retro_jax.retrieval import NeighbourIndex
 
         model_id = NeighbourIndex.read_metadata(folder).get("model_id", "")
         chunk_size = None
-        if os.path.exists(os.path.join(folder, BUILT_WITH)):
-            with open(os.path.join(folder, BUILT_WITH)) as f:
-                chunk_size = json.load(f).get("chunk_size")
+        if files.exists(os.path.join(folder, BUILT_WITH)):
+            chunk_size = files.read_json(os.path.join(folder, BUILT_WITH)).get("chunk_size")
         want_model, want_chunk = self.bert_model_id(), int(self.config.model.chunk_size)
         if model_id != want_model or chunk_size != want_chunk:
             raise RetroError(
@@ -318,8 +315,8 @@ class StageContext:
 
     def _build_keys(self, partial: str, hook) -> dict:
         summary = self.embed_keys(partial, hook)
-        with open(os.path.join(partial, "keys.json"), "w") as f:
-            json.dump({k: v for k, v in summary.items() if k != "run"}, f, indent=1)
+        info = {k: v for k, v in summary.items() if k != "run"}
+        files.write_json(os.path.join(partial, "keys.json"), info, indent=1)
         return summary
 
     def _build_index(self, partial: str, _hook) -> dict:
@@ -328,31 +325,33 @@ class StageContext:
 
         database = ChunkDatabase(self.path("db"))
         shards = load_keys(self.path("keys"), database)
-        with open(self.path("keys", "keys.json")) as f:
-            keys_info = json.load(f)
-        # One [N, D] memory-mapped array over all key shards (copied shard by shard).
-        joined_path = os.path.join(partial, "all-keys.npy")
-        joined = np.lib.format.open_memmap(
-            joined_path, mode="w+", dtype=np.float32, shape=(len(database), keys_info["dim"])
-        )
-        row = 0
-        for shard in shards:
-            joined[row : row + len(shard)] = shard
-            row += len(shard)
-        joined.flush()
-        o = self.config.retrieval.index
-        index = NeighbourIndex.build(
-            joined,
-            brute_force_below=int(o.brute_force_below),
-            shard_size=int(o.shard_size),
-            num_leaves=int(o.num_leaves),
-            leaves_to_search=int(o.leaves_to_search),
-            reorder=int(o.reorder),
-            progress=self.progress,
-            model_id=keys_info["model_id"],
-        )
-        del joined
-        os.remove(joined_path)
+        keys_info = files.read_json(self.path("keys", "keys.json"))
+        # One [N, D] memory-mapped array over all key shards (copied shard by shard), in the
+        # partial folder, or in a local temporary one when the workdir is remote.
+        with tempfile.TemporaryDirectory(prefix="retro_jax-keys-") as local:
+            folder = local if files.is_remote(partial) else partial
+            joined_path = os.path.join(folder, "all-keys.npy")
+            joined = np.lib.format.open_memmap(
+                joined_path, mode="w+", dtype=np.float32, shape=(len(database), keys_info["dim"])
+            )
+            row = 0
+            for shard in shards:
+                joined[row : row + len(shard)] = shard
+                row += len(shard)
+            joined.flush()
+            o = self.config.retrieval.index
+            index = NeighbourIndex.build(
+                joined,
+                brute_force_below=int(o.brute_force_below),
+                shard_size=int(o.shard_size),
+                num_leaves=int(o.num_leaves),
+                leaves_to_search=int(o.leaves_to_search),
+                reorder=int(o.reorder),
+                progress=self.progress,
+                model_id=keys_info["model_id"],
+            )
+            del joined
+            os.remove(joined_path)
         index.save(partial)
         return self.write_built_with(
             partial, dict(keys=len(index), dim=index.dim, shards=len(index.shards))
@@ -362,16 +361,14 @@ class StageContext:
         """index/built_with.json: the embedding model and chunk size of the index's keys."""
         from retro_jax.retrieval.chunks import ChunkDatabase
 
-        with open(self.path("keys", "keys.json")) as f:
-            keys_info = json.load(f)
+        keys_info = files.read_json(self.path("keys", "keys.json"))
         built_with = dict(
             model_id=keys_info["model_id"],
             chunk_size=ChunkDatabase(self.path("db")).chunk_size,
             keys=summary["keys"],
             dim=keys_info["dim"],
         )
-        with open(os.path.join(partial, BUILT_WITH), "w") as f:
-            json.dump(built_with, f, indent=1)
+        files.write_json(os.path.join(partial, BUILT_WITH), built_with, indent=1)
         return summary
 
     def cut_sequences(self, partial: str) -> dict:
@@ -428,7 +425,7 @@ class StageContext:
             query_multiplier=int(r.query_multiplier),
             exclude_same_document=bool(r.exclude_same_document),
         )
-        done = set(os.listdir(partial))
+        done = set(files.listdir(partial))
         splits, queries_run = {}, 0
         for split in ("train", "eval"):
             splits[split] = write_neighbour_shards(
@@ -463,8 +460,7 @@ class StageContext:
                 f"{self.path('index')} ({index['model_id']}, {index['count']} keys) does not "
                 f"match the embedder {model_id} and database ({len(database)} chunks)"
             )
-        with open(self.path("sequences", "sequences.json")) as f:
-            sequences = json.load(f)
+        sequences = files.read_json(self.path("sequences", "sequences.json"))
         splits, run = self.find_neighbours(partial, hook, sequences)
         for split in splits:
             splits[split]["documents"] = sequences[split]["documents"]
@@ -490,14 +486,13 @@ def _file_digest(path: str) -> str:
     """sha256 of a file or of a folder's files (a given tokenizer)."""
     import hashlib
 
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise RetroError(f"data.tokenizer={path}: no such file or folder")
     digest = hashlib.sha256()
-    files = (
-        [path] if os.path.isfile(path) else sorted(os.path.join(path, n) for n in os.listdir(path))
+    names = (
+        [path] if files.isfile(path) else sorted(os.path.join(path, n) for n in files.listdir(path))
     )
-    for name in files:
-        if os.path.isfile(name):
-            with open(name, "rb") as f:
-                digest.update(f.read())
+    for name in names:
+        if files.isfile(name):
+            digest.update(files.read_bytes(name))
     return digest.hexdigest()
