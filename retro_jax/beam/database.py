@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import apache_beam as beam
@@ -22,6 +21,7 @@ import numpy as np
 from transformers import AutoTokenizer, BertTokenizerFast  # noqa: F401
 
 from retro_jax.beam.documents import collect, load_collected, ordered_shards
+from retro_jax.data import files
 from retro_jax.retrieval.chunks import (
     ChunkDatabase,
     document_entries,
@@ -90,9 +90,8 @@ def build_chunks(
 
     if per_shard <= 0:
         raise RetroError(f"data.chunks_per_shard={per_shard} must be positive")
-    os.makedirs(directory, exist_ok=True)
     work = os.path.join(directory, "_beam")
-    os.makedirs(work, exist_ok=True)
+    files.makedirs(work)
     with beam.Pipeline(options=options) as p:
         docs, _ = documents_of(p, "retrieval")
         chunked = docs | "chunk" >> beam.ParDo(
@@ -108,9 +107,7 @@ def build_chunks(
     docs_table = [
         (int(d), int(first), int(n)) for d, first, n in load_collected(work + "/docs.pkl")
     ]
-    for name in os.listdir(work):
-        os.remove(os.path.join(work, name))
-    os.rmdir(work)
+    files.rmtree(work)
     return write_database_info(
         directory,
         docs_table,
@@ -153,7 +150,7 @@ class _EmbedShard(beam.DoFn):
         )
 
     def process(self, index):
-        if os.path.exists(os.path.join(self.out_dir, shard_name(index) + ".npy")):
+        if files.exists(os.path.join(self.out_dir, shard_name(index) + ".npy")):
             yield 0, self.database.shard_sizes[index]  # kept from an interrupted run
         else:
             yield embed_shard(self.database, index, self.tokenizer, self.embedder, self.out_dir), 0
@@ -172,8 +169,8 @@ def build_keys(options, prepare_dir: str, directory: str, *, pad_id: int, bert: 
         )
         collect(done, work, "counts", beam.combiners.ToListCombineFn())
     counts = np.array(load_collected(work), np.int64).reshape(-1, 2).sum(axis=0)
-    os.remove(work)
-    first = np.load(os.path.join(directory, shard_name(0) + ".npy"), mmap_mode="r")
+    files.remove(work)
+    first = files.load_npy(os.path.join(directory, shard_name(0) + ".npy"))
     return dict(
         chunks=len(database),
         dim=int(first.shape[1]),
@@ -214,9 +211,8 @@ def build_index(options, prepare_dir: str, directory: str, settings: dict, model
     from retro_jax.retrieval.index import shard_starts, write_metadata
 
     database = ChunkDatabase(os.path.join(prepare_dir, "db"))
-    with open(os.path.join(prepare_dir, "keys", "keys.json")) as f:
-        dim = json.load(f)["dim"]
-    os.makedirs(directory, exist_ok=True)
+    dim = files.read_json(os.path.join(prepare_dir, "keys", "keys.json"))["dim"]
+    files.makedirs(directory)
     work = os.path.join(directory, "_beam.pkl")
     starts = list(enumerate(shard_starts(len(database), int(settings["shard_size"]))))
     with beam.Pipeline(options=options) as p:
@@ -228,6 +224,6 @@ def build_index(options, prepare_dir: str, directory: str, settings: dict, model
         )
         collect(metas, work, "shards")
     shards = load_collected(work)
-    os.remove(work)
+    files.remove(work)
     write_metadata(directory, dim, model_id, settings, shards)
     return dict(keys=len(database), dim=dim, shards=len(shards))

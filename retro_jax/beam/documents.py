@@ -10,11 +10,12 @@ single-process path's.
 
 from __future__ import annotations
 
-import os
 import pickle
 
 import apache_beam as beam
 import numpy as np
+
+from retro_jax.data import files
 
 BLOCK = 1024  # documents per group when per-document row counts become global row offsets
 
@@ -183,9 +184,7 @@ def collect(pcoll, path: str, label: str, combine=None, *, single: bool = False)
     def write(value):
         if single:
             value = value[0] if value else None
-        with open(path + ".tmp", "wb") as f:
-            pickle.dump(value, f)
-        os.replace(path + ".tmp", path)
+        files.write_bytes(path, pickle.dumps(value))
 
     combined = pcoll | f"{label}: combine" >> beam.CombineGlobally(
         combine or beam.combiners.ToListCombineFn()
@@ -194,5 +193,4 @@ def collect(pcoll, path: str, label: str, combine=None, *, single: bool = False)
 
 
 def load_collected(path: str):
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    return pickle.loads(files.read_bytes(path))

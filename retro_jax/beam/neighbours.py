@@ -28,6 +28,7 @@ import numpy as np
 from transformers import AutoTokenizer, BertTokenizerFast  # noqa: F401
 
 from retro_jax.beam.documents import collect, load_collected, ordered_shards
+from retro_jax.data import files
 from retro_jax.data.records import write_records
 from retro_jax.data.sequences import FIELDS, cut_document, read_sequence_shard, write_sequence_shard
 from retro_jax.retrieval.chunks import ChunkDatabase, load_keys
@@ -96,7 +97,7 @@ def build_sequences(options, documents_of, tokenizer_dir, pad_id, directory, *, 
         raise RetroError(f"data.seq_len={seq_len} must be even (evaluation stride is n/2)")
     if per_shard <= 0:
         raise RetroError(f"data.records_per_shard={per_shard} must be positive")
-    os.makedirs(directory, exist_ok=True)
+    files.makedirs(directory)
     work = lambda name: os.path.join(directory, f"_beam-{name}.pkl")
     with beam.Pipeline(options=options) as p:
         for split in ("train", "eval"):
@@ -122,7 +123,7 @@ def build_sequences(options, documents_of, tokenizer_dir, pad_id, directory, *, 
             bytes=int(size),
         )
         for name in ("-shards", "-docs"):
-            os.remove(work(split + name))
+            files.remove(work(split + name))
     return summaries
 
 
@@ -158,7 +159,7 @@ class _Plan(beam.DoFn):
     def process(self, item):
         split, number, total, sequence_file = item
         name = record_file_name(split, number, total)
-        if not os.path.exists(os.path.join(self.out_dir, name)):  # else kept from a killed run
+        if not files.exists(os.path.join(self.out_dir, name)):  # else kept from a killed run
             yield from self._plan(split, name, sequence_file)
 
     def _plan(self, split: str, name: str, sequence_file: str):
@@ -305,7 +306,7 @@ def build_neighbours(options, prepare_dir: str, out_dir: str, sequences: dict, s
         )
         collect(done, work, "counts", _Sum(4))
     counts = load_collected(work)
-    os.remove(work)
+    files.remove(work)
     return dict(
         queries=int(counts[0]),
         embedded=int(counts[1]),

@@ -19,6 +19,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from retro_jax.beam.documents import read_documents
+from retro_jax.data import files
 from retro_jax.data.sources import open_source
 from retro_jax.errors import RetroError
 from retro_jax.prepare_stages import StageContext
@@ -80,11 +81,9 @@ class BeamStageContext(StageContext):
         from retro_jax.beam.dedup import build_dedup
 
         work = os.path.join(partial, "_beam")
-        os.makedirs(work, exist_ok=True)
+        files.makedirs(work)
         report = build_dedup(self.options, self.config, sources, eval_source, work)
-        for name in os.listdir(work):
-            os.remove(os.path.join(work, name))
-        os.rmdir(work)
+        files.rmtree(work)
         return report
 
     def _build_chunks(self, partial: str, _hook) -> dict:
