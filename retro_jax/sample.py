@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from retro_jax.data import files
 from retro_jax.errors import RetroError
 from retro_jax.model.decode import Decoder
 
@@ -324,7 +325,7 @@ def load_parts(config, workdir: str, *, step: int | None = None):
     from retro_jax.data.tokenizer import load_tokenizer
     from retro_jax.train.checkpoint import find_checkpoints, load_model
 
-    if not os.path.isdir(workdir):
+    if not files.isdir(workdir):
         raise RetroError(f"sample: workdir {workdir} does not exist")
     checkpoints_dir, _ = find_checkpoints(workdir)  # RetroError when there is none
     model, step = load_model(workdir, step=step)
@@ -332,7 +333,7 @@ def load_parts(config, workdir: str, *, step: int | None = None):
     model_cfg = model.config
     prepare_dir = os.path.join(workdir, "prepare")
     tokenizer_dir = os.path.join(prepare_dir, "tokenizer")
-    if not os.path.exists(tokenizer_dir):
+    if not files.exists(tokenizer_dir):
         raise RetroError(f"sample: {tokenizer_dir} missing: run `retro-jax prepare` first")
     tokenizer = load_tokenizer(tokenizer_dir, pad_id=model_cfg.pad_id)
     trained_vocab = int(meta.get("data", {}).get("vocab_size", tokenizer.vocab_size))
@@ -352,7 +353,7 @@ def load_parts(config, workdir: str, *, step: int | None = None):
     from retro_jax.retrieval.index import NeighbourIndex
 
     index_dir = os.path.join(prepare_dir, "index")
-    if not os.path.isfile(os.path.join(index_dir, "index.json")):
+    if not files.isfile(os.path.join(index_dir, "index.json")):
         raise RetroError(f"sample: no neighbour index in {index_dir}: run `retro-jax prepare`")
     index = NeighbourIndex.load(index_dir)
     database = ChunkDatabase(os.path.join(prepare_dir, "db"))
@@ -379,12 +380,9 @@ def load_parts(config, workdir: str, *, step: int | None = None):
 
 def _bert_max_len(prepare_dir: str, retrieval_config) -> int:
     """The BERT truncation length prepare used for the keys (manifest), else the config's."""
-    import json
-
     try:
-        with open(os.path.join(prepare_dir, "manifest.json")) as f:
-            keys = json.load(f)["stages"]["keys"]["settings"]
-        return int(keys["max_len"])
+        keys = files.read_json(os.path.join(prepare_dir, "manifest.json"))["stages"]["keys"]
+        return int(keys["settings"]["max_len"])
     except (OSError, KeyError, ValueError, TypeError):
         return int(retrieval_config.bert_max_len)
 

@@ -235,8 +235,22 @@ def test_prepare_on_ram_equals_local(ram_config, local_prepare, runner, tmp_path
     _assert_same_outputs(local_prepare, f"{workdir}/prepare")
     report = files.read_json(f"{workdir}/prepare/dedup_report.json")
     assert [e["key"].endswith("t99.txt") for e in report["dropped"]] == [True, True]
-    spec, info = load_records_info(f"{workdir}/prepare")
-    records = list(read_records(f"{workdir}/prepare/{info['splits']['eval']['files'][0]}", spec))
+    # What train, eval and sample read of W/prepare: records, tokenizer, database and index.
+    from retro_jax.data.pipeline import shard_files
+    from retro_jax.data.tokenizer import load_tokenizer
+    from retro_jax.retrieval import NeighbourIndex
+    from retro_jax.retrieval.chunks import ChunkDatabase
+
+    prepare = f"{workdir}/prepare"
+    spec, info = load_records_info(prepare)
+    paths = shard_files(prepare, "eval", info)
+    assert paths == [f"{prepare}/{name}" for name in info["splits"]["eval"]["files"]]
+    records = list(read_records(paths[0], spec))
     assert len(records) == min(8, info["splits"]["eval"]["records"])
+    tokenizer = load_tokenizer(f"{prepare}/tokenizer")
+    database, index = ChunkDatabase(f"{prepare}/db"), NeighbourIndex.load(f"{prepare}/index")
+    ids = records[0]["neighbour_ids"]
+    np.testing.assert_array_equal(database.entries(ids), records[0]["neighbours"])
+    assert len(index) == len(database) and tokenizer.vocab_size == info["vocab_size"]
     again = run_prepare(ram_config, workdir, progress=False)
     assert all(r["skipped"] for r in again.values())

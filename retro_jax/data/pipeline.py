@@ -26,8 +26,6 @@ Batches (host-local share of the global batch, rows [b]):
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 import re
 import struct
@@ -35,7 +33,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from retro_jax.data.records import RECORDS_INFO, RecordSpec, load_records_info, parse_example
+from retro_jax.data import files
+from retro_jax.data.records import RecordSpec, load_records_info, parse_example
 from retro_jax.errors import RetroError
 
 _SHARD_NAME = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.tfrecord$")
@@ -47,23 +46,10 @@ def _tf():
     return tf
 
 
-def _exists(path: str) -> bool:
-    return _tf().io.gfile.exists(path) if "://" in path else os.path.exists(path)
-
-
 # ---------------------------------------------------------------- the shards of a split
 
-
-def load_info(prepare_dir: str) -> tuple[RecordSpec, dict]:
-    """(RecordSpec, records.json) of a prepare folder, local or on gs:// (via tf.io.gfile)."""
-    if "://" not in prepare_dir:
-        return load_records_info(prepare_dir)
-    path = f"{prepare_dir.rstrip('/')}/{RECORDS_INFO}"
-    if not _exists(path):
-        raise RetroError(f"{path} not found: run `retro-jax prepare` first")
-    with _tf().io.gfile.GFile(path) as f:
-        info = json.load(f)
-    return RecordSpec(info["seq_len"], info["chunk_size"], info["num_neighbours"]), info
+# (RecordSpec, records.json) of a prepare folder, local or on gs:// (via tf.io.gfile).
+load_info = load_records_info
 
 
 def shard_files(prepare_dir: str, split: str, info: dict | None = None) -> list[str]:
@@ -75,7 +61,7 @@ def shard_files(prepare_dir: str, split: str, info: dict | None = None) -> list[
     names = listed_files(info or {}, split)
     if names is None:
         pattern = os.path.join(prepare_dir, f"{split}-*-of-*.tfrecord")
-        found = _tf().io.gfile.glob(pattern) if "://" in prepare_dir else sorted(glob.glob(pattern))
+        found = files.glob(pattern)
         if not found:
             raise RetroError(f"no {split} shards ({pattern}): run `retro-jax prepare` first")
         totals = {int(_SHARD_NAME.match(os.path.basename(p))["total"]) for p in found}
@@ -85,7 +71,7 @@ def shard_files(prepare_dir: str, split: str, info: dict | None = None) -> list[
         names = [f"{split}-{i:05d}-of-{total:05d}.tfrecord" for i in range(total)]
     paths = [n if "://" in n or os.path.isabs(n) else os.path.join(prepare_dir, n) for n in names]
     for path in paths:
-        if not _exists(path):
+        if not files.exists(path):
             raise RetroError(f"{split} shard missing: {path}")
     if not paths:
         raise RetroError(f"{prepare_dir}/records.json lists no {split} shards")
