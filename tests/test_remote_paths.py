@@ -268,3 +268,17 @@ def test_bert_folder_on_ram():
     texts = ["Fellow citizens of the Senate", "and of the House of Representatives"]
     keys = [ChunkEmbedder.from_pretrained(p, max_len=16).embed(texts) for p in (local, remote)]
     np.testing.assert_array_equal(keys[0], keys[1])
+
+
+def test_remote_shards_keep_only_the_most_recently_used():
+    from retro_jax.retrieval.chunks import load_shards
+
+    ram = _ram("lru")
+    paths = [f"{ram}/s{i}.npy" for i in range(5)]
+    for i, path in enumerate(paths):
+        files.save_npy(path, np.full(3, i))
+    shards = load_shards(paths)
+    shards.keep = 2
+    for i in (0, 1, 2, 0, 4, 3):
+        assert shards[i].tolist() == [i] * 3
+    assert list(shards.loaded) == [4, 3]

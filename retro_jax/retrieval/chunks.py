@@ -17,6 +17,7 @@ The keys stage embeds each shard's detokenized chunks (`write_keys`) into keys/s
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -178,17 +179,22 @@ def write_database_info(
 
 
 class _RemoteShards(Sequence):
-    """The arrays of remote .npy files, each read whole on first access and kept."""
+    """The arrays of remote .npy files, each read whole when touched; the `keep` most recently
+    used stay in memory, so memory is bounded by shard size, not database size."""
 
-    def __init__(self, paths: list[str]):
-        self.paths, self.loaded = paths, {}
+    def __init__(self, paths: list[str], keep: int = 16):
+        self.paths, self.keep, self.loaded = paths, keep, collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        if index not in self.loaded:
+        if index in self.loaded:
+            self.loaded.move_to_end(index)
+        else:
             self.loaded[index] = files.load_npy(self.paths[index])
+            while len(self.loaded) > self.keep:
+                self.loaded.popitem(last=False)
         return self.loaded[index]
 
 
