@@ -2,7 +2,8 @@
 
 `retro_jax.prepare` decides what to (re)build from the manifest; this module knows, per stage,
 which config keys it depends on (`settings`), what it leaves in W/prepare (`outputs`), how to
-build it into a `<stage>.partial/` folder (`build`) and how to move that into place (`commit`).
+build it into a `<stage>.partial/` folder (`build`, with the builds in
+`retro_jax.prepare_builds`) and how to move that into place (`commit`).
 The work itself lives in the stage modules (sources, dedup, tokenizer, chunks, sequences,
 neighbours); this is the glue that feeds each one the previous stages' outputs.
 """
@@ -11,18 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-
-import numpy as np
 
 from retro_jax.data import files
-from retro_jax.data.records import RECORDS_INFO, RecordSpec, write_records_info
+from retro_jax.data.records import RECORDS_INFO, RecordSpec
 from retro_jax.data.sources import open_source
 from retro_jax.errors import RetroError
+from retro_jax.prepare_builds import BUILT_WITH, REPORT, StageBuilds
 
 log = logging.getLogger("retro_jax.prepare")
 
-REPORT = "dedup_report.json"
 FOLDERS = {
     "tokenizer": "tokenizer",
     "chunks": "db",
@@ -30,10 +28,9 @@ FOLDERS = {
     "index": "index",
     "sequences": "sequences",
 }
-BUILT_WITH = "built_with.json"  # index/: the embedding model and chunk size of its keys
 
 
-class StageContext:
+class StageContext(StageBuilds):
     """What the stages share: the config, W/prepare, and lazily loaded tokenizer / embedder."""
 
     def __init__(self, config, prepare_dir: str, *, progress: bool = True):
@@ -205,280 +202,6 @@ class StageContext:
         print(
             f"prepare {stage}: {count} {unit} in {seconds:.1f} s ({count / seconds:.1f} {unit}/s)",
             flush=True,
-        )
-
-    # ------------------------------------------------------------------ builds
-
-    def dedup_report(self, sources: dict, eval_source, partial: str) -> dict:
-        """The leakage filter's report (the Beam context runs it as a pipeline)."""
-        from retro_jax.dedup import filter_report
-
-        c = self.config.dedup
-        report = filter_report(
-            eval_source,
-            sources,
-            threshold=float(c.threshold),
-            ngram=int(c.ngram),
-            num_perm=int(c.num_perm),
-            progress=self.progress,
-        )
-        report["eval_replaced_utf8"] = eval_source.stats.replaced
-        return report
-
-    def _build_dedup(self, partial: str, _hook) -> dict:
-        from retro_jax.dedup import write_report
-
-        sources = {role: self.source(role) for role in ("train", "retrieval")}
-        report = self.dedup_report(sources, self.source("eval"), partial)
-        write_report(os.path.join(partial, REPORT), report)
-        roles = report["roles"]
-        for role, counts in roles.items():
-            if counts["dropped"]:
-                log.warning(
-                    "dedup: dropped %d of %d %s documents as near-duplicates of "
-                    "evaluation documents (see %s)",
-                    counts["dropped"],
-                    counts["documents"],
-                    role,
-                    self.path(REPORT),
-                )
-        return dict(
-            documents=report["eval_documents"] + sum(v["documents"] for v in roles.values()),
-            eval_documents=report["eval_documents"],
-            **{f"{role}_{k}": v for role, counts in roles.items() for k, v in counts.items()},
-        )
-
-    def _build_tokenizer(self, partial: str, _hook) -> dict:
-        from retro_jax.data.tokenizer import check_vocab, load_tokenizer, train_sentencepiece
-
-        d, pad_id = self.config.data, int(self.config.model.pad_id)
-        documents = 0
-        if str(d.tokenizer):
-            tokenizer = load_tokenizer(str(d.tokenizer), pad_id=pad_id)
-            check_vocab(tokenizer, int(self.config.model.vocab_size))
-            tokenizer.save(partial)
-        else:
-            if self.vocab_size > int(self.config.model.vocab_size):
-                raise RetroError(
-                    f"data.vocab_size={self.vocab_size} is larger than "
-                    f"model.vocab_size={self.config.model.vocab_size}"
-                )
-
-            def texts():
-                nonlocal documents
-                for doc in self.documents("train"):
-                    documents += 1
-                    yield doc.text
-
-            tokenizer = train_sentencepiece(
-                texts(),
-                os.path.join(partial, "spm.model"),
-                vocab_size=self.vocab_size,
-                pad_id=pad_id,
-                max_lines=int(d.get("tokenizer_sentences", 200_000)),
-                seed=int(self.config.seed),
-            )
-            check_vocab(tokenizer, int(self.config.model.vocab_size))
-        self._tokenizer = None
-        return dict(
-            kind=tokenizer.kind,
-            vocab_size=tokenizer.vocab_size,
-            eos_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id,
-            documents=documents,
-        )
-
-    def _build_chunks(self, partial: str, _hook) -> dict:
-        from retro_jax.retrieval.chunks import build_chunk_database
-
-        return build_chunk_database(
-            self.documents("retrieval"),
-            self.tokenizer(),
-            partial,
-            chunk_size=int(self.config.model.chunk_size),
-            chunks_per_shard=int(self.config.data.chunks_per_shard),
-            progress=self.progress,
-            log=log,
-        )
-
-    def embed_keys(self, partial: str, hook) -> dict:
-        from retro_jax.retrieval.chunks import ChunkDatabase, write_keys
-
-        return write_keys(
-            ChunkDatabase(self.path("db")),
-            self.tokenizer(),
-            self.embedder(),
-            partial,
-            progress=self.progress,
-            on_shard=hook,
-        )
-
-    def _build_keys(self, partial: str, hook) -> dict:
-        summary = self.embed_keys(partial, hook)
-        info = {k: v for k, v in summary.items() if k != "run"}
-        files.write_json(os.path.join(partial, "keys.json"), info, indent=1)
-        return summary
-
-    def _build_index(self, partial: str, _hook) -> dict:
-        from retro_jax.retrieval import NeighbourIndex
-        from retro_jax.retrieval.chunks import ChunkDatabase, load_keys
-
-        database = ChunkDatabase(self.path("db"))
-        shards = load_keys(self.path("keys"), database)
-        keys_info = files.read_json(self.path("keys", "keys.json"))
-        # One [N, D] memory-mapped array over all key shards (copied shard by shard), in the
-        # partial folder, or in a local temporary one when the workdir is remote.
-        with tempfile.TemporaryDirectory(prefix="retro_jax-keys-") as local:
-            folder = local if files.is_remote(partial) else partial
-            joined_path = os.path.join(folder, "all-keys.npy")
-            joined = np.lib.format.open_memmap(
-                joined_path, mode="w+", dtype=np.float32, shape=(len(database), keys_info["dim"])
-            )
-            row = 0
-            for shard in shards:
-                joined[row : row + len(shard)] = shard
-                row += len(shard)
-            joined.flush()
-            o = self.config.retrieval.index
-            index = NeighbourIndex.build(
-                joined,
-                brute_force_below=int(o.brute_force_below),
-                shard_size=int(o.shard_size),
-                num_leaves=int(o.num_leaves),
-                leaves_to_search=int(o.leaves_to_search),
-                reorder=int(o.reorder),
-                progress=self.progress,
-                model_id=keys_info["model_id"],
-            )
-            del joined
-            os.remove(joined_path)
-        index.save(partial)
-        return self.write_built_with(
-            partial, dict(keys=len(index), dim=index.dim, shards=len(index.shards))
-        )
-
-    def write_built_with(self, partial: str, summary: dict) -> dict:
-        """index/built_with.json: the embedding model and chunk size of the index's keys."""
-        from retro_jax.retrieval.chunks import ChunkDatabase
-
-        keys_info = files.read_json(self.path("keys", "keys.json"))
-        built_with = dict(
-            model_id=keys_info["model_id"],
-            chunk_size=ChunkDatabase(self.path("db")).chunk_size,
-            keys=summary["keys"],
-            dim=keys_info["dim"],
-        )
-        files.write_json(os.path.join(partial, BUILT_WITH), built_with, indent=1)
-        return summary
-
-    def cut_sequences(self, partial: str) -> dict:
-        """{split: summary} of the train and eval sequence shards written to `partial`."""
-        from retro_jax.data.sequences import write_sequences
-
-        d = self.config.data
-        return {
-            split: write_sequences(
-                self.documents(split),
-                self.tokenizer(),
-                partial,
-                split=split,
-                seq_len=int(d.seq_len),
-                records_per_shard=int(d.records_per_shard),
-                progress=self.progress,
-            )
-            for split in ("train", "eval")
-        }
-
-    def _build_sequences(self, partial: str, _hook) -> dict:
-        from retro_jax.data.sequences import write_summary
-
-        summaries = self.cut_sequences(partial)
-        write_summary(partial, "sequences.json", summaries)
-        return dict(
-            documents=sum(s["documents"] for s in summaries.values()),
-            **{
-                f"{k}_{f}": s[f]
-                for k, s in summaries.items()
-                for f in ("documents", "tokens", "bytes")
-            },
-            **{
-                f"{k}_sequences": sum(sh["sequences"] for sh in s["shards"])
-                for k, s in summaries.items()
-            },
-        )
-
-    def find_neighbours(self, partial: str, hook, sequences: dict) -> tuple[dict, dict]:
-        """Record files of every sequence shard in `partial`: ({split: records.json entry},
-        what this run did)."""
-        from retro_jax.retrieval import NeighbourIndex
-        from retro_jax.retrieval.chunks import ChunkDatabase, load_keys
-        from retro_jax.retrieval.neighbours import NeighbourFinder, write_neighbour_shards
-
-        database, spec, r = ChunkDatabase(self.path("db")), self.spec(), self.config.retrieval
-        finder = NeighbourFinder(
-            database,
-            load_keys(self.path("keys"), database),
-            NeighbourIndex.load(self.path("index")),
-            self.embedder(),
-            self.tokenizer(),
-            num_neighbours=spec.num_neighbours,
-            query_multiplier=int(r.query_multiplier),
-            exclude_same_document=bool(r.exclude_same_document),
-        )
-        done = set(files.listdir(partial))
-        splits, queries_run = {}, 0
-        for split in ("train", "eval"):
-            splits[split] = write_neighbour_shards(
-                finder,
-                split,
-                self.path("sequences"),
-                sequences[split],
-                partial,
-                spec,
-                done=done,
-                progress=self.progress,
-                on_shard=hook,
-            )
-            queries_run += splits[split].pop("run")["queries"]
-        run = dict(
-            queries=queries_run,
-            embedded=finder.embedded,
-            reused_keys=finder.reused,
-            missing_neighbours=finder.missing,
-        )
-        return splits, run
-
-    def _build_neighbours(self, partial: str, hook) -> dict:
-        from retro_jax.retrieval import NeighbourIndex
-        from retro_jax.retrieval.chunks import ChunkDatabase
-
-        database = ChunkDatabase(self.path("db"))
-        index = NeighbourIndex.read_metadata(self.path("index"))
-        model_id, tokenizer, spec = self.bert_model_id(), self.tokenizer(), self.spec()
-        if index["model_id"] != model_id or index["count"] != len(database):
-            raise RetroError(
-                f"{self.path('index')} ({index['model_id']}, {index['count']} keys) does not "
-                f"match the embedder {model_id} and database ({len(database)} chunks)"
-            )
-        sequences = files.read_json(self.path("sequences", "sequences.json"))
-        splits, run = self.find_neighbours(partial, hook, sequences)
-        for split in splits:
-            splits[split]["documents"] = sequences[split]["documents"]
-        info = dict(
-            spec.to_dict(),
-            pad_id=tokenizer.pad_id,
-            eos_id=tokenizer.eos_id,
-            vocab_size=tokenizer.vocab_size,
-            tokenizer="tokenizer",
-            model_id=model_id,
-            database_chunks=len(database),
-            splits=splits,
-        )
-        write_records_info(partial, info)
-        return dict(
-            queries=sum(s["queries"] for s in splits.values()),
-            **{f"{k}_records": s["records"] for k, s in splits.items()},
-            run=run,
         )
 
 
