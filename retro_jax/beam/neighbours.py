@@ -5,8 +5,9 @@
 - neighbours, per sequence shard (the query shard):
   1. plan: the keys of its chunks (stored database keys reused, the rest embedded by the frozen
      BERT, loaded once per worker), fanned out to every index shard;
-  2. search: each index shard (loaded once per worker) returns its top candidates and their
-     document ids;
+  2. search: grouped by index shard (so a worker holds one index shard at a time, and the
+     group's queries stream past it), each shard returns its top candidates and their document
+     ids;
   3. choose: grouped by query shard, the candidates are merged (`merge_topk`, the local
      index's merge) and the sequence's own document excluded (`choose_neighbours`);
   4. gather: neighbour ids grouped by database shard fetch their tokens from that shard only;
@@ -175,7 +176,8 @@ class _Plan(beam.DoFn):
 
 
 class _Search(beam.DoFn):
-    """(index shard, (file, queries, ask)) -> (file, (shard, ids, distances, document ids))."""
+    """(index shard, [(file, queries, ask)]) -> (file, (shard, ids, distances, document ids)) of
+    every query shard: one index shard in memory at a time, loaded once per group."""
 
     def __init__(self, prepare_dir: str):
         self.prepare_dir = prepare_dir
@@ -186,18 +188,15 @@ class _Search(beam.DoFn):
         self.folder = os.path.join(self.prepare_dir, "index")
         self.meta = NeighbourIndex.read_metadata(self.folder)
         self.database = ChunkDatabase(os.path.join(self.prepare_dir, "db"))
-        self.loaded = {}  # index shard -> searcher, loaded on first use
 
     def process(self, item):
         from retro_jax.retrieval.index import load_shard
 
-        shard, (name, queries, ask) = item
-        if shard not in self.loaded:
-            self.loaded[shard] = load_shard(
-                self.folder, self.meta["shards"][shard], self.meta["dim"]
-            )
-        ids, dist = self.loaded[shard].search(queries, ask)
-        yield name, ("found", (shard, ids, dist, self.database.doc_ids(ids)))
+        shard, requests = item
+        searcher = load_shard(self.folder, self.meta["shards"][shard], self.meta["dim"])
+        for name, queries, ask in requests:
+            ids, dist = searcher.search(queries, ask)
+            yield name, ("found", (shard, ids, dist, self.database.doc_ids(ids)))
 
 
 @beam.typehints.with_output_types(tuple[int, tuple])
@@ -283,7 +282,11 @@ def build_neighbours(options, prepare_dir: str, out_dir: str, sequences: dict, s
                 "header", main="queries"
             )
         )
-        found = planned.queries | "search" >> beam.ParDo(_Search(prepare_dir))
+        found = (
+            planned.queries
+            | "by index shard" >> beam.GroupByKey()
+            | "search" >> beam.ParDo(_Search(prepare_dir))
+        )
         chosen = (
             (planned.header, found)
             | "plans and results" >> beam.Flatten()
