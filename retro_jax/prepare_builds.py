@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-
-import numpy as np
 
 from retro_jax.data import files
 from retro_jax.data.records import write_records_info
@@ -138,43 +135,36 @@ class StageBuilds:
         files.write_json(os.path.join(partial, "keys.json"), info, indent=1)
         return summary
 
+    def index_settings(self) -> dict:
+        o = self.config.retrieval.index
+        return dict(
+            brute_force_below=int(o.brute_force_below),
+            shard_size=int(o.shard_size),
+            num_leaves=int(o.num_leaves),
+            leaves_to_search=int(o.leaves_to_search),
+            reorder=int(o.reorder),
+        )
+
     def _build_index(self, partial: str, _hook) -> dict:
-        from retro_jax.retrieval import NeighbourIndex
+        from tqdm.auto import tqdm
+
         from retro_jax.retrieval.chunks import ChunkDatabase, load_keys
+        from retro_jax.retrieval.index import build_index_shard, shard_starts, write_metadata
 
         database = ChunkDatabase(self.path("db"))
-        shards = load_keys(self.path("keys"), database)
-        keys_info = files.read_json(self.path("keys", "keys.json"))
-        # One [N, D] memory-mapped array over all key shards (copied shard by shard), in the
-        # partial folder, or in a local temporary one when the workdir is remote.
-        with tempfile.TemporaryDirectory(prefix="retro_jax-keys-") as local:
-            folder = local if files.is_remote(partial) else partial
-            joined_path = os.path.join(folder, "all-keys.npy")
-            joined = np.lib.format.open_memmap(
-                joined_path, mode="w+", dtype=np.float32, shape=(len(database), keys_info["dim"])
+        keys = load_keys(self.path("keys"), database)
+        info = files.read_json(self.path("keys", "keys.json"))
+        settings = self.index_settings()
+        numbers = range(len(shard_starts(len(database), settings["shard_size"])))
+        shards = [
+            build_index_shard(keys, database.per_shard, len(database), number, partial, settings)
+            for number in tqdm(
+                numbers, desc="index shards", unit="shard", disable=not self.progress
             )
-            row = 0
-            for shard in shards:
-                joined[row : row + len(shard)] = shard
-                row += len(shard)
-            joined.flush()
-            o = self.config.retrieval.index
-            index = NeighbourIndex.build(
-                joined,
-                brute_force_below=int(o.brute_force_below),
-                shard_size=int(o.shard_size),
-                num_leaves=int(o.num_leaves),
-                leaves_to_search=int(o.leaves_to_search),
-                reorder=int(o.reorder),
-                progress=self.progress,
-                model_id=keys_info["model_id"],
-            )
-            del joined
-            os.remove(joined_path)
-        index.save(partial)
-        return self.write_built_with(
-            partial, dict(keys=len(index), dim=index.dim, shards=len(index.shards))
-        )
+        ]
+        write_metadata(partial, info["dim"], info["model_id"], settings, shards)
+        summary = dict(keys=len(database), dim=info["dim"], shards=len(shards))
+        return self.write_built_with(partial, summary)
 
     def write_built_with(self, partial: str, summary: dict) -> dict:
         """index/built_with.json: the embedding model and chunk size of the index's keys."""

@@ -180,30 +180,19 @@ def build_keys(options, prepare_dir: str, directory: str, *, pad_id: int, bert: 
 
 
 class _BuildIndexShard(beam.DoFn):
-    """(shard number, first row) -> the shard saved in directory/shard-NNNNN; its index.json
-    entry."""
+    """Index shard number -> the shard saved in directory/shard-NNNNN; its index.json entry."""
 
     def __init__(self, prepare_dir: str, directory: str, settings: dict):
         self.prepare_dir, self.directory, self.settings = prepare_dir, directory, settings
 
-    def process(self, item):
-        from retro_jax.retrieval.index import build_shard, save_shard
+    def process(self, number):
+        from retro_jax.retrieval.index import build_index_shard
 
-        number, start = item
         database = ChunkDatabase(os.path.join(self.prepare_dir, "db"))
         keys = load_keys(os.path.join(self.prepare_dir, "keys"), database)
-        size = self.settings["shard_size"]
-        part = _rows(keys, database.per_shard, start, min(start + size, len(database)))
-        yield save_shard(build_shard(part, start, **self.settings), self.directory, number)
-
-
-def _rows(shards: list[np.ndarray], per_shard: int, start: int, stop: int) -> np.ndarray:
-    """Rows start..stop of arrays split in shards of per_shard rows (copied)."""
-    first, last = start // per_shard, (stop - 1) // per_shard
-    parts = [shards[i] for i in range(first, last + 1)]
-    joined = np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
-    offset = first * per_shard
-    return np.array(joined[start - offset : stop - offset], np.float32)
+        yield build_index_shard(
+            keys, database.per_shard, len(database), number, self.directory, self.settings
+        )
 
 
 def build_index(options, prepare_dir: str, directory: str, settings: dict, model_id: str) -> dict:
@@ -214,11 +203,11 @@ def build_index(options, prepare_dir: str, directory: str, settings: dict, model
     dim = files.read_json(os.path.join(prepare_dir, "keys", "keys.json"))["dim"]
     files.makedirs(directory)
     work = os.path.join(directory, "_beam.pkl")
-    starts = list(enumerate(shard_starts(len(database), int(settings["shard_size"]))))
+    numbers = list(range(len(shard_starts(len(database), int(settings["shard_size"])))))
     with beam.Pipeline(options=options) as p:
         metas = (
             p
-            | "starts" >> beam.Create(starts)
+            | "shard numbers" >> beam.Create(numbers)
             | "spread" >> beam.Reshuffle()
             | "build" >> beam.ParDo(_BuildIndexShard(prepare_dir, directory, settings))
         )

@@ -118,14 +118,7 @@ class BeamStageContext(StageContext):
     def _build_index(self, partial: str, _hook) -> dict:
         from retro_jax.beam.database import build_index
 
-        o = self.config.retrieval.index
-        settings = dict(
-            brute_force_below=int(o.brute_force_below),
-            shard_size=int(o.shard_size),
-            num_leaves=int(o.num_leaves),
-            leaves_to_search=int(o.leaves_to_search),
-            reorder=int(o.reorder),
-        )
+        settings = self.index_settings()
         summary = build_index(self.options, self.dir, partial, settings, self.bert_model_id())
         return self.write_built_with(partial, summary)
 

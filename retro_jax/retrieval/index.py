@@ -190,6 +190,25 @@ def save_shard(shard: _Shard, directory: str, index: int) -> dict:
     return meta
 
 
+def gather_rows(shards, per_shard: int, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop of an array stored in shards of per_shard rows -> float32 copy."""
+    first, last = start // per_shard, (stop - 1) // per_shard
+    parts = [np.asarray(shards[i]) for i in range(first, last + 1)]
+    joined = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    offset = first * per_shard
+    return np.array(joined[start - offset : stop - offset], np.float32)
+
+
+def build_index_shard(key_shards, per_shard: int, total: int, number: int, directory, settings):
+    """Index shard `number` (keys number*shard_size ..) of `total` keys stored in shards of
+    per_shard rows: built and saved to directory/shard-NNNNN. Returns its index.json entry.
+    Both prepare drivers build the index this way, one index shard in memory at a time."""
+    start = number * int(settings["shard_size"])
+    stop = min(start + int(settings["shard_size"]), total)
+    part = gather_rows(key_shards, per_shard, start, stop)
+    return save_shard(build_shard(part, start, **settings), directory, number)
+
+
 def load_shard(directory: str, entry: dict, dim: int) -> _Shard:
     """One shard of a saved index, from its index.json entry."""
     folder = os.path.join(directory, entry["name"])
