@@ -140,7 +140,7 @@ def test_worker_errors_are_one_line(tmp_path):
     c = default_config()
     c.data.train_source = str(tmp_path / "docs.jsonl")
     c.data.eval_source = str(tmp_path / "docs.jsonl")
-    with pytest.raises(RetroError, match=r"docs.jsonl:2: not valid JSON"):
+    with pytest.raises(RetroError, match=r"docs.jsonl:2: not valid JSON \(.*\)$"):
         run_prepare(c, str(tmp_path / "w"), progress=False, runner="DirectRunner", until="dedup")
     assert not (tmp_path / "w" / "prepare" / "dedup_report.json").exists()
     with pytest.raises(RetroError, match="need --runner"):

@@ -22,6 +22,7 @@ from retro_jax.beam.documents import read_documents
 from retro_jax.data import files
 from retro_jax.data.sources import open_source
 from retro_jax.errors import RetroError
+from retro_jax.prepare_builds import REPORT
 from retro_jax.prepare_stages import StageContext
 
 log = logging.getLogger("retro_jax.prepare")
@@ -41,7 +42,9 @@ def pipeline_options(runner: str, args: list[str]) -> PipelineOptions:
 def _retro_error(error: Exception) -> RetroError | None:
     """A RetroError raised on a worker reaches the driver as text inside the runner's error."""
     found = re.search(r"RetroError: (.+)", str(error))
-    return RetroError(found.group(1).strip()) if found else None
+    if not found:
+        return None
+    return RetroError(re.sub(r"\s*\[while running .*\]$", "", found.group(1).strip()))
 
 
 class BeamStageContext(StageContext):
@@ -70,7 +73,7 @@ class BeamStageContext(StageContext):
         from retro_jax.dedup import read_dropped_ids
 
         docs, stats = read_documents(pipeline, self.source(role), role)
-        dropped = read_dropped_ids(self.path("dedup_report.json")).get(role, set())
+        dropped = read_dropped_ids(self.path(REPORT)).get(role, set())
         if dropped:
             docs = docs | f"{role}: leakage filter" >> beam.Filter(
                 lambda od, dropped=frozenset(dropped): od[1].doc_id not in dropped
