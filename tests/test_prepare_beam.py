@@ -145,6 +145,20 @@ def test_worker_errors_are_one_line(tmp_path):
     assert not (tmp_path / "w" / "prepare" / "dedup_report.json").exists()
     with pytest.raises(RetroError, match="need --runner"):
         run_prepare(c, str(tmp_path / "w"), beam_args=("--direct_num_workers=2",))
+    # From a worker process, the error reaches the CLI as text inside the runner's error.
+    write_config(tmp_path / "config.py", str(tmp_path / "docs.jsonl"), str(tmp_path / "docs.jsonl"))
+    done = prepare_cli(
+        tmp_path / "config.py",
+        tmp_path / "w2",
+        "--runner=DirectRunner",
+        "--direct_num_workers=2",
+        "--direct_running_mode=multi_processing",
+    )
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("retro-jax prepare: error: ") and last.endswith(
+        "docs.jsonl:2: not valid JSON (Expecting value)"
+    ), last
 
 
 def _run(build):

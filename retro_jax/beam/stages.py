@@ -40,11 +40,16 @@ def pipeline_options(runner: str, args: list[str]) -> PipelineOptions:
 
 
 def _retro_error(error: Exception) -> RetroError | None:
-    """A RetroError raised on a worker reaches the driver as text inside the runner's error."""
-    found = re.search(r"RetroError: (.+)", str(error))
-    if not found:
-        return None
-    return RetroError(re.sub(r"\s*\[while running .*\]$", "", found.group(1).strip()))
+    """A RetroError raised on a worker: re-raised by the runner (in process, with Beam's
+    "[while running STEP]" appended) or as text inside the runner's own error."""
+    if isinstance(error, RetroError):
+        message = str(error)
+    else:
+        found = re.search(r"RetroError: (.+)", str(error))
+        if not found:
+            return None
+        message = found.group(1)
+    return RetroError(re.sub(r"\s*\[while running .*\]$", "", message.strip()))
 
 
 class BeamStageContext(StageContext):
@@ -55,9 +60,7 @@ class BeamStageContext(StageContext):
     def build(self, stage: str, partial: str, on_shard) -> dict:
         try:
             return super().build(stage, partial, on_shard)
-        except RetroError:
-            raise
-        except Exception as e:  # a worker's error, wrapped by the runner
+        except Exception as e:  # a worker's error, as the runner passes it on
             error = _retro_error(e)
             if error is None:
                 raise
