@@ -149,3 +149,15 @@ def test_exact_index_does_not_import_scann_or_tensorflow(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_scann_build_is_deterministic(tmp_path):
+    """The same keys give byte-identical ScaNN files (resume and the Beam path rely on it)."""
+    keys = clustered(6000, dim=64, centers=80, seed=3)
+    for run in ("a", "b"):
+        NeighbourIndex.build(keys, brute_force_below=0, progress=False).save(str(tmp_path / run))
+    names = sorted(os.listdir(tmp_path / "a" / "shard-00000"))
+    assert "serialized_partitioner.pb" in names
+    for name in names:
+        a = (tmp_path / "a" / "shard-00000" / name).read_bytes()
+        assert a == (tmp_path / "b" / "shard-00000" / name).read_bytes(), name

@@ -127,19 +127,25 @@ class _Shard:
 
 
 def _build_scann(keys: np.ndarray, params: ScannParams):
+    """A ScaNN searcher, built deterministically: k-means++ initialisation (ScaNN's random
+    initialisation is not seeded) and one training thread (threaded k-means assigns a few
+    points differently from run to run). The same keys give the same index in any process, so
+    a resumed or distributed prepare writes the same files as an uninterrupted local one."""
     scann = _scann_module()
     dims_per_block = 2
-    return (
+    builder = (
         scann.builder(keys, 10, "squared_l2")
         .tree(
             num_leaves=params.num_leaves,
             num_leaves_to_search=params.leaves_to_search,
             training_sample_size=params.training_sample_size,
+            random_init=False,
         )
         .score_ah(dims_per_block, anisotropic_quantization_threshold=float("nan"))
         .reorder(params.reorder)
-        .build()
     )
+    builder.set_n_training_threads(1)
+    return builder.build()
 
 
 def shard_starts(n: int, shard_size: int) -> list[int]:
