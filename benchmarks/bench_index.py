@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -110,7 +111,7 @@ def main() -> None:
                 speedup=round(qps / exact_qps, 1),
             )
         )
-        print(json.dumps(results[-1]), flush=True)
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # progress; stdout: summary
     summary = dict(
         machine=f"{platform.machine()}, {os.cpu_count()} cpus",
         base_real_keys=len(base),
