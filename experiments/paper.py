@@ -101,7 +101,7 @@ def paper_config(size: str, arg: str = "") -> ml_collections.ConfigDict:
     c.data.num_neighbours_stored = NEIGHBOURS_STORED
     c.data.records_per_shard = 4096
     c.data.chunks_per_shard = 1 << 20
-    # The ablations' keys; see docs/experiments.md (retrieval_max_tokens: not in default_config).
+    # The ablations' keys (defaults in retro_jax/config.py); see docs/experiments.md.
     c.data.neighbour_continuation = True  # neighbours are [N, F]; False blanks F (pipeline)
     c.data.retrieval_max_tokens = 0  # cap on the retrieval database (0 = all of it)
     c.eval.checkpoint_workdir = ""  # evaluate the checkpoint of another workdir ("" = this one)

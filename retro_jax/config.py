@@ -33,6 +33,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.train_source = "sotu"
     c.data.eval_source = "sotu"
     c.data.retrieval_source = ""  # the chunk database; "" = the training source
+    # Cap on the chunk database in tokens (0 = all of it): the first ceil(cap / m) chunks of the
+    # retrieval source (the paper's evaluation-database-size ablation).
+    c.data.retrieval_max_tokens = 0
     c.data.seq_len = 256  # n: tokens per sequence (a multiple of model.chunk_size)
     c.data.num_neighbours_stored = 4  # K_max neighbours stored per chunk in the shards
     # Neighbours are [chunk N, continuation F] (2m tokens). False: the input pipeline blanks F

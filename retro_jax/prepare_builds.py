@@ -113,6 +113,7 @@ class StageBuilds:
             partial,
             chunk_size=int(self.config.model.chunk_size),
             chunks_per_shard=int(self.config.data.chunks_per_shard),
+            max_chunks=self.max_chunks(),
             progress=self.progress,
             log=log,
         )

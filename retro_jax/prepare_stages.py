@@ -96,6 +96,13 @@ class StageContext(StageBuilds):
         dropped = read_dropped_ids(self.path(REPORT)).get(role, set()) if role != "eval" else set()
         return (doc for doc in source.documents() if doc.doc_id not in dropped)
 
+    def max_chunks(self) -> int:
+        """data.retrieval_max_tokens as a number of database chunks (0 = no cap)."""
+        tokens = int(self.config.data.get("retrieval_max_tokens", 0))
+        if tokens < 0:
+            raise RetroError(f"data.retrieval_max_tokens={tokens} must be >= 0 (0 = no cap)")
+        return -(-tokens // int(self.config.model.chunk_size))
+
     def spec(self) -> RecordSpec:
         d = self.config.data
         return RecordSpec(
@@ -124,7 +131,12 @@ class StageContext(StageBuilds):
                 given=_file_digest(given) if given else None,
             )
         if stage == "chunks":
-            return dict(chunk_size=int(c.model.chunk_size), per_shard=int(d.chunks_per_shard))
+            cap = self.max_chunks()  # (absent when 0: workdirs built before it stay valid)
+            return dict(
+                chunk_size=int(c.model.chunk_size),
+                per_shard=int(d.chunks_per_shard),
+                **({"max_chunks": cap} if cap else {}),
+            )
         if stage == "keys":
             return dict(model_id=self.bert_model_id(), max_len=int(r.bert_max_len))
         if stage == "index":

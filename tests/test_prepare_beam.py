@@ -272,3 +272,19 @@ def test_tfds_dataset_built_with_beam(tmp_path):
         collect(docs | beam.Map(lambda od: (od[0], od[1].doc_id, od[1].text)), path, "docs")
 
     assert [(d, t) for _, d, t in sorted(_run(build))] == expected
+
+
+def test_retrieval_max_tokens_caps_the_database_alike(corpus, tmp_path):
+    """data.retrieval_max_tokens keeps the first ceil(cap / m) chunks, the last document cut at
+    the cap, with either driver: the same database files."""
+    config = _config(corpus)
+    config.data.retrieval_max_tokens = 16 * 100 + 5  # 101 chunks of m = 16: mid-document
+    for name, runner in (("local", None), ("beam", "DirectRunner")):
+        run_prepare(config, str(tmp_path / name), progress=False, runner=runner, until="chunks")
+    local, beam_db = (_files(tmp_path / name) for name in ("local", "beam"))
+    local = {k: v for k, v in local.items() if k.startswith("db/")}
+    assert local == {k: v for k, v in beam_db.items() if k.startswith("db/")}
+    db = json.loads(local["db/db.json"])
+    assert db["num_chunks"] == 101 and sum(db["shards"]) == 101
+    table = np.load(tmp_path / "local" / "prepare" / "db" / "docs.npy")
+    assert table[:, 2].sum() == 101 and (table[:, 1] + table[:, 2]).max() == 101

@@ -167,10 +167,11 @@ def test_run_sweep_runs_each_command_records_status_and_resumes(tmp_path, capsys
     assert {_workdir(c) for c in calls} == {f"--workdir={workdir}/continuation-without"}
     status = json.loads(Path(workdir, "sweep.json").read_text())
     assert [r["status"] for r in status["runs"]] == ["done", "done"]
-    # Checked before anything runs: overrides must name keys of the config
-    # (data.retrieval_max_tokens: a key only the paper configs have).
+    # Checked before anything runs: overrides must name keys of the config.
+    bare = tiny_config()
+    del bare.data.retrieval_max_tokens  # the key the eval_db sweep overrides
     with pytest.raises(RetroError, match="no key"):
-        run_sweep(tiny_config(), spec, workdir, selected=["eval_db"], execute=execute)
+        run_sweep(bare, spec, workdir, selected=["eval_db"], execute=execute)
     with pytest.raises(RetroError, match="--workdir is required"):
         run_sweep(config, spec, None)
 

@@ -34,8 +34,8 @@ from retro_jax.retrieval.chunks import (
 
 
 class _Chunk(beam.DoFn):
-    """(ordinal, Document) -> (ordinal, {tokens [c, 2m], doc_ids [c]}, doc_id), and tagged
-    `info` (ordinal, tokens, key) for the database's counts."""
+    """(ordinal, Document) -> (ordinal, {tokens [c, 2m], doc_ids [c]}, (doc_id, ordinal, tokens,
+    key)); c may be 0 (the document still counts in db.json)."""
 
     def __init__(self, tokenizer_dir: str, pad_id: int, chunk_size: int):
         self.tokenizer_dir, self.pad_id, self.chunk_size = tokenizer_dir, pad_id, chunk_size
@@ -48,10 +48,8 @@ class _Chunk(beam.DoFn):
     def process(self, item):
         ordinal, doc = item
         entries, length = document_entries(doc.text, self.tokenizer, self.chunk_size)
-        yield beam.pvalue.TaggedOutput("info", (ordinal, length, doc.key))
-        if len(entries):
-            rows = dict(tokens=entries, doc_ids=np.full(len(entries), doc.doc_id, np.int64))
-            yield ordinal, rows, doc.doc_id
+        rows = dict(tokens=entries, doc_ids=np.full(len(entries), doc.doc_id, np.int64))
+        yield ordinal, rows, (doc.doc_id, ordinal, length, doc.key)
 
 
 class _Counts(beam.CombineFn):
@@ -82,10 +80,20 @@ class _Counts(beam.CombineFn):
 
 
 def build_chunks(
-    options, documents_of, tokenizer, tokenizer_dir, directory, *, chunk_size, per_shard, log
+    options,
+    documents_of,
+    tokenizer,
+    tokenizer_dir,
+    directory,
+    *,
+    chunk_size,
+    per_shard,
+    max_chunks=0,
+    log=None,
 ):
     """The chunk database of the retrieval documents in `directory` (as
-    `retro_jax.retrieval.chunks.build_chunk_database` writes it)."""
+    `retro_jax.retrieval.chunks.build_chunk_database` writes it, `max_chunks` included: the
+    documents that start before the cap, the last one cut at it)."""
     from retro_jax.errors import RetroError
 
     if per_shard <= 0:
@@ -94,14 +102,15 @@ def build_chunks(
     files.makedirs(work)
     with beam.Pipeline(options=options) as p:
         docs, _ = documents_of(p, "retrieval")
-        chunked = docs | "chunk" >> beam.ParDo(
-            _Chunk(tokenizer_dir, tokenizer.pad_id, chunk_size)
-        ).with_outputs("info", main="rows")
-        shards, offsets = ordered_shards(chunked.rows, per_shard, "chunks")
+        rows = docs | "chunk" >> beam.ParDo(_Chunk(tokenizer_dir, tokenizer.pad_id, chunk_size))
+        shards, offsets = ordered_shards(rows, per_shard, "chunks", max_rows=max_chunks)
         written = shards | "write shards" >> beam.Map(lambda s: (s[0], _write_shard(directory, s)))
         collect(written, os.path.join(work, "shards.pkl"), "shard sizes")
-        collect(offsets, os.path.join(work, "docs.pkl"), "docs table")
-        collect(chunked.info, os.path.join(work, "counts.pkl"), "counts", _Counts(chunk_size))
+        table = offsets | "with chunks" >> beam.Filter(lambda o: o[2] > 0)
+        table = table | "table rows" >> beam.Map(lambda o: (o[0][0], o[1], o[2]))
+        collect(table, os.path.join(work, "docs.pkl"), "docs table")
+        info = offsets | "doc info" >> beam.Map(lambda o: o[0][1:])
+        collect(info, os.path.join(work, "counts.pkl"), "counts", _Counts(chunk_size))
     shard_sizes = dict(load_collected(os.path.join(work, "shards.pkl")))
     counts = load_collected(os.path.join(work, "counts.pkl"))
     docs_table = [

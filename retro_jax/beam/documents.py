@@ -124,8 +124,8 @@ class _Place(beam.DoFn):
     """One block of documents (ordinal, rows, meta) -> shard pieces (shard, (first row, rows))
     and, tagged `offsets`, (meta, first row, row count) of each document."""
 
-    def __init__(self, per_shard: int):
-        self.per_shard = per_shard
+    def __init__(self, per_shard: int, max_rows: int = 0):
+        self.per_shard, self.max_rows = per_shard, max_rows
         self.prefix = _Prefix()
 
     def process(self, item, block_sizes):
@@ -133,6 +133,10 @@ class _Place(beam.DoFn):
         row = self.prefix(block_sizes)(block)
         for _, rows, meta in sorted(documents, key=lambda d: d[0]):
             count = _rows(rows)
+            if self.max_rows:  # only documents that start before the cap, cut at it
+                if row >= self.max_rows:
+                    return
+                count = min(count, self.max_rows - row)
             yield beam.pvalue.TaggedOutput("offsets", (meta, row, count))
             done = 0
             while done < count:
@@ -150,10 +154,11 @@ def _join(item):
     return shard, {k: np.concatenate([p[1][k] for p in pieces]) for k in pieces[0][1]}
 
 
-def ordered_shards(rows, per_shard: int, label: str):
+def ordered_shards(rows, per_shard: int, label: str, *, max_rows: int = 0):
     """rows: PCollection of (ordinal, {name: array [r, ...]}, meta) -> (shards: PCollection of
     (shard index, {name: array [per_shard or fewer, ...]}) in ordinal order, offsets:
-    PCollection of (meta, first global row, r) per document)."""
+    PCollection of (meta, first global row, r) per document). `max_rows` > 0 keeps the first
+    max_rows rows: documents that start later are left out, the one across the cap is cut."""
     sizes = (
         rows
         | f"{label}: block rows" >> beam.Map(lambda d: (d[0] // BLOCK, _rows(d[1])))
@@ -164,7 +169,7 @@ def ordered_shards(rows, per_shard: int, label: str):
         | f"{label}: by block" >> beam.Map(lambda d: (d[0] // BLOCK, d))
         | f"{label}: blocks" >> beam.GroupByKey()
         | f"{label}: place"
-        >> beam.ParDo(_Place(per_shard), beam.pvalue.AsDict(sizes)).with_outputs(
+        >> beam.ParDo(_Place(per_shard, max_rows), beam.pvalue.AsDict(sizes)).with_outputs(
             "offsets", main="pieces"
         )
     )

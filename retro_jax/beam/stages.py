@@ -103,6 +103,7 @@ class BeamStageContext(StageContext):
             partial,
             chunk_size=int(self.config.model.chunk_size),
             per_shard=int(self.config.data.chunks_per_shard),
+            max_chunks=self.max_chunks(),
             log=log,
         )
 

@@ -63,10 +63,13 @@ def build_chunk_database(
     *,
     chunk_size: int,
     chunks_per_shard: int,
+    max_chunks: int = 0,
     progress: bool = True,
     log=None,
 ) -> dict:
-    """Tokenize and chunk `documents` into `directory` (created if needed).
+    """Tokenize and chunk `documents` into `directory` (created if needed). `max_chunks` > 0
+    keeps only the first max_chunks chunks (`data.retrieval_max_tokens` / m): documents are read
+    until the database is full, the last one cut at the cap.
 
     Returns the summary written to db.json (documents, chunks, shards, short documents, tokens).
     """
@@ -98,6 +101,8 @@ def build_chunk_database(
             short_docs += 1
             if len(short_examples) < 5:
                 short_examples.append(doc.key)
+        if max_chunks:
+            entries = entries[: max_chunks - total_chunks]
         if not len(entries):
             continue
         docs_table.append((doc.doc_id, total_chunks, len(entries)))
@@ -107,6 +112,8 @@ def build_chunk_database(
         total_chunks += len(entries)
         while buffered >= chunks_per_shard:
             flush(chunks_per_shard)
+        if max_chunks and total_chunks >= max_chunks:
+            break  # the database is full: the rest of the source is not read
     if buffered:
         flush(buffered)
     return write_database_info(
