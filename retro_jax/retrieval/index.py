@@ -60,16 +60,19 @@ class ScannParams:
         )
 
 
-def _exact_search(keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _exact_search(
+    keys: np.ndarray, queries: np.ndarray, k: int, key_sq: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by squared L2. keys [N, D], queries [Q, D] -> ids [Q, k'], dist [Q, k'] with
-    k' = min(k, N), ascending."""
+    k' = min(k, N), ascending. key_sq [N]: the keys' squared norms, if already known."""
     n = len(keys)
     kk = min(k, n)
     ids = np.zeros((len(queries), kk), np.int64)
     dist = np.zeros((len(queries), kk), np.float32)
     if kk == 0:
         return ids, dist
-    key_sq = np.einsum("nd,nd->n", keys, keys)
+    if key_sq is None:
+        key_sq = np.einsum("nd,nd->n", keys, keys)
     # Shortlist by the expanded form |q|^2 - 2 q.k + |k|^2 (one matmul), then recompute the
     # shortlisted distances directly, which is exact where the expansion cancels badly.
     shortlist = min(n, kk + 16)
@@ -105,6 +108,7 @@ class _Shard:
     def __init__(self, start, count, keys=None, searcher=None, params=None):
         self.start, self.count = start, count
         self.keys, self.searcher, self.params = keys, searcher, params
+        self._key_sq = None  # squared norms of exact keys, computed on the first search
 
     @property
     def kind(self) -> str:
@@ -112,7 +116,9 @@ class _Shard:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.searcher is None:
-            ids, dist = _exact_search(self.keys, queries, k)
+            if self._key_sq is None:
+                self._key_sq = np.einsum("nd,nd->n", self.keys, self.keys)
+            ids, dist = _exact_search(self.keys, queries, k, self._key_sq)
         else:
             kk = min(k, self.count)
             ids, dist = self.searcher.search_batched_parallel(
