@@ -20,7 +20,7 @@ import numpy as np
 # worker runs several threads.
 from transformers import AutoTokenizer, BertTokenizerFast  # noqa: F401
 
-from retro_jax.beam.documents import collect, load_collected, ordered_shards
+from retro_jax.beam.documents import SumCounts, collect, load_collected, ordered_shards
 from retro_jax.data import files
 from retro_jax.retrieval.chunks import (
     ChunkDatabase,
@@ -176,8 +176,8 @@ def build_keys(options, prepare_dir: str, directory: str, *, pad_id: int, bert: 
             | "spread" >> beam.Reshuffle()
             | "embed" >> beam.ParDo(_EmbedShard(prepare_dir, directory, pad_id, bert))
         )
-        collect(done, work, "counts", beam.combiners.ToListCombineFn())
-    counts = np.array(load_collected(work), np.int64).reshape(-1, 2).sum(axis=0)
+        collect(done, work, "counts", SumCounts(2))
+    counts = load_collected(work)
     files.remove(work)
     first = files.load_npy(os.path.join(directory, shard_name(0) + ".npy"))
     return dict(

@@ -181,6 +181,25 @@ def ordered_shards(rows, per_shard: int, label: str, *, max_rows: int = 0):
     return shards, placed.offsets
 
 
+class SumCounts(beam.CombineFn):
+    """Element-wise sum of int64 [width] count arrays, summed on the workers (not listed)."""
+
+    def __init__(self, width: int):
+        self.width = width
+
+    def create_accumulator(self):
+        return np.zeros(self.width, np.int64)
+
+    def add_input(self, acc, item):
+        return acc + np.asarray(item, np.int64)
+
+    def merge_accumulators(self, accs):
+        return sum(accs, np.zeros(self.width, np.int64))
+
+    def extract_output(self, acc):
+        return acc
+
+
 def collect(pcoll, path: str, label: str, combine=None, *, single: bool = False):
     """Write the elements of a PCollection as a list (or `combine` of them; or its one element
     if `single`) to a pickle file the driver reads after the pipeline finished

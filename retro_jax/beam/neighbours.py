@@ -28,10 +28,10 @@ import numpy as np
 # worker runs several threads.
 from transformers import AutoTokenizer, BertTokenizerFast  # noqa: F401
 
-from retro_jax.beam.documents import collect, load_collected, ordered_shards
+from retro_jax.beam.documents import SumCounts, collect, load_collected, ordered_shards
 from retro_jax.data import files
 from retro_jax.data.records import write_records
-from retro_jax.data.sequences import FIELDS, cut_document, read_sequence_shard, write_sequence_shard
+from retro_jax.data.sequences import cut_document, read_sequence_shard, write_sequence_shard
 from retro_jax.retrieval.chunks import ChunkDatabase, load_keys
 from retro_jax.retrieval.neighbours import (
     NeighbourFinder,
@@ -42,8 +42,8 @@ from retro_jax.retrieval.neighbours import (
 
 
 class _Cut(beam.DoFn):
-    """(ordinal, Document) -> (ordinal, sequences {FIELDS}, None); tagged `info`: (1, tokens,
-    bytes) of the document."""
+    """(ordinal, Document) -> (ordinal, the document's sequences (`cut_document`), None); tagged
+    `info`: (1, tokens, bytes) of the document."""
 
     def __init__(self, tokenizer_dir: str, pad_id: int, seq_len: int, split: str):
         self.tokenizer_dir, self.pad_id = tokenizer_dir, pad_id
@@ -70,25 +70,6 @@ class _Cut(beam.DoFn):
             yield ordinal, rows, None
 
 
-class _Sum(beam.CombineFn):
-    """Element-wise sum of int64 [width] arrays (counts summed on the workers, not listed)."""
-
-    def __init__(self, width: int):
-        self.width = width
-
-    def create_accumulator(self):
-        return 0
-
-    def add_input(self, acc, item):
-        return acc + item
-
-    def merge_accumulators(self, accs):
-        return sum(accs, 0)
-
-    def extract_output(self, acc):
-        return np.zeros(self.width, np.int64) + acc
-
-
 def build_sequences(options, documents_of, tokenizer_dir, pad_id, directory, *, seq_len, per_shard):
     """Train and eval sequence shards in `directory`; returns {split: summary} as
     `retro_jax.data.sequences.write_sequences` returns them."""
@@ -111,7 +92,7 @@ def build_sequences(options, documents_of, tokenizer_dir, pad_id, directory, *, 
                 lambda s, split=split: write_sequence_shard(directory, split, s[0], s[1])
             )
             collect(written, work(split + "-shards"), f"{split}: shards")
-            collect(cut.info, work(split + "-docs"), f"{split}: docs", _Sum(3))
+            collect(cut.info, work(split + "-docs"), f"{split}: docs", SumCounts(3))
     summaries = {}
     for split in ("train", "eval"):
         shards = sorted(load_collected(work(split + "-shards")), key=lambda s: s["name"])
@@ -307,7 +288,7 @@ def build_neighbours(options, prepare_dir: str, out_dir: str, sequences: dict, s
             | "by record file" >> beam.GroupByKey()
             | "write" >> beam.ParDo(_Write(prepare_dir, out_dir, spec, settings["pad_id"]))
         )
-        collect(done, work, "counts", _Sum(4))
+        collect(done, work, "counts", SumCounts(4))
     counts = load_collected(work)
     files.remove(work)
     return dict(
@@ -316,6 +297,3 @@ def build_neighbours(options, prepare_dir: str, out_dir: str, sequences: dict, s
         reused_keys=int(counts[2]),
         missing_neighbours=int(counts[3]),
     )
-
-
-__all__ = ["build_sequences", "build_neighbours", "FIELDS"]
