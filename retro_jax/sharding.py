@@ -25,6 +25,7 @@ BATCH_AXES = ("data", "fsdp")
 # activations keep their embed dimension whole (`act_embed`) and split heads / mlp over tensor.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
+    ("lookup_batch", "data"),  # embedding lookups: batch over data only, see embed_lookup
     ("length", None),
     ("chunks", None),
     ("neighbours", None),

@@ -1,5 +1,9 @@
 """Sharded RETRO equals the single-device model on 8 fake CPU devices."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -52,6 +56,53 @@ def test_sharded_logits_equal_single_device(shape, inputs, reference):
         tokens, neighbours = (jax.device_put(x, batch_sharding(mesh, x.ndim)) for x in inputs)
         logits = nnx.jit(lambda m, t, n: m(t, n))(model, tokens, neighbours)
     np.testing.assert_allclose(np.asarray(logits), reference, atol=1e-5)
+
+
+# One sharded train step (forward, backward, AdamW) of the tiny preset per mesh shape. CONFIG's
+# smaller shapes do not show the problem; XLA's warnings need TF_CPP_MIN_LOG_LEVEL below 2, so
+# this runs in a fresh process.
+TRAIN_STEP_SCRIPT = """
+import sys
+from types import SimpleNamespace
+import jax, numpy as np
+from retro_jax.model import RetroConfig
+from retro_jax.model.create import create_model
+from retro_jax.sharding import MESH_AXES, make_mesh, shard_batch
+from retro_jax.train.state import init_state
+from retro_jax.train.step import batch_shardings, make_optimizer, make_train_step
+
+train = SimpleNamespace(learning_rate=1e-3, warmup_steps=1, steps=10, min_lr_ratio=0.1,
+                        weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0)
+config = RetroConfig.preset("tiny")
+rng = np.random.default_rng(0)
+tokens = rng.integers(1, config.vocab_size, (8, 64)).astype(np.int32)
+batch = {"tokens": tokens, "targets": tokens, "loss_mask": np.ones((8, 64), np.float32),
+         "neighbours": rng.integers(0, config.vocab_size, (8, 4, 2, 32)).astype(np.int32)}
+for shape in ((2, 2, 2), (1, 8, 1)):
+    mesh = make_mesh(dict(zip(MESH_AXES, shape)))
+    tx, schedule = make_optimizer(train)
+    model_def, state, shardings = init_state(create_model(config, mesh=mesh), tx, mesh=mesh)
+    with jax.set_mesh(mesh):
+        placed = shard_batch(batch, mesh)
+        step = make_train_step(model_def, tx, schedule, retrieval=True, state_shardings=shardings,
+                               batch_shardings=batch_shardings(placed, mesh))
+        jax.block_until_ready(step(state, placed))
+    print("stepped", shape, file=sys.stderr, flush=True)
+"""
+
+
+def test_sharded_train_step_replicates_no_activation():
+    """XLA warns when a resharding forces it to replicate a whole array first ("involuntary full
+    rematerialization"): the embedding lookups did, for the whole global batch. No such warning
+    may come from the sharded train step."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    run = subprocess.run(
+        [sys.executable, "-c", TRAIN_STEP_SCRIPT], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("stepped") == 2
+    assert "Involuntary full rematerialization" not in run.stderr, run.stderr[-3000:]
 
 
 def test_mesh_shape_errors_name_the_problem():

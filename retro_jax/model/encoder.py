@@ -14,8 +14,7 @@ from flax import nnx
 
 from retro_jax.model.attention import cross_attention, self_attention
 from retro_jax.model.config import RetroConfig
-from retro_jax.model.layers import DTYPES, feed_forward, param, rms_norm
-from retro_jax.sharding import constrain
+from retro_jax.model.layers import DTYPES, embed_lookup, feed_forward, param, rms_norm
 
 
 def attention_params(
@@ -91,8 +90,8 @@ class NeighbourEncoder(nnx.Module):
         dtype = DTYPES[c.dtype]
         r = neighbours.shape[-1]
         mask = neighbours != c.pad_id  # [B, l, k, r]
-        x = jnp.take(self.embed[...], neighbours, axis=0).astype(dtype)  # [B, l, k, r, de]
-        x = constrain(x, ("batch", "chunks", "neighbours", "length", "act_embed"))
+        names = ("batch", "chunks", "neighbours", "length", "act_embed")
+        x = embed_lookup(self.embed[...], neighbours, dtype, names)  # [B, l, k, r, de]
         positions = jnp.arange(r)
         # Each neighbour of chunk u attends to C_u: broadcast the chunk over the k neighbours.
         context = rms_norm(chunk_h.astype(dtype), self.context_norm[...], c.norm_eps)[:, :, None]

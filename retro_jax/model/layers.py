@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from retro_jax.sharding import constrain
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -36,6 +38,21 @@ def param(
         std = (fan_in or shape[0]) ** -0.5
         init = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, tuple(shape))
     return nnx.Param(init, out_sharding=tuple(names), eager_sharding=False)
+
+
+def embed_lookup(table: jax.Array, ids: jax.Array, dtype, names: Sequence[str | None]) -> jax.Array:
+    """Rows of an embedding table [V, d] for int ids [batch, ...] -> [batch, ..., d] in `dtype`,
+    laid out as the logical `names` (batch first, `act_embed` last).
+
+    The table's d axis is split over fsdp. Each device first gathers its d-slice of the rows for
+    the ids of its whole data-parallel group ([batch over data only, ..., d over fsdp]: local
+    work), then one all-to-all over fsdp gives the activation layout. Asked directly for that
+    layout, XLA's partitioner replicates the lookup of the whole global batch and slices it (an
+    "involuntary full rematerialization"), in the forward and the backward pass.
+    """
+    x = jnp.take(table, ids, axis=0).astype(dtype)
+    x = constrain(x, ("lookup_batch", *names[1:-1], "embed"))
+    return constrain(x, names)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

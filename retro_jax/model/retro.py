@@ -22,7 +22,7 @@ from retro_jax.model.attention import self_attention
 from retro_jax.model.cca import chunked_cross_attention
 from retro_jax.model.config import RetroConfig
 from retro_jax.model.encoder import NeighbourEncoder, attention_params, values
-from retro_jax.model.layers import DTYPES, feed_forward, param, rms_norm
+from retro_jax.model.layers import DTYPES, embed_lookup, feed_forward, param, rms_norm
 from retro_jax.sharding import constrain
 
 
@@ -77,8 +77,8 @@ class Retro(nnx.Module):
     # -- pieces shared with incremental decoding (retro_jax/sample.py) --------------------------
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(DTYPES[self.config.dtype])
-        return constrain(x, ("batch", "length", "act_embed"))
+        dtype = DTYPES[self.config.dtype]
+        return embed_lookup(self.embed[...], tokens, dtype, ("batch", "length", "act_embed"))
 
     def logits(self, x: jax.Array) -> jax.Array:
         c = self.config
