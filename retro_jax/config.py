@@ -91,6 +91,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.shuffle_seed = 0
     c.train.shuffle_buffer = 1024  # records in tf.data's shuffle buffer (per host)
     c.train.retrofit_from = ""  # a baseline twin's workdir or checkpoint folder
+    # Profile: a JAX profiler trace of steps [profile_at, profile_at + profile_steps) in
+    # W/profile (TensorBoard's profile plugin, Perfetto); 0 = none. Skip the compiling step 1.
+    c.train.profile_at = 0
+    c.train.profile_steps = 3
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_neighbours = 2

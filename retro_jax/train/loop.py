@@ -248,6 +248,7 @@ def _run(config, workdir, ckpts, current, spec, info, model_cfg, mesh) -> dict:
         evaluate = _Evaluator(config, prepare_dir, model_def, mesh, not model_cfg.is_baseline, k)
     log = metrics_lib.MetricsLog(workdir, resume_step=start)
     progress = metrics_lib.Progress(start, int(t.steps))
+    profiler = metrics_lib.StepProfiler(workdir, int(t.profile_at), int(t.profile_steps))
     tokens_per_step = int(t.batch_size) * spec.seq_len
     flops = flops_per_token(model_cfg, spec.seq_len, k if retrieval else 0) * tokens_per_step
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0], model_cfg.dtype) * len(jax.devices())
@@ -262,8 +263,11 @@ def _run(config, workdir, ckpts, current, spec, info, model_cfg, mesh) -> dict:
     batch = shard_batch(first, mesh)
     with jax.set_mesh(mesh), _Preemption() as preemption:
         while step < int(t.steps):
-            state, step_metrics = train_step(state, batch)
+            profiler.before_step(step + 1)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                state, step_metrics = train_step(state, batch)
             step += 1
+            profiler.after_step(step, step_metrics)
             pending.append((step, step_metrics))
             if step < int(t.steps):  # read the next batch while the device computes this one
                 wait_start = time.perf_counter()
@@ -326,6 +330,7 @@ def _run(config, workdir, ckpts, current, spec, info, model_cfg, mesh) -> dict:
                 print(f"train: SIGTERM at step {step}: checkpoint saved, rerun to resume")
                 result["preempted"] = True
                 break
+    profiler.stop(state)
     log.close()
     progress.close()
     return result

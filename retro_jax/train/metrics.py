@@ -1,4 +1,4 @@
-"""Training logs: W/train/metrics.jsonl, TensorBoard events, a progress bar, and MFU.
+"""Training logs: W/train/metrics.jsonl, TensorBoard events, a progress bar, MFU, profiles.
 
 metrics.jsonl holds one JSON object per logged step (`step`, `loss`, ...); a resumed run first
 cuts the file back to the restored step so that the file reads as one uninterrupted run.
@@ -144,6 +144,41 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no nan/inf
     return value
+
+
+class StepProfiler:
+    """A JAX profiler trace of train steps [first, first + count) (1-based) in W/profile/.
+
+    Every process traces its own devices (one `*.xplane.pb` per host under
+    W/profile/plugins/profile/<time>/): open it with TensorBoard's profile plugin (`tensorboard
+    --logdir W/profile`) or Perfetto (the `*.trace.json.gz` beside it). first = 0: no trace.
+    """
+
+    def __init__(self, workdir: str, first: int, count: int):
+        self.dir = os.fspath(epath.Path(workdir) / "profile")
+        self.first, self.last = int(first), int(first) + max(int(count), 1) - 1
+        self.active = False
+
+    def before_step(self, step: int) -> None:
+        """Called before running step `step` (1-based)."""
+        if self.first > 0 and step == self.first:
+            jax.profiler.start_trace(self.dir)
+            self.active = True
+
+    def after_step(self, step: int, outputs) -> None:
+        """Called after dispatching step `step`; ends the trace once the last traced step is done
+        (waits for `outputs`, so the trace holds the device work, not only its dispatch)."""
+        if self.active and step >= self.last:
+            self.stop(outputs)
+
+    def stop(self, outputs=None) -> None:
+        if not self.active:
+            return
+        jax.block_until_ready(outputs)
+        jax.profiler.stop_trace()
+        self.active = False
+        if jax.process_index() == 0:
+            print(f"train: profile of steps {self.first}-{self.last} in {self.dir}", flush=True)
 
 
 class Progress:
