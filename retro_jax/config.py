@@ -120,4 +120,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # The slice the run is planned for (e.g. "v5p-128", "h100-8"): `retro-jax model-info` plans
+    # per-device memory on it; "" = this host's devices as the mesh above.
+    c.mesh.topology = ""
     return c

@@ -14,6 +14,7 @@ from flax import nnx
 from retro_jax.config import model_config
 from retro_jax.errors import RetroError
 from retro_jax.model.create import abstract_model
+from retro_jax.model.info import main as info_main
 from retro_jax.model.memory import (
     GIB,
     activation_bytes,
@@ -76,6 +77,28 @@ def test_paper_hyperparameters(size):
     assert c.train.batch_size % (c.train.grad_accum * c.mesh.data * c.mesh.fsdp) == 0
     retro, baseline = model_config(c), model_config(config_of(size, "baseline"))
     assert baseline == retro.baseline() and retro.cca_layers
+
+
+@pytest.mark.parametrize("size", FILES)
+@pytest.mark.parametrize("arg", ["", "baseline", "topology=v4-256"])
+def test_model_info_prints_counts_and_the_memory_plan(size, arg, capsys):
+    config = config_of(size, arg)
+    info_main(config)
+    out = capsys.readouterr().out
+    kind = "baseline twin" if arg == "baseline" else "RETRO"
+    assert out.startswith(f"model: {kind} {size}\n")  # the paper size is recognised
+    assert "paper baseline (Table 2)" in out
+    plan = memory_plan(config)
+    assert f"topology        {plan['topology']} (" in out
+    assert f"parameters      {plan['params']:,} (" in out
+    assert out.rstrip().endswith(": fits")
+
+
+def test_model_info_on_a_config_without_topology(capsys):
+    info_main(load_module(EXPERIMENTS / "tiny.py").get_config(""))
+    out = capsys.readouterr().out
+    assert out.startswith("model: RETRO\n") and "topology        cpu-1 (" in out
+    assert out.rstrip().endswith("HBM unknown")
 
 
 def test_retrofit_config():

@@ -96,22 +96,27 @@ def describe(config: RetroConfig, preset: str | None = None) -> list[tuple[str, 
     return rows
 
 
+# Fields that change how a model is computed or where it retrieves, not its size.
+_NOT_SIZE = ("cca_layers", "dtype", "remat", "scan_layers")
+
+
+def paper_preset_of(config: RetroConfig) -> str | None:
+    """The paper size (`172m` ...) whose shapes a config has, whatever its CCA placement."""
+
+    def shapes(c: RetroConfig) -> dict:
+        return {k: v for k, v in c.to_dict().items() if k not in _NOT_SIZE}
+
+    return next((p for p in PAPER_PARAMS if shapes(RetroConfig.preset(p)) == shapes(config)), None)
+
+
 def main(config, workdir: str | None = None) -> None:
-    """`retro-jax model-info --config CFG`: parameter counts, FLOPs and a forward pass check."""
+    """`retro-jax model-info --config CFG`: parameter counts, FLOPs per token, and the
+    per-device training memory on the config's `mesh.topology` (`memory_plan`)."""
     from retro_jax.config import model_config
+    from retro_jax.model.memory import format_plan, memory_plan
 
     c = model_config(config)
-    preset = next(
-        (
-            p
-            for p in PAPER_PARAMS
-            if RetroConfig.preset(p).replace(
-                cca_layers=c.cca_layers, dtype=c.dtype, remat=c.remat, scan_layers=c.scan_layers
-            )
-            == c
-        ),
-        None,
-    )
+    preset = paper_preset_of(c)
     seq_len, k = int(config.data.seq_len), int(config.train.num_neighbours)
     rows = describe(c, preset)
     flops = flops_per_token(c, seq_len, k)
@@ -123,3 +128,6 @@ def main(config, workdir: str | None = None) -> None:
     print(f"model: {'baseline twin' if c.is_baseline else 'RETRO'} {preset or ''}".rstrip())
     for name, value in rows:
         print(f"  {name:<{width}}  {value:>16}")
+    plan = memory_plan(config)
+    print("training memory per device (parameters, AdamW state, activations):")
+    print("  " + format_plan(plan).replace("\n", "\n  "))
