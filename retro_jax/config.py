@@ -7,6 +7,9 @@ Inside jit the code sees frozen dataclasses (`RetroConfig` via `model_config`).
 
 from __future__ import annotations
 
+import json
+import os
+
 import ml_collections
 
 from retro_jax.model.config import RetroConfig
@@ -23,6 +26,38 @@ def model_config(config: ml_collections.ConfigDict) -> RetroConfig:
     return RetroConfig.from_dict(config.model.to_dict())
 
 
+def prepare_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The prepared data of a run: `data.prepare_dir`, or W/prepare."""
+    return str(config.data.get("prepare_dir", "") or "") or os.path.join(workdir, "prepare")
+
+
+# What `prepare` reads: these sections and model keys, less the data keys only the input
+# pipeline reads (and prepare_dir, the place rather than the content).
+_PREPARE_SECTIONS = ("data", "dedup", "retrieval")
+_PREPARE_MODEL_KEYS = ("chunk_size", "vocab_size", "pad_id")
+_NOT_PREPARE = ("data.neighbour_continuation", "data.prepare_dir")
+
+
+def prepare_inputs(config: ml_collections.ConfigDict) -> str:
+    """The config values `prepare` builds from, as canonical JSON: equal strings, same outputs."""
+    values = {s: config[s].to_dict() for s in _PREPARE_SECTIONS if s in config}
+    values["model"] = {k: config.model[k] for k in _PREPARE_MODEL_KEYS}
+    for key in _NOT_PREPARE:
+        section, field = key.split(".")
+        values.get(section, {}).pop(field, None)
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+def training_inputs(config: ml_collections.ConfigDict) -> str:
+    """The config values a trained model depends on (all but eval, sample and where the
+    prepared data lies), as canonical JSON."""
+    values = config.to_dict()
+    for section in ("eval", "sample"):
+        values.pop(section, None)
+    values.get("data", {}).pop("prepare_dir", None)
+    return json.dumps(values, sort_keys=True, default=str)
+
+
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -36,6 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Cap on the chunk database in tokens (0 = all of it): the first ceil(cap / m) chunks of the
     # retrieval source (the paper's evaluation-database-size ablation).
     c.data.retrieval_max_tokens = 0
+    # Where `prepare` writes and train/eval/sample read; "" = W/prepare. Runs that differ only in
+    # what prepare does not read can share one (`retro-jax sweep` does this).
+    c.data.prepare_dir = ""
     c.data.seq_len = 256  # n: tokens per sequence (a multiple of model.chunk_size)
     c.data.num_neighbours_stored = 4  # K_max neighbours stored per chunk in the shards
     # Neighbours are [chunk N, continuation F] (2m tokens). False: the input pipeline blanks F

@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 from tqdm.auto import tqdm
 
+from retro_jax.config import prepare_dir as prepare_dir_of
 from retro_jax.data.records import load_records_info
 from retro_jax.errors import RetroError
 from retro_jax.leakage import ALPHAS, LeakageHistogram, chunk_overlap
@@ -165,7 +166,7 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     from retro_jax.data.pipeline import EvalBatches, keep_continuation
     from retro_jax.train.checkpoint import find_checkpoints
 
-    prepare_dir = os.path.join(workdir, "prepare")
+    prepare_dir = prepare_dir_of(config, workdir)
     spec, info = load_records_info(prepare_dir)
     k, sweep = _neighbour_counts(config, spec.num_neighbours)
     mesh = make_mesh(config.mesh)

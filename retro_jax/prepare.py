@@ -26,6 +26,7 @@ import os
 import signal
 import time
 
+from retro_jax.config import prepare_dir as prepare_dir_of
 from retro_jax.data import files
 from retro_jax.data.records import RECORDS_INFO, RecordSpec
 from retro_jax.errors import RetroError
@@ -162,7 +163,7 @@ def run_prepare(
         int(config.model.chunk_size),
         int(config.data.num_neighbours_stored),
     )
-    prepare_dir = os.path.join(workdir, "prepare")
+    prepare_dir = prepare_dir_of(config, workdir)
     if runner:
         try:
             from retro_jax.beam.stages import BeamStageContext, pipeline_options

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from retro_jax.config import prepare_dir as prepare_dir_of
 from retro_jax.data import files
 from retro_jax.errors import RetroError
 from retro_jax.model.decode import Decoder
@@ -331,7 +332,7 @@ def load_parts(config, workdir: str, *, step: int | None = None):
     model, step = load_model(workdir, step=step)
     meta = _read_meta(checkpoints_dir, step)
     model_cfg = model.config
-    prepare_dir = os.path.join(workdir, "prepare")
+    prepare_dir = prepare_dir_of(config, workdir)
     tokenizer_dir = os.path.join(prepare_dir, "tokenizer")
     if not files.exists(tokenizer_dir):
         raise RetroError(f"sample: {tokenizer_dir} missing: run `retro-jax prepare` first")

@@ -132,6 +132,60 @@ def expand(
     return planned
 
 
+def share_work(config: ml_collections.ConfigDict, runs: list[PlannedRun], root: str):
+    """Runs that would build the same thing build it once; returns (runs, notes {name: text}).
+
+    - prepare: runs whose configs give `prepare` the same inputs (`config.prepare_inputs`) share
+      one prepared folder (`data.prepare_dir`): `{root}/prepare` for the config's own inputs,
+      `{root}/prepare-{first run}` for another group of several runs. Not when the config
+      already names a `data.prepare_dir` (or has no such key).
+    - train: a run whose trained model would equal an earlier run's (`config.training_inputs`)
+      does not train again: its eval scores the earlier run's checkpoint
+      (`eval.checkpoint_workdir`), and overrides naming its workdir (retrofit_from,
+      baseline_workdir, checkpoint_workdir) name the earlier run's instead.
+    """
+    from retro_jax.config import prepare_inputs, training_inputs  # noqa: PLC0415
+
+    resolved = [apply_overrides(config, run.overrides) for run in runs]
+    notes: dict[str, str] = {}
+    prepare_dirs: dict[str, str] = {}
+    if "prepare_dir" in config.data and not config.data.prepare_dir:
+        groups: dict[str, list[int]] = {}
+        for i, (run, c) in enumerate(zip(runs, resolved)):
+            if "prepare" in run.commands or "train" in run.commands or "eval" in run.commands:
+                groups.setdefault(prepare_inputs(c), []).append(i)
+        for key, members in groups.items():
+            if key == prepare_inputs(config):
+                prepare_dirs.update({runs[i].name: f"{root}/prepare" for i in members})
+            elif len(members) > 1:
+                shared = f"{root}/prepare-{runs[members[0]].name}"
+                prepare_dirs.update({runs[i].name: shared for i in members})
+    trained: dict[str, PlannedRun] = {}
+    moved: dict[str, str] = {}  # workdir of a run that does not train -> the one that does
+    out = []
+    for run, c in zip(runs, resolved):
+        overrides = {
+            key: moved.get(value, value) if isinstance(value, str) else value
+            for key, value in run.overrides.items()
+        }
+        commands = run.commands
+        if run.name in prepare_dirs:
+            overrides["data.prepare_dir"] = prepare_dirs[run.name]
+        if "train" in commands:
+            key = training_inputs(c)
+            if key in trained:
+                same = trained[key]
+                commands = tuple(cmd for cmd in commands if cmd != "train")
+                moved[run.workdir] = same.workdir
+                if "eval" in commands:
+                    overrides.setdefault("eval.checkpoint_workdir", same.workdir)
+                notes[run.name] = f"trains the same model as {same.name}: not trained again"
+            else:
+                trained[key] = run
+        out.append(dataclasses.replace(run, overrides=overrides, commands=commands))
+    return out, notes
+
+
 def format_value(value: Any) -> str:
     """A value as `--config.KEY=` text that ml_collections parses back to the same value."""
     if isinstance(value, str):
@@ -260,12 +314,15 @@ def run_sweep(
     runs = expand(load_sweeps(config_spec), root, selected)
     for run in runs:  # every override must name a key of the config, before anything starts
         apply_overrides(config, run.overrides)
+    runs, notes = share_work(config, runs, root)
 
     status = {} if dry_run else _read_status(root)
     print(f"sweep of {config_spec}: {len(runs)} runs under {root}")
     for run in runs:
         changes = " ".join(f"{k}={format_value(v)}" for k, v in run.overrides.items())
         print(f"  {run.name:<28} {status.get(run.name, 'pending'):<8} {changes or '(defaults)'}")
+        if run.name in notes:
+            print(f"      ({notes[run.name]})")
         if dry_run:
             for argv in command_lines(run, config_spec, base_overrides, launcher):
                 print("      " + shlex.join(argv))

@@ -10,9 +10,11 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from retro_jax.config import training_inputs
 from retro_jax.errors import RetroError
 from retro_jax.sweep import (
     REPO,
+    PlannedRun,
     Run,
     apply_overrides,
     command_lines,
@@ -22,6 +24,7 @@ from retro_jax.sweep import (
     override_args,
     product,
     run_sweep,
+    share_work,
 )
 
 EXPERIMENTS = REPO / "experiments"
@@ -174,6 +177,59 @@ def test_run_sweep_runs_each_command_records_status_and_resumes(tmp_path, capsys
         run_sweep(bare, spec, workdir, selected=["eval_db"], execute=execute)
     with pytest.raises(RetroError, match="--workdir is required"):
         run_sweep(config, spec, None)
+
+
+def test_runs_share_the_prepared_data_and_train_each_distinct_model_once(tmp_path):
+    spec = str(EXPERIMENTS / "retro_172m.py")
+    config = load_module(spec).get_config()
+    calls = []
+
+    def execute(argv):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 0)
+
+    root = str(tmp_path / "sweep")
+    runs = {r.name: r for r in run_sweep(config, spec, root, execute=execute)}
+    assert len(runs) == 19
+    shared = f"--config.data.prepare_dir={root}/prepare"
+    for argv in calls:
+        run = _workdir(argv).rsplit("/", 1)[1]
+        capped = run.startswith("eval_db-db-") and run != "eval_db-db-full"
+        assert (shared in argv) != capped, argv  # capped databases are prepared apart
+    # Each distinct model trains once: k=2, the paper's CCA, with continuation, the eval_db
+    # model and the retrofit sweep's RETRO are one model.
+    trained = [_workdir(c).rsplit("/", 1)[1] for c in calls if _command(c) == "train"]
+    assert len(trained) == len(set(trained)) == 9
+    assert not {"cca-paper", "continuation-with", "eval_db-model", "retrofit-retro"} & set(trained)
+    # A run that does not train scores the model that was trained with its config.
+    for run in runs.values():
+        source = run.overrides.get("eval.checkpoint_workdir")
+        if "eval" in run.commands and "train" not in run.commands:
+            owner = next(r for r in runs.values() if r.workdir == source)
+            assert "train" in owner.commands
+            mine = apply_overrides(config, run.overrides)
+            theirs = apply_overrides(config, owner.overrides)
+            if not run.name.startswith("eval_db-db-"):
+                assert training_inputs(mine) == training_inputs(theirs), run.name
+    assert runs["eval_db-db-9b"].overrides["eval.checkpoint_workdir"] == f"{root}/neighbours-k2"
+    assert runs["cca-paper"].overrides["eval.checkpoint_workdir"] == f"{root}/neighbours-k2"
+
+
+def test_share_work_groups_runs_by_what_prepare_reads():
+    config = tiny_config()
+    planned = [
+        PlannedRun("a", "r/a", {"data.max_docs": 5}, ("prepare", "train")),
+        PlannedRun("b", "r/b", {"data.max_docs": 5, "train.steps": 7}, ("prepare", "train")),
+        PlannedRun("c", "r/c", {"data.neighbour_continuation": False}, ("prepare", "train")),
+        PlannedRun("d", "r/d", {"data.max_docs": 9}, ("prepare", "train")),
+    ]
+    runs, notes = share_work(config, planned, "r")
+    dirs = [r.overrides.get("data.prepare_dir") for r in runs]
+    assert dirs == ["r/prepare-a", "r/prepare-a", "r/prepare", None]
+    assert notes == {} and all("train" in r.commands for r in runs)
+    config.data.prepare_dir = "/elsewhere"  # the user's own choice is kept
+    runs, _ = share_work(config, planned, "r")
+    assert all("data.prepare_dir" not in r.overrides for r in runs)
 
 
 def test_tpu_launcher_commands(tmp_path):

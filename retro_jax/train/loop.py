@@ -19,6 +19,7 @@ import numpy as np
 from etils import epath
 
 from retro_jax.config import model_config
+from retro_jax.config import prepare_dir as prepare_dir_of
 from retro_jax.errors import RetroError
 from retro_jax.model.create import create_model
 from retro_jax.model.info import flops_per_token
@@ -154,7 +155,7 @@ def train(config, workdir: str) -> dict:
     maybe_initialize_distributed()
     t = config.train
     model_cfg = model_config(config)
-    prepare_dir = os.path.join(workdir, "prepare")
+    prepare_dir = prepare_dir_of(config, workdir)
     from retro_jax.data.pipeline import load_info  # TensorFlow only for gs:// paths
 
     spec, info = load_info(prepare_dir)
@@ -190,7 +191,7 @@ def train(config, workdir: str) -> dict:
 
 def _run(config, workdir, ckpts, current, spec, info, model_cfg, mesh) -> dict:
     t = config.train
-    prepare_dir = os.path.join(workdir, "prepare")
+    prepare_dir = prepare_dir_of(config, workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     k = 0 if model_cfg.is_baseline else int(t.num_neighbours)
     retrieval = not model_cfg.is_baseline and k > 0
