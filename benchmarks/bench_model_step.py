@@ -1,70 +1,162 @@
-"""Forward + backward step of RETRO vs its baseline twin: tokens/s, FLOP/s and MFU.
+"""The train step of RETRO vs its baseline twin: tokens/s, FLOP/s and MFU; sharded == single.
 
     python benchmarks/bench_model_step.py [--presets tiny,172m] [--seq-len 256] [--steps 5]
     # on a GPU (no TensorFlow needed): the 172m and 425m presets at the paper's length
     python benchmarks/bench_model_step.py --presets 172m,425m --seq-len 2048 --batch 8 \
-        --dtype bfloat16 --peak-size 8192
+        --dtype bfloat16 --peak-size 8192 --check
 
-MFU is achieved model FLOP/s (analytic, retro_jax.model.info.flops_per_token) over the peak of a
-large float32 matmul measured in the same run, so ratios between models are what to compare.
-Prints one JSON object.
+What is timed is the training step itself (`retro_jax.train.step.make_train_step`: forward,
+backward, global-norm clipping and AdamW, with the train state donated), on synthetic batches,
+over all local devices of an accelerator (one CPU device on a CPU). MFU is the analytic model
+FLOPs (`retro_jax.model.info.flops_per_token`, PaLM convention) per second over
+
+- `mfu`: the FLOP/s of a large matmul in the compute dtype measured in the same run, so ratios
+  between models are what to compare on any machine;
+- `mfu_spec`: the chip's dense peak from its data sheet (`PEAK_FLOPS`), for known accelerators.
+
+`--check` also trains the tiny preset in float32 for a few steps twice, on one device of the
+default backend and on a (data 2, fsdp 2, tensor 2) mesh of 8 CPU devices, and compares loss,
+gradient norm and parameters (matmuls at full precision): on a GPU that is the GPU's result
+against a sharded one. Prints one JSON object.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import statistics
-import time
+import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
+# Eight host devices for the sharded half of --check; set before jax is imported. On a CPU-only
+# machine the timed step still runs on one of them.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-from retro_jax.model import Retro, RetroConfig
-from retro_jax.model.info import flops_per_token
-from retro_jax.train.metrics import measure_matmul_flops
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from retro_jax.model import RetroConfig  # noqa: E402
+from retro_jax.model.create import create_model  # noqa: E402
+from retro_jax.model.info import flops_per_token  # noqa: E402
+from retro_jax.sharding import make_mesh, shard_batch  # noqa: E402
+from retro_jax.train.metrics import PEAK_FLOPS, measure_matmul_flops  # noqa: E402
+from retro_jax.train.state import init_state  # noqa: E402
+from retro_jax.train.step import batch_shardings, make_optimizer, make_train_step  # noqa: E402
+
+# The paper's optimizer (AdamW, clipping at 1); the schedule does not change the step's cost.
+HYPER = SimpleNamespace(
+    learning_rate=2e-4, warmup_steps=750, steps=100_000, min_lr_ratio=0.1,
+    weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,
+)  # fmt: skip
+# The check takes real steps (no warmup) so that parameters move measurably.
+CHECK_HYPER = SimpleNamespace(**{**vars(HYPER), "learning_rate": 3e-3, "warmup_steps": 0})
 
 
-def time_step(config: RetroConfig, batch: int, seq_len: int, k: int, steps: int) -> dict:
-    model = Retro(config, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(1, config.vocab_size, (batch, seq_len + 1)), jnp.int32)
-    m = config.chunk_size
-    neighbours = None
+def synthetic_batch(config: RetroConfig, batch: int, seq_len: int, k: int, seed: int = 0):
+    """Random tokens [batch, seq_len] (+ targets, mask) and neighbours [batch, l, k, 2m]."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, config.vocab_size, (batch, seq_len + 1)).astype(np.int32)
+    out = {
+        "tokens": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_mask": np.ones((batch, seq_len), np.float32),
+    }
     if config.cca_layers:
+        m = config.chunk_size
         shape = (batch, seq_len // m, k, 2 * m)
-        neighbours = jnp.asarray(rng.integers(1, config.vocab_size, shape), jnp.int32)
+        out["neighbours"] = rng.integers(1, config.vocab_size, shape).astype(np.int32)
+    return out
 
-    @jax.jit
-    def grad_step(params, tokens, neighbours):
-        def loss_fn(params):
-            logits = nnx.merge(graphdef, params)(tokens[:, :-1], neighbours)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        return loss, grads
+def train_steps(config: RetroConfig, mesh, batch: dict, hyper=HYPER):
+    """(jitted train step, fresh sharded state, batch placed on the mesh)."""
+    tx, schedule = make_optimizer(hyper)
+    model = create_model(config, mesh=mesh)
+    model_def, state, shardings = init_state(model, tx, mesh=mesh)
+    del model
+    with jax.set_mesh(mesh):
+        placed = shard_batch(batch, mesh)
+        step = make_train_step(
+            model_def,
+            tx,
+            schedule,
+            retrieval=bool(config.cca_layers),
+            state_shardings=shardings,
+            batch_shardings=batch_shardings(placed, mesh),
+        )
+    return step, state, placed
 
-    t = time.perf_counter()
-    jax.block_until_ready(grad_step(params, tokens, neighbours))
-    compile_s = time.perf_counter() - t
-    times = []
-    for _ in range(steps):
+
+def time_step(config: RetroConfig, mesh, batch: int, seq_len: int, k: int, steps: int) -> dict:
+    step, state, placed = train_steps(config, mesh, synthetic_batch(config, batch, seq_len, k))
+    with jax.set_mesh(mesh):
         t = time.perf_counter()
-        jax.block_until_ready(grad_step(params, tokens, neighbours))
-        times.append(time.perf_counter() - t)
-    step = statistics.median(times)
+        state, metrics = jax.block_until_ready(step(state, placed))
+        compile_s = time.perf_counter() - t
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            state, metrics = jax.block_until_ready(step(state, placed))
+            times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
     flops = flops_per_token(config, seq_len, k if config.cca_layers else 0) * batch * seq_len
     return {
-        "step_s": step,
+        "step_s": step_s,
         "compile_s": compile_s,
-        "tokens_per_s": batch * seq_len / step,
+        "tokens_per_s": batch * seq_len / step_s,
         "flops_per_token": flops / (batch * seq_len),
-        "flop_per_s": flops / step,
+        "flop_per_s": flops / step_s,
+        "loss": float(metrics["loss"]),
+    }
+
+
+def spec_peak(device: jax.Device, dtype: str) -> float | None:
+    for name, (bf16, f32) in PEAK_FLOPS.items():
+        if device.device_kind.startswith(name) or name in device.device_kind:
+            return bf16 if dtype == "bfloat16" else f32
+    return None
+
+
+def check_sharded(steps: int = 3) -> dict:
+    """The tiny preset in float32: one device of the default backend vs 8 sharded CPU devices."""
+    config = RetroConfig.preset("tiny")
+    batch = synthetic_batch(config, 8, 4 * config.chunk_size, 2, seed=1)
+    cpus = jax.devices("cpu")
+    if len(cpus) < 8:
+        return {"skipped": f"{len(cpus)} CPU devices (XLA_FLAGS was set elsewhere)"}
+    meshes = {
+        "single": make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]),
+        "sharded": make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices=cpus[:8]),
+    }
+    runs = {}
+    with jax.default_matmul_precision("highest"):
+        for name, mesh in meshes.items():
+            step, state, placed = train_steps(config, mesh, batch, CHECK_HYPER)
+            losses, norms = [], []
+            with jax.set_mesh(mesh):
+                for _ in range(steps):
+                    state, metrics = step(state, placed)
+                    losses.append(float(metrics["loss"]))
+                    norms.append(float(metrics["grad_norm"]))
+            params = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+            runs[name] = (losses, norms, params, str(mesh.devices.flat[0].platform))
+    (l1, n1, p1, where1), (l8, n8, p8, where8) = runs["single"], runs["sharded"]
+    loss_diff = max(abs(a - b) / abs(a) for a, b in zip(l1, l8))
+    norm_diff = max(abs(a - b) / abs(a) for a, b in zip(n1, n8))
+    param_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(p1, p8))
+    return {
+        "single": f"1 {where1} device",
+        "sharded": f"(2, 2, 2) mesh of 8 {where8} devices",
+        "steps": steps,
+        "losses_single": l1,
+        "losses_sharded": l8,
+        "max_rel_loss_diff": loss_diff,
+        "max_rel_grad_norm_diff": norm_diff,
+        "max_abs_param_diff": param_diff,
+        "equal": bool(loss_diff < 1e-4 and norm_diff < 1e-3 and param_diff < 1e-4),
     }
 
 
@@ -77,20 +169,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
     parser.add_argument("--peak-size", type=int, default=2048, help="8192 on a GPU/TPU")
+    parser.add_argument("--check", action="store_true", help="also sharded == single device")
     args = parser.parse_args()
 
-    # The peak is measured in the compute dtype (bfloat16 on a GPU/TPU has its own peak).
-    peak = measure_matmul_flops(args.peak_size, 10, dtype=args.dtype)
+    device = jax.devices()[0]
+    on_cpu = jax.default_backend() == "cpu"
+    # One CPU device (the others are fakes sharing its cores); every accelerator of the host.
+    devices = jax.devices()[:1] if on_cpu else jax.local_devices()
+    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=devices)
+    with jax.default_device(devices[0]):
+        peak = measure_matmul_flops(args.peak_size, 10, dtype=args.dtype)
+    spec = spec_peak(device, args.dtype)
     results = {
         "benchmark": "model_step",
-        "device": str(jax.devices()[0].device_kind),
+        "device": str(device.device_kind),
         "backend": jax.default_backend(),
+        "devices": len(devices),
+        "jax": jax.__version__,
         "machine": platform.processor() or platform.machine(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "matmul_peak_flop_per_s": peak,
+        "spec_peak_flop_per_s": spec,
         "dtype": args.dtype,
         "seq_len": args.seq_len,
         "neighbours": args.neighbours,
+        "step": "train step (forward, backward, clipping, AdamW)",
         "models": {},
     }
     for preset in args.presets.split(","):
@@ -98,12 +201,15 @@ def main() -> None:
         batch = args.batch or (8 if preset == "tiny" else 2)
         row = {"batch": batch}
         for name, config in (("baseline", retro.baseline()), ("retro", retro)):
-            r = time_step(config, batch, args.seq_len, args.neighbours, args.steps)
-            r["mfu"] = r["flop_per_s"] / peak
+            r = time_step(config, mesh, batch, args.seq_len, args.neighbours, args.steps)
+            r["mfu"] = r["flop_per_s"] / (peak * len(devices))
+            r["mfu_spec"] = r["flop_per_s"] / (spec * len(devices)) if spec else None
             row[name] = r
         row["retro_mfu_over_baseline_mfu"] = row["retro"]["mfu"] / row["baseline"]["mfu"]
         row["retro_step_over_baseline_step"] = row["retro"]["step_s"] / row["baseline"]["step_s"]
         results["models"][preset] = row
+    if args.check:
+        results["sharded_check"] = check_sharded()
     print(json.dumps(results, indent=2))
 
 
