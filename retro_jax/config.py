@@ -129,6 +129,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.shuffle_seed = 0
     c.train.shuffle_buffer = 1024  # records in tf.data's shuffle buffer (per host)
     c.train.retrofit_from = ""  # a baseline twin's workdir or checkpoint folder
+    # With retrofit_from: train ceil(this / batch_size) steps, the paper's 6M sequences (3% of
+    # pre-training); 0 = train.steps as set.
+    c.train.retrofit_sequences = 6_000_000
     # Profile: a JAX profiler trace of steps [profile_at, profile_at + profile_steps) in
     # W/profile (TensorBoard's profile plugin, Perfetto); 0 = none. Skip the compiling step 1.
     c.train.profile_at = 0

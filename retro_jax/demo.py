@@ -69,6 +69,7 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
         train={
             "retrofit_from": baseline_dir,
             "steps": int(config.demo.retrofit_steps),
+            "retrofit_sequences": 0,  # the demo's own length, not the paper's 6M sequences
             "warmup_steps": min(int(config.train.warmup_steps), int(config.demo.retrofit_steps)),
         },
     )

@@ -92,7 +92,9 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path
         assert resumed[step]["loss"] == expected[step]["loss"], step
         assert resumed[step]["grad_norm"] == expected[step]["grad_norm"], step
 
-    again = train(small_config(steps=steps, checkpoint_every=every), str(interrupted))
+    again = train(
+        small_config(steps=steps, checkpoint_every=every, shuffle_buffer=8), str(interrupted)
+    )
     assert again["finished"] and again["step"] == steps
     kept = sorted(int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit())
     assert kept[-1] == steps and len(kept) == 2  # keep_checkpoints=2

@@ -11,6 +11,7 @@ from retro_jax.errors import RetroError
 from retro_jax.model.create import create_model
 from retro_jax.train.checkpoint import load_model
 from retro_jax.train.loop import train
+from retro_jax.train.retrofit import retrofit_schedule
 from retro_jax.train.state import split_model
 
 
@@ -25,6 +26,7 @@ def runs(tmp_path_factory):
     base = train(small_config("tiny-baseline", steps=3, checkpoint_every=3, **evals), str(baseline))
     config = small_config(steps=3, checkpoint_every=3, learning_rate=1e-2, **evals)
     config.train.retrofit_from = str(baseline)
+    config.train.retrofit_sequences = 0  # train.steps, not the paper's 6M sequences
     out = train(config, str(retrofitted))
     assert out["step"] == 3 and "retro_eval_loss" not in base
     # held-out evaluation with retrieval off is the baseline's; with retrieval, its own
@@ -86,3 +88,15 @@ def test_retrofit_from_a_model_that_is_not_the_twin(runs, tmp_path):
     with pytest.raises(RetroError, match="needs a RETRO model"):
         train(config, str(tmp_path))
     assert model_config(small_config()).cca_layers == (2,)
+
+
+def test_retrofit_trains_the_papers_6m_sequences_by_default():
+    config = small_config(steps=3, batch_size=256)
+    assert retrofit_schedule(config) is config  # not a retro-fit: train.steps as set
+    config.train.retrofit_from = "gs://b/baseline"
+    assert config.train.retrofit_sequences == 6_000_000
+    planned = retrofit_schedule(config)
+    assert planned.train.steps == 23_438  # ceil(6M / 256): the paper's 3% of pre-training
+    assert config.train.steps == 3  # the caller's config is left alone
+    config.train.retrofit_sequences = 0
+    assert retrofit_schedule(config).train.steps == 3

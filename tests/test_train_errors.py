@@ -45,6 +45,10 @@ def test_config_mismatch_on_resume_names_the_difference(diverged):
     config = small_config(steps=10, learning_rate=1e30, checkpoint_every=1, batch_size=16)
     with pytest.raises(RetroError, match=r"data\.global_batch: checkpoint 8, config 16"):
         train(config, str(workdir))
+    # The saved data position means the same next batches only with the same shuffle buffer.
+    config = small_config(steps=10, learning_rate=1e30, checkpoint_every=1, shuffle_buffer=8)
+    with pytest.raises(RetroError, match=r"data\.shuffle_buffer: checkpoint 1024, config 8"):
+        train(config, str(workdir))
 
 
 def test_missing_shard_is_named(tmp_path):

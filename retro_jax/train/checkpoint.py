@@ -129,6 +129,10 @@ def config_differences(saved: dict, current: dict, prefix: str) -> list[str]:
     return out
 
 
+# Keys of a checkpoint's meta added after the first checkpoints were written.
+RECORDED_SINCE = ("shuffle_buffer", "processes", "train_records")
+
+
 def check_resumable(directory: str, step: int, meta: dict, current: dict[str, dict]) -> None:
     """RetroError naming every difference between a checkpoint and the run about to resume it.
 
@@ -139,6 +143,8 @@ def check_resumable(directory: str, step: int, meta: dict, current: dict[str, di
     for section, values in current.items():
         saved = dict(meta.get(section, {}))
         values = dict(values)
+        # Checked only where the checkpoint records them (checkpoints from before they were).
+        values = {k: v for k, v in values.items() if k not in RECORDED_SINCE or k in saved}
         if section == "model":
             saved = {k: v for k, v in saved.items() if k not in COMPUTE_ONLY}
             values = {k: v for k, v in values.items() if k not in COMPUTE_ONLY}

@@ -32,7 +32,7 @@ from retro_jax.train.checkpoint import (
     read_model_config,
     write_model_config,
 )
-from retro_jax.train.retrofit import check_baseline, load_baseline
+from retro_jax.train.retrofit import check_baseline, load_baseline, retrofit_schedule
 from retro_jax.train.state import ALL_PARAMS, RETROFIT_TRAINABLE, abstract_state, init_state
 from retro_jax.train.step import (
     batch_shardings,
@@ -60,27 +60,64 @@ def maybe_initialize_distributed() -> None:
     for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"):
         several |= int(env.get(name, "1") or 1) > 1
     if several and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        # An explicit coordinator names the processes itself (JAX reads only the address);
+        # cluster environments (Cloud TPU, SLURM, Open MPI) are detected by JAX.
+        explicit = {}
+        if "JAX_NUM_PROCESSES" in env and "JAX_PROCESS_ID" in env:
+            explicit = dict(
+                num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"])
+            )
+        jax.distributed.initialize(**explicit)
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step (then saves and stops)."""
+    """When to stop for a preemption (SIGTERM): `stop_after(step)`, asked after every step.
+
+    One process: SIGTERM sets a flag. Several processes: every host must save the same step and
+    stop together, so JAX's preemption service (started by jax.distributed.initialize; it
+    catches SIGTERM on any host and the hosts agree on a step) decides, through
+    multihost_utils.reached_preemption_sync_point; no Python handler may replace its own.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._shared = jax.process_count() > 1 and _preemption_service_running()
+        if jax.process_count() > 1 and not self._shared:
+            print(
+                "train: warning: JAX's preemption service is off (jax_enable_preemption_service):"
+                " a SIGTERM stops only the host that receives it",
+                flush=True,
+            )
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if not self._shared and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def stop_after(self, step: int) -> bool:
+        """True when the run should save `step` and stop (the same step on every host)."""
+        if self._shared:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def _preemption_service_running() -> bool:
+    try:
+        from jax._src import distributed
+    except ImportError:  # pragma: no cover (a JAX without it: no shared decision possible)
+        return False
+    state = distributed.global_state
+    return state.client is not None and state.preemption_sync_manager is not None
 
 
 def _check_records(config, spec, info, model_cfg) -> None:
@@ -153,6 +190,7 @@ def train(config, workdir: str) -> dict:
     """Train until config.train.steps; returns the last logged metrics (and eval results)."""
     # ---------------------------------------------------------------- set-up
     maybe_initialize_distributed()
+    config = retrofit_schedule(config)
     t = config.train
     model_cfg = model_config(config)
     prepare_dir = prepare_dir_of(config, workdir)
@@ -173,6 +211,11 @@ def train(config, workdir: str) -> dict:
             "vocab_size": int(info.get("vocab_size", model_cfg.vocab_size)),
             "global_batch": int(t.batch_size),
             "shuffle_seed": int(t.shuffle_seed),
+            # The data position means the same batches only for the same records, shuffle
+            # buffer and number of hosts (each host reads its own files).
+            "shuffle_buffer": int(t.shuffle_buffer),
+            "processes": jax.process_count(),
+            "train_records": int(info.get("splits", {}).get("train", {}).get("records", 0)),
         },
         "train": {"retrofit_from": str(t.retrofit_from or "")},
     }
@@ -230,7 +273,10 @@ def _run(config, workdir, ckpts, current, spec, info, model_cfg, mesh) -> dict:
     else:
         if t.retrofit_from:
             state, base_step = load_baseline(str(t.retrofit_from), state, model_cfg)
-            print(f"train: retro-fitting on the baseline {t.retrofit_from} (step {base_step})")
+            print(
+                f"train: retro-fitting on the baseline {t.retrofit_from} (step {base_step}) for "
+                f"{t.steps} steps of {t.batch_size} sequences"
+            )
         write_model_config(ckpt_dir, model_cfg)
     start = int(jax.device_get(state.step))
 
@@ -274,7 +320,7 @@ def _run(config, workdir, ckpts, current, spec, info, model_cfg, mesh) -> dict:
                 wait_start = time.perf_counter()
                 batch = shard_batch(next(batches), mesh)
                 data_wait += time.perf_counter() - wait_start
-            stop = preemption.requested
+            stop = preemption.stop_after(step)
             eval_now = evaluate is not None and (
                 step % int(t.eval_every) == 0 or step == int(t.steps)
             )

@@ -6,13 +6,17 @@ chunked cross-attention (`RETROFIT_TRAINABLE`) are given to the optimizer. Froze
 receive an update, so with retrieval switched off (neighbours=None) the retro-fitted model
 computes exactly the baseline's function, bit for bit.
 
-The paper trains the new weights on 6M sequences (3% of pre-training) with the usual schedule;
-here the schedule is train.steps / warmup / learning_rate as for any run.
+The paper trains the new weights on 6M sequences (3% of pre-training) with the usual schedule:
+with `train.retrofit_from` set, a run lasts ceil(train.retrofit_sequences / batch_size) steps
+(6M by default; 0 keeps train.steps), with warmup and learning rate as for any run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+
+import ml_collections
 
 from retro_jax.errors import RetroError
 from retro_jax.model.config import RetroConfig
@@ -24,6 +28,20 @@ from retro_jax.train.checkpoint import (
     read_model_config,
 )
 from retro_jax.train.state import TrainState
+
+
+def retrofit_schedule(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config a run trains with: for a retro-fit with `train.retrofit_sequences` > 0, a copy
+    whose train.steps covers that many sequences; otherwise `config` itself."""
+    t = config.train
+    sequences = int(t.get("retrofit_sequences", 0))
+    if not t.retrofit_from or sequences <= 0:
+        return config
+    steps = math.ceil(sequences / int(t.batch_size))
+    if steps != int(t.steps):
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.train.steps = steps
+    return config
 
 
 def check_baseline(baseline: RetroConfig, retro: RetroConfig, source: str) -> None:
