@@ -84,9 +84,14 @@ class RetrievedChunk:
 class LiveRetriever:
     """A chunk's tokens [m] -> its k nearest database entries (chunk + continuation) [k, 2m]."""
 
-    def __init__(self, tokenizer, embedder, index, database, num_neighbours: int):
+    def __init__(
+        self, tokenizer, embedder, index, database, num_neighbours: int, *, continuation=True
+    ):
         self.tokenizer, self.embedder, self.index = tokenizer, embedder, index
         self.database, self.k = database, int(num_neighbours)
+        # False: the continuation half of each entry is padding, as the model was trained
+        # (data.neighbour_continuation, the paper's ablation).
+        self.continuation = bool(continuation)
         self.seconds = {"embed": 0.0, "search": 0.0, "lookup": 0.0}
         self.queries = 0
 
@@ -105,6 +110,8 @@ class LiveRetriever:
         ids, distances = self.index.search(key, self.k)
         searched = time.perf_counter()
         entries = self.database.entries(ids[0])  # [k, 2m]
+        if not self.continuation:
+            entries[:, self.database.chunk_size :] = self.tokenizer.pad_id
         done = time.perf_counter()
         self.seconds["embed"] += embedded - start
         self.seconds["search"] += searched - embedded
@@ -236,6 +243,9 @@ class Sampler:
         key = jax.random.key(seed)
         temperature_arr = jnp.float32(temperature)
         top_p_arr = jnp.float32(top_p)
+        # Rows of the output layer past the tokenizer's vocabulary (model.vocab_size may be
+        # larger) are no tokens: never drawn.
+        outside = jnp.arange(c.vocab_size) >= tok.vocab_size
         generated: list[int] = []
         chunks: list[RetrievedChunk] = []
         logits_seen = []
@@ -260,6 +270,7 @@ class Sampler:
             if t < len(feed):
                 continue
             key, draw = jax.random.split(key)
+            logits = jnp.where(outside, -jnp.inf, logits)
             token = int(sample_tokens(logits, draw, temperature_arr, top_p_arr)[0])
             generated.append(token)
             feed.append(token)
@@ -376,7 +387,12 @@ def load_parts(config, workdir: str, *, step: int | None = None):
             f"sample: retrieval.bert_path gives the BERT {embedder.model_id}, but the index "
             f"{index_dir} was built with {index.model_id}"
         )
-    return model, tokenizer, LiveRetriever(tokenizer, embedder, index, database, k), max_len
+    from retro_jax.data.pipeline import keep_continuation
+
+    retriever = LiveRetriever(
+        tokenizer, embedder, index, database, k, continuation=keep_continuation(config)
+    )
+    return model, tokenizer, retriever, max_len
 
 
 def _bert_max_len(prepare_dir: str, retrieval_config) -> int:

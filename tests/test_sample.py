@@ -12,6 +12,7 @@ from eval_workdir import SMALL_MODEL, save_random_checkpoint, small_config, tiny
 
 from retro_jax.config import model_config_dict
 from retro_jax.errors import RetroError
+from retro_jax.model.create import create_model
 from retro_jax.sample import Sampler, nucleus_mask, sample_tokens
 
 # ---------------------------------------------------------------- choosing tokens
@@ -102,6 +103,39 @@ def test_a_prompt_made_of_database_chunks_retrieves_them(sampler):
         assert result.chunks[u].ids[0] == u
         assert result.chunks[u].distances[0] < 1e-3
         assert result.chunks[u].source == "prompt"
+
+
+def test_tokens_past_the_tokenizers_vocabulary_are_never_drawn(sampler):
+    """model.vocab_size may exceed the tokenizer's: its extra output rows are not tokens."""
+    vocab = sampler.tokenizer.vocab_size
+    wide = create_model(sampler.config.replace(vocab_size=vocab + 200))  # random: 38% outside
+    wide_sampler = Sampler(wide, sampler.tokenizer, sampler.retriever, max_len=sampler.max_len)
+    result = wide_sampler.generate("The Congress", max_new_tokens=40, temperature=2.0, top_p=1.0)
+    assert len(result.tokens) and result.tokens.max() < vocab  # (decoding raised before)
+
+
+def test_without_continuations_live_neighbours_are_blanked_as_in_training(sampler):
+    """data.neighbour_continuation=False: the second half of each entry is padding, as the
+    input pipeline gives the model in training and evaluation."""
+    retriever, tok = sampler.retriever, sampler.tokenizer
+    m = retriever.database.chunk_size
+    chunk = retriever.database.entries(np.array([3]))[0, :m]
+    full, ids, _ = retriever(chunk)
+    retriever.continuation = False
+    try:
+        blanked, same_ids, _ = retriever(chunk)
+    finally:
+        retriever.continuation = True
+    np.testing.assert_array_equal(ids, same_ids)
+    np.testing.assert_array_equal(blanked[:, :m], full[:, :m])
+    assert (blanked[:, m:] == tok.pad_id).all() and (full[:, m:] != tok.pad_id).any()
+
+
+def test_the_continuation_setting_reaches_live_retrieval(workdirs):
+    root, workdir, _ = workdirs
+    config = small_config(root)
+    config.data.neighbour_continuation = False
+    assert Sampler.from_workdir(config, workdir).retriever.continuation is False
 
 
 def test_same_seed_same_text_and_stopping(sampler):
