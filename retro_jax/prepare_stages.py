@@ -75,12 +75,14 @@ class StageContext(StageBuilds):
     def embedder(self):
         if self._embedder is None:
             from retro_jax.retrieval import ChunkEmbedder
+            from retro_jax.retrieval.embed import local_mesh
 
             r = self.config.retrieval
             self._embedder = ChunkEmbedder.from_pretrained(
                 str(r.bert_path) or None,
                 max_len=int(r.bert_max_len),
                 batch_size=int(r.embed_batch_size),
+                mesh=local_mesh(int(r.embed_batch_size)),
             )
         return self._embedder
 

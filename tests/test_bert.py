@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -122,3 +123,13 @@ def test_length_buckets_end_at_max_len():
     assert length_buckets(20) == (8, 16, 20)
     assert length_buckets(40, 16) == (16, 32, 40)
     assert length_buckets(8, 16) == (8,)
+
+
+def test_prepare_embeds_on_every_local_accelerator_that_divides_the_batch():
+    from retro_jax.retrieval.embed import local_mesh
+
+    assert local_mesh(64) is None  # CPU devices (8 fakes here) share the same cores
+    assert local_mesh(64, cpu=True).shape["data"] == 8
+    assert local_mesh(12, cpu=True).shape["data"] == 4  # the most devices that divide 12
+    assert local_mesh(7, cpu=True) is None
+    assert local_mesh(64, jax.devices()[:1], cpu=True) is None

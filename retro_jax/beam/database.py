@@ -147,6 +147,7 @@ class _EmbedShard(beam.DoFn):
     def setup(self):
         from retro_jax.data.tokenizer import load_tokenizer
         from retro_jax.retrieval import ChunkEmbedder
+        from retro_jax.retrieval.embed import local_mesh
 
         self.database = ChunkDatabase(os.path.join(self.prepare_dir, "db"))
         self.tokenizer = load_tokenizer(
@@ -156,6 +157,7 @@ class _EmbedShard(beam.DoFn):
             self.bert["path"] or None,
             max_len=self.bert["max_len"],
             batch_size=self.bert["batch_size"],
+            mesh=local_mesh(self.bert["batch_size"]),  # every accelerator of the worker
         )
 
     def process(self, index):

@@ -120,6 +120,7 @@ class _Plan(beam.DoFn):
     def setup(self):
         from retro_jax.data.tokenizer import load_tokenizer
         from retro_jax.retrieval import ChunkEmbedder, NeighbourIndex
+        from retro_jax.retrieval.embed import local_mesh
 
         s = self.settings
         database = ChunkDatabase(os.path.join(self.prepare_dir, "db"))
@@ -130,7 +131,10 @@ class _Plan(beam.DoFn):
             load_keys(os.path.join(self.prepare_dir, "keys"), database),
             None,
             ChunkEmbedder.from_pretrained(
-                s["bert_path"] or None, max_len=s["max_len"], batch_size=s["batch_size"]
+                s["bert_path"] or None,
+                max_len=s["max_len"],
+                batch_size=s["batch_size"],
+                mesh=local_mesh(s["batch_size"]),  # every accelerator of the worker
             ),
             load_tokenizer(os.path.join(self.prepare_dir, "tokenizer"), pad_id=s["pad_id"]),
             num_neighbours=s["k"],

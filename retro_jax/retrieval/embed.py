@@ -4,12 +4,14 @@ Speed comes from three things: one jit-compiled function per (batch, length) sha
 recompiles after warm-up; texts sorted by tokenised length and batched in that order, each batch
 padded only to the next of a few fixed lengths (buckets), so short chunks do not pay for the
 longest one's padding; the last batch padded to a power of two rows (at most batch_size).
-With a mesh, batches are split over its data axes and parameters replicated.
+With a mesh, batches are split over its data axes and parameters replicated; `prepare` uses
+every accelerator of its host (`local_mesh`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 
@@ -48,6 +50,21 @@ def model_id_of(folder: str) -> str:
     if name == "model":  # the packaged folder is called `model`: use its parent's name too
         name = os.path.basename(os.path.dirname(folder)) + "/" + name
     return f"{name}@{digest.hexdigest()[:12]}"
+
+
+def local_mesh(batch_size: int, devices=None, *, cpu: bool = False) -> jax.sharding.Mesh | None:
+    """The mesh `prepare` embeds on: this host's accelerators along the data axis (as many as
+    divide batch_size evenly), each computing its slice of every batch. None for a single
+    device, and on CPUs unless `cpu` (extra CPU devices are fakes sharing the same cores)."""
+    from retro_jax.sharding import make_mesh
+
+    devices = list(jax.local_devices() if devices is None else devices)
+    if not devices or (devices[0].platform == "cpu" and not cpu):
+        return None
+    used = math.gcd(int(batch_size), len(devices))
+    if used <= 1:
+        return None
+    return make_mesh({"data": used, "fsdp": 1, "tensor": 1}, devices=devices[:used])
 
 
 def length_buckets(max_len: int, step: int = 8) -> tuple[int, ...]:
