@@ -11,14 +11,14 @@ against the database and records another workdir prepared).
 Each record's chunks also get the leakage measure r(C) against all their stored neighbours
 (retro_jax/leakage.py), so bpb(alpha) comes out of the same pass.
 
-Writes W/eval/metrics.json, W/eval/leakage.png and (with a sweep) W/eval/neighbours.png, and
-prints a table. Per-token losses come from one jitted function per model and k, on batches of
-the fixed shape [eval.batch_size, n] (the last batch is padded with unscored rows).
+Writes W/eval/metrics.json, W/eval/leakage.png and (with a sweep) W/eval/neighbours.png (W local
+or remote, gs://, through retro_jax.data.files), and prints a table. Per-token losses come from
+one jitted function per model and k, on batches of the fixed shape [eval.batch_size, n] (the last
+batch is padded with unscored rows).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec
 from tqdm.auto import tqdm
 
 from retro_jax.config import prepare_dir as prepare_dir_of
+from retro_jax.data import files
 from retro_jax.data.records import load_records_info
 from retro_jax.errors import RetroError
 from retro_jax.leakage import ALPHAS, LeakageHistogram, chunk_overlap
@@ -288,14 +289,15 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
 
 
 def _write_json(path: str, value: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
+    """path + ".tmp", renamed to `path`: local or any tf.io.gfile path (gs://)."""
+    files.write_json(path, value, indent=1)
 
 
 def _save_figure(fig, path: str) -> None:
-    fig.savefig(path + ".tmp", format="png", dpi=120, bbox_inches="tight")
-    os.replace(path + ".tmp", path)
+    """A PNG through a temporary name: straight to disk locally; for a remote path, into a
+    buffer that is then written whole."""
+    with files.atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
 
 
 def plot_leakage(metrics: dict, path: str) -> None:
@@ -386,7 +388,7 @@ def format_table(metrics: dict) -> str:
 
 def write_outputs(metrics: dict, eval_dir: str) -> list[str]:
     """metrics.json, leakage.png and (with a sweep) neighbours.png under eval_dir; their paths."""
-    os.makedirs(eval_dir, exist_ok=True)
+    files.makedirs(eval_dir)
     paths = [os.path.join(eval_dir, "metrics.json"), os.path.join(eval_dir, "leakage.png")]
     _write_json(paths[0], metrics)
     plot_leakage(metrics, paths[1])

