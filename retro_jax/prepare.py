@@ -158,6 +158,10 @@ def run_prepare(
         raise RetroError("prepare: --workdir is required")
     if beam_args and not runner:
         raise RetroError(f"prepare: Beam pipeline options ({beam_args[0]}) need --runner")
+    # Settings that a late stage would refuse, checked before the costly stages run.
+    for key in ("records_per_shard", "chunks_per_shard"):
+        if int(config.data[key]) <= 0:
+            raise RetroError(f"data.{key}={config.data[key]} must be positive")
     RecordSpec(
         int(config.data.seq_len),
         int(config.model.chunk_size),
@@ -242,7 +246,7 @@ def main(config, workdir: str, *, runner: str | None = None, beam_args=()) -> No
     """CLI entry: `retro-jax prepare --config CFG --workdir W [--runner=R BEAM_OPTIONS...]`."""
     logging.getLogger("retro_jax").setLevel(logging.INFO)
     results = run_prepare(config, workdir, runner=runner, beam_args=tuple(beam_args))
-    info = os.path.join(workdir, "prepare", RECORDS_INFO)
+    info = os.path.join(prepare_dir_of(config, workdir), RECORDS_INFO)
     built = [s for s, r in results.items() if not r.get("skipped")]
     print(
         f"prepare: done ({', '.join(built) or 'nothing to rebuild'}); records described in {info}"

@@ -169,3 +169,9 @@ def test_bad_settings_are_reported(corpus, finished, tmp_path):
     config.data.eval_source = str(corpus / "nowhere" / "*.txt")
     with pytest.raises(RetroError, match="data.eval_source.*no files match"):
         run_prepare(config, str(tmp_path / "d"), progress=False)
+    # Refused before any stage runs (the sequences stage would refuse it after the keys).
+    config = _config(corpus)
+    config.data.records_per_shard = 0
+    with pytest.raises(RetroError, match="data.records_per_shard=0 must be positive"):
+        run_prepare(config, str(tmp_path / "e"), progress=False)
+    assert not (tmp_path / "e").exists()
