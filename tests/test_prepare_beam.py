@@ -161,6 +161,50 @@ def test_worker_errors_are_one_line(tmp_path):
     ), last
 
 
+def test_bad_runner_or_beam_option_is_one_line(tmp_path):
+    """An unknown runner, a misspelled option or a bad value is refused before any work, naming
+    it (Beam itself raises for the runner and silently drops the option); valid options pass."""
+    from retro_jax.beam.stages import pipeline_options
+
+    with pytest.raises(
+        RetroError, match=r"unknown Beam runner --runner=NoSuchRunner; .*DirectRunner"
+    ):
+        pipeline_options("NoSuchRunner", [])
+    with pytest.raises(RetroError, match=r"--runner=no\.such\.Runner cannot be created"):
+        pipeline_options("no.such.Runner", [])
+    with pytest.raises(
+        RetroError,
+        match=r"unknown Beam pipeline option --direct_num_worker .*"
+        r"did you mean --direct_num_workers\?",
+    ):
+        pipeline_options("DirectRunner", ["--direct_num_worker=2"])
+    with pytest.raises(RetroError, match="unknown Beam pipeline option --no_such_option"):
+        pipeline_options("DirectRunner", ["--no_such_option", "3"])
+    with pytest.raises(RetroError, match=r"--direct_num_workers: invalid int value: 'two'$"):
+        pipeline_options("DirectRunner", ["--direct_num_workers=two"])
+    with pytest.raises(RetroError, match="--help is not a Beam pipeline option"):
+        pipeline_options("DirectRunner", ["--help"])
+    multi = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+    assert pipeline_options("DirectRunner", multi).get_all_options()["direct_num_workers"] == 2
+    dataflow = ["--project=P", "--region=R", "--temp_location=gs://b/t", "--max_num_workers=8"]
+    dataflow += ["--sdk_container_image=IMG", "--machine_type=n2-standard-16"]
+    dataflow += ["--experiments=use_runner_v2", "--setup_file=./setup.py", "--streaming"]
+    assert pipeline_options("DataflowRunner", dataflow).get_all_options()["region"] == "R"
+    # A portable runner learns more options from its job server: those are passed on.
+    flink = ["--flink_master=H:8081", "--environment_type=DOCKER", "--checkpointing_interval=9"]
+    pipeline_options("FlinkRunner", flink)
+
+    config = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "tiny.py")
+    for bad in ("--runner=NoSuchRunner", "--direct_num_worker=2"):
+        flags = [bad] if bad.startswith("--runner") else ["--runner=DirectRunner", bad]
+        done = prepare_cli(config, tmp_path / "w", *flags, timeout=120)
+        assert done.returncode == 2, done.stderr[-2000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in done.stderr and last.startswith("retro-jax prepare: error: ")
+        assert bad.split("=")[0] in last, last
+        assert not (tmp_path / "w").exists()
+
+
 def _run(build):
     """Run a pipeline whose `build(p, path)` collects one value into `path`; return it."""
     import tempfile

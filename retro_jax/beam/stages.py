@@ -11,6 +11,9 @@ Resuming: `keys` and `neighbours` keep the shards an interrupted run finished, a
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import io
 import logging
 import os
 import re
@@ -31,10 +34,55 @@ log = logging.getLogger("retro_jax.prepare")
 def pipeline_options(runner: str, args: list[str]) -> PipelineOptions:
     """Beam options from `--runner` and the remaining command-line flags (e.g.
     `--direct_num_workers=2 --direct_running_mode=multi_processing`, or Dataflow's `--project`,
-    `--region`, `--temp_location`, `--sdk_container_image`)."""
+    `--region`, `--temp_location`, `--sdk_container_image`).
+
+    Checked here, before any work: the runner must exist, every value must parse and every option
+    must be known to Beam once the runner's module is imported (Beam itself drops a misspelled
+    option with a log line). A portable runner (Flink, Spark, Prism, PortableRunner) learns more
+    options from its job server when the pipeline runs, so unknown options are passed on to it."""
+    from apache_beam.runners import create_runner
+    from apache_beam.runners.portability.portable_runner import PortableRunner
+
     # The portable runners log every worker's start-up at WARNING.
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
+    try:
+        created = create_runner(runner)  # imports the runner's module and its options
+    except ValueError as e:  # not a runner name nor a dotted class name
+        known = ", ".join(beam.options.pipeline_options.StandardOptions.KNOWN_RUNNER_NAMES)
+        raise RetroError(
+            f"prepare: unknown Beam runner --runner={runner}; known runners: {known}, or a "
+            "PipelineRunner subclass as package.module.Class"
+        ) from e
+    except Exception as e:  # ImportError (e.g. Dataflow without apache-beam[gcp]), ...
+        first = str(e).strip().splitlines()[:1] or [""]
+        raise RetroError(
+            f"prepare: Beam runner --runner={runner} cannot be created "
+            f"({e.__class__.__name__}: {first[0]})"
+        ) from e
+    bad = [a for a in args if a.split("=", 1)[0] in ("-h", "--help")]
+    if bad:  # Beam's parser would print its own help and exit
+        raise RetroError(f"prepare: {bad[0]} is not a Beam pipeline option")
     options = PipelineOptions([f"--runner={runner}", *args])
+    parsers = []  # Beam's parser of every known option, handed to us by this hook
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):  # argparse prints its usage (200 lines)
+            known = options.get_all_options(add_extra_args_fn=parsers.append)
+    except SystemExit as e:  # a value that does not parse: `--direct_num_workers=abc`
+        message = (errors.getvalue().strip().splitlines() or ["a value does not parse"])[-1]
+        raise RetroError(
+            f"prepare: Beam pipeline options: {message.split('error: ', 1)[-1]}"
+        ) from e
+    _, unknown = parsers[0].parse_known_args([f"--runner={runner}", *args])
+    unknown = [a for a in unknown if a.startswith("-")] or unknown
+    if unknown and not isinstance(created, PortableRunner):
+        name = unknown[0].split("=", 1)[0]
+        close = difflib.get_close_matches(name, [f"--{k}" for k in known], n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise RetroError(
+            f"prepare: unknown Beam pipeline option {name} for --runner={runner}{hint} "
+            "(flags that retro-jax does not define are Beam pipeline options)"
+        )
     options.view_as(beam.options.pipeline_options.SetupOptions).save_main_session = False
     return options
 
