@@ -3,11 +3,12 @@
 Every command reads the same experiment config. Each command is a function `main(config, workdir)`
 in the module of its stage, imported only when that command runs (so `retro-jax model-info` needs
 neither TensorFlow nor scann). A `RetroError` is printed as one line with exit code 2; `--verbose`
-shows the traceback.
+shows the traceback. `retro-jax COMMAND --help` prints the command's flags and imports nothing.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import sys
@@ -36,8 +37,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("retro_jax.demo", "main", "everything end to end on a real corpus, one table"),
 }
 
+# Where `retro-jax COMMAND --help` points for the details.
+DOCS = {"prepare": "docs/prepare.md", "train": "docs/train.md", "eval": "docs/eval.md"}
+DOCS |= {"sample": "docs/sample.md", "sweep": "docs/experiments.md"}
+HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull")  # never Beam options
+
 # The demo's defaults live in experiments/demo.py of this checkout.
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "demo.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(ROOT, "experiments", "demo.py")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/X.py[:arg])")
@@ -87,7 +94,12 @@ def _beam_argv(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
     rest = iter(argv[2:])
     for arg in rest:
         name, eq, value = arg[2:].partition("=")
-        if not arg.startswith("--") or name.split(".")[0] in FLAGS or name[2:] in FLAGS:
+        if (
+            not arg.startswith("--")
+            or arg in HELP_FLAGS
+            or name.split(".")[0] in FLAGS
+            or name[2:] in FLAGS
+        ):
             keep.append(arg)
         elif name == "runner":
             runner = value if eq else next(rest, "")
@@ -107,6 +119,66 @@ def _beam_argv(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
 def _usage() -> str:
     lines = ["usage: retro-jax COMMAND --config CFG [--workdir W] [--config.KEY=VALUE ...]", ""]
     lines += [f"  {name:<12} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines + ["", "retro-jax COMMAND --help: the flags of one command"])
+
+
+def _summary(command: str) -> str:
+    """The first paragraph of the docstring of the command's module or function, if it is short
+    (one that starts "`retro-jax COMMAND" first), read from the source: nothing is imported."""
+    module, function, _ = COMMANDS[command]
+    try:
+        with open(os.path.join(ROOT, *module.split(".")) + ".py", encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError):
+        return ""
+    defs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function]
+    firsts = [(ast.get_docstring(n) or "").split("\n\n")[0].strip() for n in (tree, *defs)]
+    firsts = [f for f in firsts if f and "see docs/" not in f and f.count("\n") < 4]
+    firsts.sort(key=lambda f: not f.startswith(f"`retro-jax {command}"))  # stable
+    return firsts[0] if firsts else ""
+
+
+def _command_help(command: str, full: bool = False) -> str:
+    """`retro-jax COMMAND --help`: usage, what it does, the flags that apply, where to read on."""
+    config = {"sweep": "CFG[:ARG]", "demo": "[--config CFG[:ARG]]"}.get(
+        command, "--config CFG[:ARG]"
+    )
+    usage = [f"usage: retro-jax {command}", config, "[--workdir W]", "[--config.KEY=VALUE ...]"]
+    rows = [
+        ("CFG[:ARG]" if command == "sweep" else "--config CFG[:ARG]", FLAGS["config"].help),
+        ("--config.KEY=VALUE", "override one setting of the config"),
+        ("--workdir W", FLAGS["workdir"].help),
+        ("--verbose", FLAGS["verbose"].help),
+    ]
+    if command == "demo":
+        rows[0] = (rows[0][0], f"{rows[0][1]}; default experiments/demo.py")
+    for name in sorted(FLAGS):  # the command's own flags: their help says "COMMAND: ..."
+        flag = FLAGS[name]
+        _, mine, text = (flag.help or "").partition(f"{command}: ")
+        if mine:
+            values = getattr(flag.parser, "enum_values", None)
+            value = "|".join(values) if values else flag.flag_type().upper()
+            rows.append((f"--{name}" + ("" if flag.boolean else f"={value}"), text))
+            usage.append(f"[{rows[-1][0]}]")
+    if command == "prepare":
+        usage.append("[--runner=R [--BEAM_OPTION=VALUE ...]]")
+        rows += [
+            ("--runner=R", "build the stages as Apache Beam pipelines on runner R (DirectRunner,"),
+            ("", "DataflowRunner, FlinkRunner, ...: docs/prepare_beam.md)"),
+            ("--OPTION=VALUE", "with --runner, the other --flags are Beam pipeline options"),
+            ("", "(--direct_num_workers=2, --project=P, --region=R, ...)"),
+        ]
+    lines = [usage.pop(0)]
+    for part in usage:  # wrapped at 100 characters
+        if len(lines[-1]) + 1 + len(part) > 100:
+            lines.append(" " * len(f"usage: retro-jax {command}"))
+        lines[-1] += " " + part
+    summary = _summary(command)
+    lines += ["", COMMANDS[command][2]] + (["", summary] if summary else [])
+    lines += ["", "flags:"] + [f"  {a:<22} {b}" for a, b in rows]
+    lines += ["", f"more: {DOCS.get(command, 'README.md')}"]
+    if full:
+        lines += ["", "all flags:", FLAGS.get_help()]
     return "\n".join(lines)
 
 
@@ -120,8 +192,13 @@ def _run(argv: list[str], extra: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
+    if argv[1:2] == ["help"] and argv[2:3] and argv[2] in COMMANDS:
+        argv = [argv[0], argv[2], "--help"]  # `retro-jax help COMMAND`
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(_usage())
+        sys.exit(0)
+    if argv[1] in COMMANDS and set(argv[2:]) & set(HELP_FLAGS):
+        print(_command_help(argv[1], full="--helpfull" in argv[2:]))
         sys.exit(0)
     if argv[1] not in COMMANDS:
         print(f"retro-jax: unknown command {argv[1]!r}\n\n{_usage()}", file=sys.stderr)
