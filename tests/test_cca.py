@@ -1,0 +1,92 @@
+"""Chunked cross-attention against the paper, as properties that the known pitfalls break:
+the alignment of each position with its chunk, one softmax over all k*2m neighbour tokens,
+distinct rotary query positions m-1+j and neighbour positions restarting at 0."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from retro_jax.model.attention import cross_attention
+from retro_jax.model.cca import chunked_cross_attention
+from retro_jax.model.encoder import attention_params, values
+
+M, D, DE, K = 4, 16, 12, 3  # chunk size, decoder width, encoder width, neighbours
+R = 2 * M
+
+
+@pytest.fixture(scope="module")
+def params():
+    return values(nnx.Dict(attention_params(nnx.Rngs(0), (), D, DE, 2, 8, "heads")))
+
+
+def inputs(seed, n=5 * M - 1, chunks=5):
+    rng = np.random.default_rng(seed)
+    h = jnp.asarray(rng.normal(size=(2, n, D)), jnp.float32)
+    encoded = jnp.asarray(rng.normal(size=(2, chunks, K, R, DE)), jnp.float32)
+    mask = jnp.asarray(rng.random((2, chunks, K, R)) < 0.8)
+    return h, encoded, mask
+
+
+reference = jax.jit(cross_attention, static_argnames="rope_base")
+
+
+def cca(p, h, encoded, mask):
+    return chunked_cross_attention(p, h, encoded, mask, chunk_size=M, rope_base=10_000.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_each_position_attends_to_the_chunk_that_ended_before_it(params, seed):
+    """Position i >= m-1 is query j = (i-m+1) % m of H_u+, u = (i-m+1) // m: it attends to
+    E_u alone, at rotary position m-1+j; positions 0..m-2 get nothing. Computed one position at
+    a time with the same attention primitive; n is not a multiple of m (a trailing partial
+    chunk)."""
+    h, encoded, mask = inputs(seed)
+    out = np.asarray(cca(params, h, encoded, mask))
+    n = h.shape[1]
+    np.testing.assert_array_equal(out[:, : M - 1], 0.0)
+    for i in range(M - 1, n):
+        u, j = divmod(i - (M - 1), M)
+        expected = reference(
+            params,
+            h[:, i : i + 1],
+            encoded[:, u].reshape(2, K * R, DE),
+            q_positions=jnp.array([M - 1 + j]),
+            k_positions=jnp.tile(jnp.arange(R), K),
+            key_mask=mask[:, u].reshape(2, K * R),
+            rope_base=10_000.0,
+        )
+        np.testing.assert_allclose(out[:, i], np.asarray(expected)[:, 0], atol=1e-5, err_msg=i)
+
+
+def test_one_softmax_over_all_neighbour_tokens(params):
+    """Duplicating every neighbour leaves a joint softmax unchanged (each copy gets half the
+    weight); a softmax per neighbour, summed, would double the output."""
+    h, encoded, mask = inputs(3)
+    twice = cca(params, h, jnp.concatenate([encoded, encoded], 2), jnp.concatenate([mask] * 2, 2))
+    np.testing.assert_allclose(
+        np.asarray(twice), np.asarray(cca(params, h, encoded, mask)), atol=1e-5
+    )
+
+
+def test_neighbour_order_does_not_matter(params):
+    """Each neighbour's tokens sit at positions 0..2m-1 whatever its rank: permuting the k
+    neighbours changes nothing (with positions running on across neighbours it would)."""
+    h, encoded, mask = inputs(4)
+    order = jnp.array([2, 0, 1])
+    permuted = cca(params, h, encoded[:, :, order], mask[:, :, order])
+    np.testing.assert_allclose(
+        np.asarray(permuted), np.asarray(cca(params, h, encoded, mask)), atol=1e-5
+    )
+
+
+def test_queries_of_a_chunk_have_distinct_positions(params):
+    """The m queries of H_u+ sit at m-1 ... 2m-2: equal activations at different positions
+    give different outputs (a known port collapses them to one position)."""
+    h, encoded, mask = inputs(5, n=3 * M, chunks=3)
+    h = jnp.broadcast_to(h[:, :1], h.shape)  # the same activation everywhere
+    out = np.asarray(cca(params, h, encoded, jnp.ones_like(mask)))
+    block = out[:, M - 1 : 2 * M - 1]  # H_0+: queries j = 0..m-1 of the first chunk
+    for j in range(1, M):
+        assert np.abs(block[:, j] - block[:, 0]).max() > 1e-4, j
