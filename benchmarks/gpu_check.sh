@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The device check of issue #7 in one run: the train step's MFU at the 172m and 425m presets
+# (bfloat16, sequence 2048, batch 8, synthetic batches) and sharded == single-device results.
+# Needs no TensorFlow and no install: the repository root goes on PYTHONPATH (jax, flax, optax,
+# etils and tqdm must be importable). Writes model_step_gpu.json to OUT_DIR (default $OUT).
+#   bash benchmarks/gpu_check.sh [OUT_DIR]        # PRESETS=tiny SEQ_LEN=256 for a dry run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out_dir=${1:-${OUT:-/tmp}}
+mkdir -p "$out_dir"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+python3 benchmarks/bench_model_step.py --presets "${PRESETS:-172m,425m}" \
+  --seq-len "${SEQ_LEN:-2048}" --batch "${BATCH:-8}" --dtype bfloat16 --peak-size 8192 \
+  --steps "${STEPS:-5}" --check | tee "$out_dir/model_step_gpu.json"
