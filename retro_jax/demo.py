@@ -5,7 +5,8 @@ Layout of the demo's workdir W:
     W/baseline/    the baseline twin (same decoder, no retrieval)
     W/retro/       RETRO trained from scratch for the same steps
     W/retrofit/    the baseline retro-fitted: frozen decoder, trained encoder + CCA
-    W/demo.json    every number of the final table
+    W/demo.json    every number of the final table, and the sample with what each of its chunks
+                   retrieved
 Each model folder links `prepare -> ../prepare`, so `retro-jax eval/sample --workdir W/retro`
 work on it directly. Rerunning resumes: finished stages return at once.
 """
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import time
+from types import SimpleNamespace
 
 from retro_jax.errors import RetroError
 
@@ -37,6 +39,51 @@ def _variant(config, **sections):
         for key, value in values.items():
             out[section][key] = value
     return out
+
+
+def _retrieved(result) -> list[dict]:
+    """The neighbours of a SampleResult as JSON: per complete chunk, its text and what it
+    retrieved (the database chunk and its continuation; id -1 and empty texts where missing)."""
+    return [
+        {
+            "chunk": int(chunk.chunk),
+            "source": chunk.source,
+            "text": chunk.text,
+            "neighbours": [
+                {
+                    "id": int(i),
+                    "distance": float(d) if i >= 0 else None,
+                    "text": text,
+                    "continuation": cont,
+                }
+                for i, d, text, cont in zip(
+                    chunk.ids, chunk.distances, chunk.neighbour_texts, chunk.continuation_texts
+                )
+            ],
+        }
+        for chunk in result.chunks
+    ]
+
+
+def format_retrieved(chunks: list[dict]) -> str:
+    """`retro-jax sample --show-neighbours`'s view of the neighbours stored in demo.json."""
+    from retro_jax.sample import format_neighbours
+
+    result = SimpleNamespace(
+        chunks=[
+            SimpleNamespace(
+                chunk=c["chunk"],
+                text=c["text"],
+                source=c["source"],
+                ids=[n["id"] for n in c["neighbours"]],
+                distances=[n["distance"] for n in c["neighbours"]],
+                neighbour_texts=[n["text"] for n in c["neighbours"]],
+                continuation_texts=[n["continuation"] for n in c["neighbours"]],
+            )
+            for c in chunks
+        ]
+    )
+    return format_neighbours(result) or "(no chunk was completed: nothing retrieved)"
 
 
 def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
@@ -111,7 +158,11 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
         "eval_bytes": retro_eval["retrieval"]["bytes"],
         "num_neighbours": retro_eval["retrieval"]["num_neighbours"],
         "leakage_plot": os.path.join(retro_dir, "eval", "leakage.png"),
-        "sample": {"prompt": result.prompt, "text": result.text},
+        "sample": {
+            "prompt": result.prompt,
+            "text": result.text,
+            "neighbours": _retrieved(result),
+        },
         "seconds": seconds,
     }
     with open(os.path.join(workdir, "demo.json.tmp"), "w") as f:
@@ -139,6 +190,9 @@ def format_summary(summary: dict) -> str:
         " tokens as one run with any neighbour)",
         f"leakage plot: {summary['leakage_plot']}",
         f"sample: {summary['sample']['prompt']!r} -> {summary['sample']['text']!r}",
+        "retrieved neighbours of the sample (each chunk's neighbours condition the next chunk):",
+        format_retrieved(summary["sample"].get("neighbours", [])),
+        "",
         "wall time per stage:",
     ]
     lines += [f"  {stage:<28}{sec:>10.1f} s" for stage, sec in summary["seconds"].items()]

@@ -32,6 +32,15 @@ def test_demo_smallest_prints_a_table_of_finite_numbers(tmp_path):
     assert _finite(summary["bpb"].values())
     assert _finite(summary["seconds"].values())
     assert os.path.getsize(summary["leakage_plot"]) > 1000
+    # The sample comes with what its chunks retrieved, stored and printed after it.
+    chunks = summary["sample"]["neighbours"]
+    assert chunks and all(isinstance(c["text"], str) and c["neighbours"] for c in chunks)
+    retrieved = [n for c in chunks for n in c["neighbours"] if n["id"] >= 0]
+    assert retrieved and all(isinstance(n["text"], str) and n["text"] for n in retrieved)
+    assert all(isinstance(n["continuation"], str) for n in retrieved)
+    shown = out.stdout[out.stdout.index("sample: ") :]
+    assert "retrieved neighbours of the sample" in shown
+    assert all(f"chunk {c['chunk']} ({c['source']})" in shown for c in chunks)
     # The retro-fitted model with retrieval off is exactly the baseline it was built from.
     assert summary["bpb"]["retrofit_off"] == pytest.approx(summary["bpb"]["baseline"], abs=1e-6)
     # A rerun finds every stage done and gives the same table.
