@@ -45,6 +45,7 @@ class _Chars:
     """A tokenizer of single characters: enough for Sampler without a workdir."""
 
     pad_id, eos_id = 0, 1
+    vocab_size = 42  # ids 0..41 (the model's vocabulary may be larger)
 
     def encode(self, text):
         return np.array([2 + ord(ch) % 40 for ch in text], np.int32)
