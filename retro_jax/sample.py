@@ -51,13 +51,20 @@ def nucleus_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
 
 @jax.jit
 def sample_tokens(
-    logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array
+    logits: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    vocab_size: jax.Array | None = None,
 ) -> jax.Array:
     """logits f32 [B, V] -> token ids int32 [B]: nucleus sampling at a temperature.
 
-    temperature <= 0 is greedy (argmax). temperature and top_p are traced: changing them does
-    not recompile.
+    temperature <= 0 is greedy (argmax). Ids at or past `vocab_size` (the tokenizer's; the
+    model's output layer may be larger) are never drawn. temperature, top_p and vocab_size are
+    traced: changing them does not recompile.
     """
+    if vocab_size is not None:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
     scaled = logits / jnp.maximum(temperature, 1e-6)
     scaled = jnp.where(nucleus_mask(logits, top_p), scaled, -jnp.inf)
     drawn = jax.random.categorical(key, scaled, axis=-1)
@@ -243,9 +250,7 @@ class Sampler:
         key = jax.random.key(seed)
         temperature_arr = jnp.float32(temperature)
         top_p_arr = jnp.float32(top_p)
-        # Rows of the output layer past the tokenizer's vocabulary (model.vocab_size may be
-        # larger) are no tokens: never drawn.
-        outside = jnp.arange(c.vocab_size) >= tok.vocab_size
+        vocab_arr = jnp.int32(tok.vocab_size)
         generated: list[int] = []
         chunks: list[RetrievedChunk] = []
         logits_seen = []
@@ -270,8 +275,7 @@ class Sampler:
             if t < len(feed):
                 continue
             key, draw = jax.random.split(key)
-            logits = jnp.where(outside, -jnp.inf, logits)
-            token = int(sample_tokens(logits, draw, temperature_arr, top_p_arr)[0])
+            token = int(sample_tokens(logits, draw, temperature_arr, top_p_arr, vocab_arr)[0])
             generated.append(token)
             feed.append(token)
             if self.stop_at_eos and token == tok.eos_id:

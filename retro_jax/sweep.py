@@ -154,8 +154,9 @@ def share_work(config: ml_collections.ConfigDict, runs: list[PlannedRun], root: 
         for i, (run, c) in enumerate(zip(runs, resolved)):
             if "prepare" in run.commands or "train" in run.commands or "eval" in run.commands:
                 groups.setdefault(prepare_inputs(c), []).append(i)
+        own = prepare_inputs(config)
         for key, members in groups.items():
-            if key == prepare_inputs(config):
+            if key == own:
                 prepare_dirs.update({runs[i].name: f"{root}/prepare" for i in members})
             elif len(members) > 1:
                 shared = f"{root}/prepare-{runs[members[0]].name}"
