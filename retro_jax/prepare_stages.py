@@ -83,8 +83,12 @@ class StageContext(StageBuilds):
                 max_len=int(r.bert_max_len),
                 batch_size=int(r.embed_batch_size),
                 mesh=local_mesh(int(r.embed_batch_size)),
+                dtype=self.embed_dtype(),
             )
         return self._embedder
+
+    def embed_dtype(self) -> str:
+        return str(self.config.retrieval.get("embed_dtype", "float32"))
 
     def source(self, role: str):
         """The Source of a role (train | eval | retrieval) the config names."""
@@ -139,8 +143,10 @@ class StageContext(StageBuilds):
                 per_shard=int(d.chunks_per_shard),
                 **({"max_chunks": cap} if cap else {}),
             )
+        # (the dtype is absent when float32: workdirs built before it stay valid)
+        dtype = {"dtype": self.embed_dtype()} if self.embed_dtype() != "float32" else {}
         if stage == "keys":
-            return dict(model_id=self.bert_model_id(), max_len=int(r.bert_max_len))
+            return dict(model_id=self.bert_model_id(), max_len=int(r.bert_max_len), **dtype)
         if stage == "index":
             return dict(r.index.to_dict())
         if stage == "sequences":
@@ -151,6 +157,7 @@ class StageContext(StageBuilds):
             multiplier=int(r.query_multiplier),
             model_id=self.bert_model_id(),
             max_len=int(r.bert_max_len),
+            **dtype,  # the queries are embedded like the keys
         )
 
     def outputs(self, stage: str) -> list[str]:

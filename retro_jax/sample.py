@@ -384,7 +384,10 @@ def load_parts(config, workdir: str, *, step: int | None = None):
         raise RetroError(f"sample.num_neighbours={k} must be at least 1")
     r = config.retrieval
     embedder = ChunkEmbedder.from_pretrained(
-        str(r.bert_path) or None, max_len=_bert_max_len(prepare_dir, r), batch_size=1
+        str(r.bert_path) or None,
+        max_len=_bert_max_len(prepare_dir, r),
+        batch_size=1,
+        dtype=str(r.get("embed_dtype", "float32")),  # the queries as the keys were embedded
     )
     if index.model_id and embedder.model_id != index.model_id:
         raise RetroError(

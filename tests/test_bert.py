@@ -78,6 +78,24 @@ def test_batch_sharded_over_a_mesh_matches_single_device(reference):
         ChunkEmbedder.from_pretrained(None, max_len=max_len, batch_size=3, mesh=mesh)
 
 
+def test_bfloat16_keys_point_where_the_float32_keys_do(reference):
+    """retrieval.embed_dtype=bfloat16: the same BERT computed in bfloat16 (softmax and pooling
+    in float32) gives float32 keys of nearly the same direction and length."""
+    texts, max_len, expected = reference
+    fast = ChunkEmbedder.from_pretrained(None, max_len=max_len, batch_size=8, dtype="bfloat16")
+    keys = fast.embed(texts)
+    assert keys.dtype == np.float32 and keys.shape == expected.shape
+    cosine = (keys * expected).sum(1) / np.linalg.norm(keys, axis=1)
+    cosine /= np.linalg.norm(expected, axis=1)
+    assert cosine.min() > 0.999
+    np.testing.assert_allclose(
+        np.linalg.norm(keys, axis=1), np.linalg.norm(expected, axis=1), rtol=0.02
+    )
+    assert not np.array_equal(keys, expected)  # it did compute in bfloat16
+    with pytest.raises(RetroError, match="embed_dtype='float16'"):
+        ChunkEmbedder.from_pretrained(None, max_len=max_len, dtype="float16")
+
+
 def test_weights_with_bert_prefix_load_identically(tmp_path, embedder, reference):
     from safetensors.numpy import load_file, save_file
 

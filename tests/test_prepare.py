@@ -175,3 +175,16 @@ def test_bad_settings_are_reported(corpus, finished, tmp_path):
     with pytest.raises(RetroError, match="data.records_per_shard=0 must be positive"):
         run_prepare(config, str(tmp_path / "e"), progress=False)
     assert not (tmp_path / "e").exists()
+
+
+def test_keys_and_queries_record_a_bfloat16_embedder(corpus):
+    """Changing retrieval.embed_dtype rebuilds the keys and the neighbours (whose queries are
+    embedded the same way); float32 leaves the recorded settings as before the key existed."""
+    from retro_jax.prepare_stages import StageContext
+
+    config = _config(corpus)
+    plain = StageContext(config, "unused")
+    assert "dtype" not in plain.settings("keys") and "dtype" not in plain.settings("neighbours")
+    config.retrieval.embed_dtype = "bfloat16"
+    fast = StageContext(config, "unused")
+    assert fast.settings("keys")["dtype"] == fast.settings("neighbours")["dtype"] == "bfloat16"

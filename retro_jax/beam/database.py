@@ -158,6 +158,7 @@ class _EmbedShard(beam.DoFn):
             max_len=self.bert["max_len"],
             batch_size=self.bert["batch_size"],
             mesh=local_mesh(self.bert["batch_size"]),  # every accelerator of the worker
+            dtype=self.bert.get("dtype", "float32"),
         )
 
     def process(self, index):

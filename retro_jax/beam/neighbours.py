@@ -135,6 +135,7 @@ class _Plan(beam.DoFn):
                 max_len=s["max_len"],
                 batch_size=s["batch_size"],
                 mesh=local_mesh(s["batch_size"]),  # every accelerator of the worker
+                dtype=s.get("dtype", "float32"),
             ),
             load_tokenizer(os.path.join(self.prepare_dir, "tokenizer"), pad_id=s["pad_id"]),
             num_neighbours=s["k"],

@@ -162,6 +162,7 @@ class BeamStageContext(StageContext):
             max_len=int(r.bert_max_len),
             batch_size=int(r.embed_batch_size),
             model_id=self.bert_model_id(),
+            dtype=self.embed_dtype(),
         )
 
     def embed_keys(self, partial: str, hook) -> dict:
@@ -201,6 +202,7 @@ class BeamStageContext(StageContext):
             bert_path=bert["path"],
             max_len=bert["max_len"],
             batch_size=bert["batch_size"],
+            dtype=bert["dtype"],
             pad_id=int(self.config.model.pad_id),
             k=spec.num_neighbours,
             multiplier=int(r.query_multiplier),

@@ -113,7 +113,8 @@ class BertLayer(nnx.Module):
         self.ffw_norm = nnx.LayerNorm(d, epsilon=config.layer_norm_eps, rngs=rngs)
 
     def __call__(self, x: jax.Array, key_bias: jax.Array) -> jax.Array:
-        """x [batch, length, hidden], key_bias [batch, 1, 1, length] (0 or -large) -> same as x."""
+        """x [batch, length, hidden], key_bias float32 [batch, 1, 1, length] (0 or -large) ->
+        same as x. Computes in x's dtype, the attention softmax in float32."""
         b, n, d = x.shape
         h = self.num_heads
 
@@ -121,8 +122,8 @@ class BertLayer(nnx.Module):
             return t.reshape(b, n, h, d // h).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        scores = jnp.einsum("bhqc,bhkc->bhqk", q, k) / np.sqrt(d // h) + key_bias
-        weights = jax.nn.softmax(scores, axis=-1)
+        scores = jnp.einsum("bhqc,bhkc->bhqk", q, k).astype(jnp.float32) / np.sqrt(d // h)
+        weights = jax.nn.softmax(scores + key_bias, axis=-1).astype(v.dtype)  # in float32
         attended = jnp.einsum("bhqk,bhkc->bhqc", weights, v).transpose(0, 2, 1, 3)
         x = self.attention_norm(x + self.attention_out(attended.reshape(b, n, d)))
         hidden = _ACTIVATIONS[self.activation](self.ffw_in(x))
@@ -150,15 +151,17 @@ class BertEncoder(nnx.Module):
         x = self.embeddings(input_ids, token_type_ids)
         # Padded keys get a large negative score; queries at padding still compute (and are
         # ignored by pooling), which keeps every row finite.
-        neg = jnp.finfo(x.dtype).min
-        key_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, neg).astype(x.dtype)
+        neg = jnp.finfo(jnp.float32).min  # the softmax runs in float32 (see BertLayer)
+        key_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, neg)
         for layer in self.layers:
             x = layer(x, key_bias)
         return x
 
 
 def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Average of hidden [batch, length, hidden] over non-padding tokens -> [batch, hidden]."""
+    """Average of hidden [batch, length, hidden] over non-padding tokens -> float32 [batch,
+    hidden] (summed in float32 whatever the compute dtype)."""
+    hidden = hidden.astype(jnp.float32)
     mask = attention_mask.astype(hidden.dtype)[..., None]
     return (hidden * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
 
