@@ -18,7 +18,6 @@ import json
 import math
 import os
 import time
-from types import SimpleNamespace
 
 from retro_jax.errors import RetroError
 
@@ -41,49 +40,12 @@ def _variant(config, **sections):
     return out
 
 
-def _retrieved(result) -> list[dict]:
-    """The neighbours of a SampleResult as JSON: per complete chunk, its text and what it
-    retrieved (the database chunk and its continuation; id -1 and empty texts where missing)."""
-    return [
-        {
-            "chunk": int(chunk.chunk),
-            "source": chunk.source,
-            "text": chunk.text,
-            "neighbours": [
-                {
-                    "id": int(i),
-                    "distance": float(d) if i >= 0 else None,
-                    "text": text,
-                    "continuation": cont,
-                }
-                for i, d, text, cont in zip(
-                    chunk.ids, chunk.distances, chunk.neighbour_texts, chunk.continuation_texts
-                )
-            ],
-        }
-        for chunk in result.chunks
-    ]
-
-
 def format_retrieved(chunks: list[dict]) -> str:
     """`retro-jax sample --show-neighbours`'s view of the neighbours stored in demo.json."""
-    from retro_jax.sample import format_neighbours
+    from retro_jax.sample import RetrievedChunk, format_neighbours
 
-    result = SimpleNamespace(
-        chunks=[
-            SimpleNamespace(
-                chunk=c["chunk"],
-                text=c["text"],
-                source=c["source"],
-                ids=[n["id"] for n in c["neighbours"]],
-                distances=[n["distance"] for n in c["neighbours"]],
-                neighbour_texts=[n["text"] for n in c["neighbours"]],
-                continuation_texts=[n["continuation"] for n in c["neighbours"]],
-            )
-            for c in chunks
-        ]
-    )
-    return format_neighbours(result) or "(no chunk was completed: nothing retrieved)"
+    shown = format_neighbours([RetrievedChunk.from_json(c) for c in chunks])
+    return shown or "(no chunk was completed: nothing retrieved)"
 
 
 def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
@@ -161,7 +123,7 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
         "sample": {
             "prompt": result.prompt,
             "text": result.text,
-            "neighbours": _retrieved(result),
+            "neighbours": [chunk.to_json() for chunk in result.chunks],
         },
         "seconds": seconds,
     }

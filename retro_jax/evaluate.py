@@ -288,11 +288,6 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
 # ---------------------------------------------------------------- outputs
 
 
-def _write_json(path: str, value: dict) -> None:
-    """path + ".tmp", renamed to `path`: local or any tf.io.gfile path (gs://)."""
-    files.write_json(path, value, indent=1)
-
-
 def _save_figure(fig, path: str) -> None:
     """A PNG through a temporary name: straight to disk locally; for a remote path, into a
     buffer that is then written whole."""
@@ -390,7 +385,7 @@ def write_outputs(metrics: dict, eval_dir: str) -> list[str]:
     """metrics.json, leakage.png and (with a sweep) neighbours.png under eval_dir; their paths."""
     files.makedirs(eval_dir)
     paths = [os.path.join(eval_dir, "metrics.json"), os.path.join(eval_dir, "leakage.png")]
-    _write_json(paths[0], metrics)
+    files.write_json(paths[0], metrics, indent=1)  # through a temporary name
     plot_leakage(metrics, paths[1])
     if metrics.get("neighbour_sweep"):
         paths.append(os.path.join(eval_dir, "neighbours.png"))

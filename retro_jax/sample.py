@@ -87,6 +87,39 @@ class RetrievedChunk:
     neighbour_texts: list[str]  # each neighbour's chunk text
     continuation_texts: list[str]  # each neighbour's continuation text
 
+    def to_json(self) -> dict:
+        """The chunk and, per neighbour, its id, distance and texts (id -1: none; no tokens)."""
+        neighbours = zip(self.ids, self.distances, self.neighbour_texts, self.continuation_texts)
+        return {
+            "chunk": int(self.chunk),
+            "source": self.source,
+            "text": self.text,
+            "neighbours": [
+                {
+                    "id": int(i),
+                    "distance": float(d) if i >= 0 else None,
+                    "text": t,
+                    "continuation": c,
+                }
+                for i, d, t, c in neighbours
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, value: dict) -> RetrievedChunk:
+        """The inverse of to_json (tokens: None)."""
+        rows = value["neighbours"]
+        return cls(
+            chunk=value["chunk"],
+            text=value["text"],
+            source=value["source"],
+            ids=np.array([n["id"] for n in rows], np.int64),
+            distances=np.array([np.inf if n["distance"] is None else n["distance"] for n in rows]),
+            tokens=None,
+            neighbour_texts=[n["text"] for n in rows],
+            continuation_texts=[n["continuation"] for n in rows],
+        )
+
 
 class LiveRetriever:
     """A chunk's tokens [m] -> its k nearest database entries (chunk + continuation) [k, 2m]."""
@@ -414,11 +447,11 @@ def _bert_max_len(prepare_dir: str, retrieval_config) -> int:
 # ---------------------------------------------------------------- the command
 
 
-def format_neighbours(result: SampleResult, width: int = 100) -> str:
+def format_neighbours(chunks: list[RetrievedChunk], width: int = 100) -> str:
     """Per chunk: its text on the left, the database chunks it retrieved on the right."""
     half = max(20, (width - 3) // 2)
     blocks = []
-    for chunk in result.chunks:
+    for chunk in chunks:
         left = textwrap.wrap(repr(chunk.text), half) or [""]
         right = []
         for j, (i, d, text, cont) in enumerate(
@@ -454,7 +487,7 @@ def main(config, workdir: str | None) -> SampleResult:
         seed=seed,
     )
     if FLAGS.show_neighbours:
-        print(format_neighbours(result) or "(no chunk was completed: nothing retrieved)")
+        print(format_neighbours(result.chunks) or "(no chunk was completed: nothing retrieved)")
         print()
     print(result.prompt + result.text)
     generated = len(result.tokens)

@@ -152,7 +152,7 @@ def share_work(config: ml_collections.ConfigDict, runs: list[PlannedRun], root: 
     if "prepare_dir" in config.data and not config.data.prepare_dir:
         groups: dict[str, list[int]] = {}
         for i, (run, c) in enumerate(zip(runs, resolved)):
-            if "prepare" in run.commands or "train" in run.commands or "eval" in run.commands:
+            if {"prepare", "train", "eval"} & set(run.commands):
                 groups.setdefault(prepare_inputs(c), []).append(i)
         own = prepare_inputs(config)
         for key, members in groups.items():

@@ -2,6 +2,7 @@
 retrieval equal to a full forward pass, retrieval that finds a prompt's own database chunk, the
 command line (dashed flags, --show-neighbours), and the errors for bad prompts and workdirs."""
 
+import json
 import os
 
 import jax
@@ -13,7 +14,13 @@ from eval_workdir import SMALL_MODEL, save_random_checkpoint, small_config, tiny
 from retro_jax.config import model_config_dict
 from retro_jax.errors import RetroError
 from retro_jax.model.create import create_model
-from retro_jax.sample import Sampler, nucleus_mask, sample_tokens
+from retro_jax.sample import (
+    RetrievedChunk,
+    Sampler,
+    format_neighbours,
+    nucleus_mask,
+    sample_tokens,
+)
 
 # ---------------------------------------------------------------- choosing tokens
 
@@ -136,6 +143,14 @@ def test_the_continuation_setting_reaches_live_retrieval(workdirs):
     config = small_config(root)
     config.data.neighbour_continuation = False
     assert Sampler.from_workdir(config, workdir).retriever.continuation is False
+
+
+def test_retrieved_chunks_round_trip_through_json(sampler):
+    """demo.json stores them with to_json; from_json gives back what format_neighbours shows."""
+    result = sampler.generate("The Congress and the people", max_new_tokens=20, temperature=0)
+    stored = json.loads(json.dumps([c.to_json() for c in result.chunks]))
+    back = [RetrievedChunk.from_json(c) for c in stored]
+    assert format_neighbours(back) == format_neighbours(result.chunks) != ""
 
 
 def test_same_seed_same_text_and_stopping(sampler):

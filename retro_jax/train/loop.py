@@ -227,14 +227,13 @@ def train(config, workdir: str) -> dict:
         )
     ckpts = Checkpoints(ckpt_dir, keep=int(t.keep_checkpoints))
     try:
-        return _run(config, workdir, ckpts, current, spec, info, model_cfg, mesh)
+        return _run(config, workdir, prepare_dir, ckpts, current, spec, info, model_cfg, mesh)
     finally:
         ckpts.close()
 
 
-def _run(config, workdir, ckpts, current, spec, info, model_cfg, mesh) -> dict:
+def _run(config, workdir, prepare_dir, ckpts, current, spec, info, model_cfg, mesh) -> dict:
     t = config.train
-    prepare_dir = prepare_dir_of(config, workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     k = 0 if model_cfg.is_baseline else int(t.num_neighbours)
     retrieval = not model_cfg.is_baseline and k > 0
