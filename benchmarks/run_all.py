@@ -32,6 +32,7 @@ BEAM = [
 # name -> (script, full arguments, --quick arguments); "{workdir}" is filled in.
 BENCHMARKS = {
     "model_step": ("bench_model_step.py", ["--presets", "tiny,172m"], ["--presets", "tiny"]),
+    "compile": ("bench_compile.py", [], ["--presets", "172m", "--seq-len", "256"]),
     "embed": ("bench_embed.py", ["--chunks", "2048"], ["--chunks", "256", "--no_baseline"]),
     "index": ("bench_index.py", ["--sizes", "100000", "1000000"], ["--sizes", "20000"]),
     "pipeline": ("bench_pipeline.py", [], ["--steps", "10", "--rounds", "2"]),

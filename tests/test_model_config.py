@@ -59,17 +59,26 @@ def test_baseline_twin_equals_retro_without_neighbours():
     assert not np.allclose(forward(retro, tokens, neighbours), forward(retro, tokens), atol=1e-4)
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_scanned_layers_equal_unrolled(remat):
+@pytest.mark.parametrize(
+    "layers, cca_layers, remat",
+    [
+        (4, (2, 4), False),
+        (8, (2, 4, 6), True),  # two evenly spaced blocks after the first CCA layer, then a tail
+        (4, (1, 2, 3), False),  # CCA in consecutive layers: blocks without plain layers
+        (6, (1, 2, 5), False),  # uneven spacing: the blocks are unrolled
+    ],
+)
+def test_scanned_layers_equal_unrolled(layers, cca_layers, remat):
     tokens, neighbours = inputs(1)
-    plain = Retro(SMALL, rngs=nnx.Rngs(0))
-    scanned = Retro(dataclasses.replace(SMALL, scan_layers=True, remat=remat), rngs=nnx.Rngs(0))
-    np.testing.assert_allclose(
-        forward(plain, tokens, neighbours), forward(scanned, tokens, neighbours), atol=1e-5
-    )
-    grad = nnx.jit(nnx.grad(lambda m: m(tokens, neighbours).mean()))
-    g1, g2 = grad(plain), grad(scanned)
-    np.testing.assert_allclose(g1.decoder["w_in"][...], g2.decoder["w_in"][...], atol=1e-6)
+    weights = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 64)), jnp.float32)
+    loss_and_grad = nnx.jit(nnx.value_and_grad(lambda m: (m(tokens, neighbours) * weights).sum()))
+    config = dataclasses.replace(SMALL, num_layers=layers, cca_layers=cca_layers)
+    plain = Retro(config, rngs=nnx.Rngs(0))
+    scanned = Retro(dataclasses.replace(config, scan_layers=True, remat=remat), rngs=nnx.Rngs(0))
+    (l1, g1), (l2, g2) = loss_and_grad(plain), loss_and_grad(scanned)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(g1), nnx.to_flat_state(g2), strict=True):
+        np.testing.assert_allclose(a[...], b[...], atol=1e-5, err_msg=str(path))
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():

@@ -2,8 +2,10 @@
 
 Decoder layer i (1-based) is LM(H) = FFW(ATTN(H)), or RETRO(H, E) = FFW(CCA(ATTN(H), E)) when
 i is in `cca_layers`; all residual and pre-norm. Decoder weights are stacked along a leading
-`layers` axis, so the layers between CCA layers can run as one `lax.scan` (`scan_layers`) and the
-baseline twin's parameters are exactly RETRO's decoder parameters.
+`layers` axis, so the baseline twin's parameters are exactly RETRO's decoder parameters, and with
+`scan_layers` the plain layers before the first CCA layer, the evenly spaced blocks [plain layers,
+CCA layer] after it and the plain layers after the last each run as one `lax.scan`: the compiled
+program holds a handful of layer bodies whatever the depth.
 
 Call: `Retro(config, rngs=...)(tokens [B, n], neighbours [B, n // m, k, 2m] | None)` -> float32
 logits [B, n, vocab]. `neighbours=None` switches retrieval off (CCA is the identity).
@@ -87,19 +89,19 @@ class Retro(nnx.Module):
         logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype)).astype(jnp.float32)
         return constrain(logits, ("batch", "length", "vocab"))
 
-    def run_layers(self, x: jax.Array, start: int, stop: int, layer_fn: Callable) -> jax.Array:
-        """Apply decoder layers [start, stop) (0-based) with `layer_fn(params_i, x)`."""
-        if stop <= start:
+    def run_layers(self, x: jax.Array, stack: dict, layer_fn: Callable) -> jax.Array:
+        """Apply the decoder layers of `stack` (params with a leading layers axis, possibly empty)
+        in order with `layer_fn(params_i, x)`: one `lax.scan` with `scan_layers`, else unrolled."""
+        count = jax.tree.leaves(stack)[0].shape[0]
+        if count == 0:
             return x
         c = self.config
         fn = jax.checkpoint(layer_fn) if c.remat else layer_fn
-        stacked = values(self.decoder)
         if c.scan_layers:
-            block = jax.tree.map(lambda a: a[start:stop], stacked)
-            x, _ = jax.lax.scan(lambda h, p: (fn(p, h), None), x, block)
+            x, _ = jax.lax.scan(lambda h, p: (fn(p, h), None), x, stack)
             return x
-        for i in range(start, stop):
-            x = fn(jax.tree.map(lambda a, i=i: a[i], stacked), x)
+        for i in range(count):
+            x = fn(jax.tree.map(lambda a, i=i: a[i], stack), x)
         return x
 
     # -- forward ------------------------------------------------------------------------------
@@ -126,11 +128,15 @@ class Retro(nnx.Module):
         def layer(p, h):
             return decoder_layer(p, h, positions, token_mask, c)
 
+        stacked = values(self.decoder)
+
+        def layers(start, stop):  # decoder layers [start, stop), 0-based, still stacked
+            return jax.tree.map(lambda a: a[start:stop], stacked)
+
         retrieve = neighbours is not None and bool(c.cca_layers) and n >= m
         if not retrieve:
-            return self.logits(self.run_layers(x, 0, c.num_layers, layer))
+            return self.logits(self.run_layers(x, stacked, layer))
 
-        stacked = values(self.decoder)
         cca = values(self.cca)
         checkpoint = jax.checkpoint if c.remat else (lambda f: f)
 
@@ -146,20 +152,41 @@ class Retro(nnx.Module):
             )
             return ffw_block(p, x, c)
 
-        encoded = neighbour_mask = None
-        done = 0
-        for j, layer_index in enumerate(c.cca_layers):
-            i = layer_index - 1
-            x = self.run_layers(x, done, i, layer)
-            p = jax.tree.map(lambda a, i=i: a[i], stacked)
-            x = attention_half(p, x)
-            if encoded is None:
-                # Encode at the first CCA layer, conditioned on its post-attention activations.
-                encoded, neighbour_mask = checkpoint(self.encode)(neighbours, x, token_mask)
-            p_cca = jax.tree.map(lambda a, j=j: a[j], cca)
-            x = cca_and_ffw_half(p, p_cca, x, encoded, neighbour_mask)
-            done = i + 1
-        x = self.run_layers(x, done, c.num_layers, layer)
+        def retro_block(x, stack, p_cca, encoded, neighbour_mask):
+            """The plain layers of `stack` but its last, then the last one's ATTN, CCA, FFW."""
+            x = self.run_layers(x, jax.tree.map(lambda a: a[:-1], stack), layer)
+            p = jax.tree.map(lambda a: a[-1], stack)
+            return cca_and_ffw_half(p, p_cca, attention_half(p, x), encoded, neighbour_mask)
+
+        # Up to the first CCA layer: encode there, conditioned on its post-attention activations.
+        first = c.cca_layers[0]
+        x = self.run_layers(x, layers(0, first - 1), layer)
+        p = jax.tree.map(lambda a: a[first - 1], stacked)
+        x = attention_half(p, x)
+        encoded, neighbour_mask = checkpoint(self.encode)(neighbours, x, token_mask)
+        p_cca = jax.tree.map(lambda a: a[0], cca)
+        x = cca_and_ffw_half(p, p_cca, x, encoded, neighbour_mask)
+
+        # The later CCA layers, each with the plain layers before it: a block. The paper places
+        # them evenly (every 3rd layer), so with scan_layers the blocks are one scan over
+        # [blocks, spacing, ...] decoder params and [blocks, ...] CCA params.
+        later = c.cca_layers[1:]
+        spacing = {j - i for i, j in zip(c.cca_layers, later)}
+        if c.scan_layers and len(spacing) == 1:
+            (s,) = spacing
+            blocks = jax.tree.map(
+                lambda a: a[first : later[-1]].reshape(len(later), s, *a.shape[1:]), stacked
+            )
+            x, _ = jax.lax.scan(
+                lambda h, ps: (retro_block(h, *ps, encoded, neighbour_mask), None),
+                x,
+                (blocks, jax.tree.map(lambda a: a[1:], cca)),
+            )
+        else:
+            for j, (prev, i) in enumerate(zip(c.cca_layers, later), start=1):
+                p_cca = jax.tree.map(lambda a, j=j: a[j], cca)
+                x = retro_block(x, layers(prev, i), p_cca, encoded, neighbour_mask)
+        x = self.run_layers(x, layers(c.cca_layers[-1], c.num_layers), layer)
         return self.logits(x)
 
     def encode(self, neighbours: jax.Array, x: jax.Array, token_mask: jax.Array):
