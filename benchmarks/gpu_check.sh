@@ -9,7 +9,10 @@ cd "$(dirname "$0")/.."
 out_dir=${1:-${OUT:-/tmp}}
 mkdir -p "$out_dir"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+# flax.nnx must import on this jax: flax 0.12.8/0.12.9 fail on jax 0.11.2 (jax.experimental.hijax
+# changed); 0.12.10+ work. Carry a newer flax wheel (device README) if this line fails.
+python3 -c "import jax, flax, optax; from flax import nnx; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" \
+  || { echo "gpu_check: flax.nnx does not import with this jax; carry flax>=0.12.10 (py3.12 wheel)" >&2; exit 1; }
 python3 benchmarks/bench_model_step.py --presets "${PRESETS:-172m,425m}" \
   --seq-len "${SEQ_LEN:-2048}" --batch "${BATCH:-8}" --dtype bfloat16 --peak-size 8192 \
   --steps "${STEPS:-5}" --check | tee "$out_dir/model_step_gpu.json"
