@@ -224,7 +224,10 @@ class StageBuilds:
         from retro_jax.retrieval.chunks import ChunkDatabase, load_keys
         from retro_jax.retrieval.neighbours import NeighbourFinder, write_neighbour_shards
 
-        database, spec, r = ChunkDatabase(self.path("db")), self.spec(), self.config.retrieval
+        # Every query shard looks up chunks all over the database: remote shards are copied to
+        # local disk once rather than read again per query shard.
+        database = ChunkDatabase(self.path("db"), local_cache=True)
+        spec, r = self.spec(), self.config.retrieval
         finder = NeighbourFinder(
             database,
             load_keys(self.path("keys"), database),

@@ -405,7 +405,7 @@ def load_parts(config, workdir: str, *, step: int | None = None):
     if not files.isfile(os.path.join(index_dir, "index.json")):
         raise RetroError(f"sample: no neighbour index in {index_dir}: run `retro-jax prepare`")
     index = NeighbourIndex.load(index_dir)
-    database = ChunkDatabase(os.path.join(prepare_dir, "db"))
+    database = ChunkDatabase(os.path.join(prepare_dir, "db"), local_cache=True)
     if database.chunk_size != model_cfg.chunk_size or len(database) != len(index):
         raise RetroError(
             f"sample: the chunk database {prepare_dir}/db ({len(database)} chunks of "

@@ -284,6 +284,28 @@ def test_remote_shards_keep_only_the_most_recently_used():
     assert list(shards.loaded) == [4, 3]
 
 
+def test_remote_shards_with_a_local_cache_read_each_file_once(monkeypatch):
+    from retro_jax.retrieval import chunks
+
+    ram = _ram("cache")
+    paths = [f"{ram}/s{i}.npy" for i in range(4)]
+    for i, path in enumerate(paths):
+        files.save_npy(path, np.full(3, i))
+    copied = []
+    copy = files.copy
+    monkeypatch.setattr(files, "copy", lambda src, dst: (copied.append(src), copy(src, dst)))
+    shards = chunks.load_shards(paths, local_cache=True)
+    shards.keep = 2
+    for i in (0, 1, 2, 3, 0, 1, 2, 3, 3):
+        assert shards[i].tolist() == [i] * 3
+    assert copied == paths  # each remote file read once, in the order first touched
+    assert isinstance(shards[0], np.memmap) and len(shards.loaded) == 2
+    cache = shards.cache_dir
+    assert sorted(os.listdir(cache)) == ["0.npy", "1.npy", "2.npy", "3.npy"]
+    del shards
+    assert not os.path.exists(cache)  # removed with the reader
+
+
 # ---------------------------------------------------------------- eval into a ram:// workdir
 
 

@@ -11,7 +11,10 @@ are global and contiguous; shard i holds ids [i*S, (i+1)*S) with S = chunks_per_
     db/db.json                  sizes, chunk size, pad/EOS ids
 
 Writing streams one document at a time and keeps one shard in memory; reading memory-maps local
-shards and reads a remote shard (gs://...) whole when it is first touched.
+shards and reads a remote shard (gs://...) whole when it is first touched: kept in memory (the
+16 most recently used), or with `local_cache` copied once to a temporary local folder and
+memory-mapped (for readers that touch every shard again and again: the local neighbours stage,
+live retrieval in `sample`).
 The keys stage embeds each shard's detokenized chunks (`write_keys`) into keys/shard-NNNNN.npy.
 """
 
@@ -19,7 +22,10 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -186,41 +192,60 @@ def write_database_info(
 
 
 class _RemoteShards(Sequence):
-    """The arrays of remote .npy files, each read whole when touched; the `keep` most recently
-    used stay in memory, so memory is bounded by shard size, not database size."""
+    """The arrays of remote .npy files, each read whole when first touched; the `keep` most
+    recently used stay in memory, so memory is bounded by shard size, not database size.
 
-    def __init__(self, paths: list[str], keep: int = 16):
+    With `local_cache`, each file is instead copied once into a temporary local folder (removed
+    with this object) and memory-mapped from there: disk for the touched shards, and no remote
+    read is ever repeated."""
+
+    def __init__(self, paths: list[str], keep: int = 16, local_cache: bool = False):
         self.paths, self.keep, self.loaded = paths, keep, collections.OrderedDict()
+        self.cache_dir = None
+        if local_cache:
+            self.cache_dir = tempfile.mkdtemp(prefix="retro_jax-shards-")
+            weakref.finalize(self, shutil.rmtree, self.cache_dir, ignore_errors=True)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def _read(self, index: int) -> np.ndarray:
+        if self.cache_dir is None:
+            return files.load_npy(self.paths[index])
+        local = os.path.join(self.cache_dir, f"{index}.npy")
+        if not os.path.exists(local):
+            files.copy(self.paths[index], local + ".tmp")
+            os.replace(local + ".tmp", local)
+        return files.load_npy(local)
 
     def __getitem__(self, index: int) -> np.ndarray:
         if index in self.loaded:
             self.loaded.move_to_end(index)
         else:
-            self.loaded[index] = files.load_npy(self.paths[index])
+            self.loaded[index] = self._read(index)
             while len(self.loaded) > self.keep:
                 self.loaded.popitem(last=False)
         return self.loaded[index]
 
 
-def load_shards(paths: list[str]) -> Sequence[np.ndarray]:
-    """Arrays of .npy files: memory-mapped when local; remote ones read when first used."""
+def load_shards(paths: list[str], local_cache: bool = False) -> Sequence[np.ndarray]:
+    """Arrays of .npy files: memory-mapped when local; remote ones read when first used (into
+    memory, or with `local_cache` into a temporary local copy: `_RemoteShards`)."""
     if paths and files.is_remote(paths[0]):
-        return _RemoteShards(paths)
+        return _RemoteShards(paths, local_cache=local_cache)
     return [files.load_npy(path) for path in paths]
 
 
 class ChunkDatabase:
-    """Read side of a chunk database folder: memory-mapped shards, lookups by global chunk id."""
+    """Read side of a chunk database folder: memory-mapped shards, lookups by global chunk id.
+    `local_cache`: a remote folder's shards are copied to local disk once (`load_shards`)."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, local_cache: bool = False):
         path = os.path.join(directory, DB_INFO)
         if not files.exists(path):
             raise RetroError(f"chunk database {directory}: no {DB_INFO} (run prepare)")
         self.info = files.read_json(path)
-        self.directory = directory
+        self.directory, self.local_cache = directory, local_cache
         self.chunk_size = int(self.info["chunk_size"])
         self.per_shard = int(self.info["chunks_per_shard"])
         self.pad_id = int(self.info["pad_id"])
@@ -231,7 +256,8 @@ class ChunkDatabase:
 
     def _shards(self, what: str) -> Sequence[np.ndarray]:
         names = [f"{shard_name(i)}.{what}.npy" for i in range(len(self.shard_sizes))]
-        return load_shards([os.path.join(self.directory, name) for name in names])
+        paths = [os.path.join(self.directory, name) for name in names]
+        return load_shards(paths, self.local_cache)
 
     def __len__(self) -> int:
         return int(self.info["num_chunks"])
@@ -331,7 +357,7 @@ def embed_shard(database: ChunkDatabase, index: int, tokenizer, embedder, direct
 
 
 def load_keys(directory: str, database: ChunkDatabase) -> Sequence[np.ndarray]:
-    """The keys shards, [S_i, D] each (memory-mapped, or read on first use: `load_shards`)."""
-    return load_shards(
-        [os.path.join(directory, shard_name(i) + ".npy") for i in range(database.num_shards)]
-    )
+    """The keys shards, [S_i, D] each (memory-mapped, or read on first use: `load_shards`, with
+    the database's `local_cache`)."""
+    paths = [os.path.join(directory, shard_name(i) + ".npy") for i in range(database.num_shards)]
+    return load_shards(paths, database.local_cache)
