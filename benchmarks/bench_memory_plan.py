@@ -2,7 +2,7 @@
 model's loss for one device and compare XLA's temporary-buffer size with `activation_bytes`.
 
   python benchmarks/bench_memory_plan.py --preset 172m --seq 2048 --batch 1 --neighbours 2 \
-      --dtype float32 --remat 1 [--cca_layers 6,9,12]
+      --dtype float32 --remat 1 [--cca_layers 6,9,12] [--logits_chunk 512]
 
 Prints one JSON object. Compilation only allocates nothing, so paper-sized shapes work on a
 laptop (a minute on 2 cores for the 172M preset). On CPU, prefer --dtype float32: the CPU
@@ -33,10 +33,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", type=int, default=1)
     parser.add_argument("--cca_layers", default=None, help="comma-separated, 1-based")
+    parser.add_argument("--logits_chunk", type=int, default=0, help="model.logits_chunk")
     args = parser.parse_args()
 
     config = RetroConfig.preset(args.preset).replace(
-        dtype=args.dtype, scan_layers=True, remat=bool(args.remat)
+        dtype=args.dtype, scan_layers=True, remat=bool(args.remat), logits_chunk=args.logits_chunk
     )
     if args.cca_layers is not None:
         config = config.replace(cca_layers=tuple(int(i) for i in args.cca_layers.split(",") if i))
@@ -48,10 +49,8 @@ def main() -> None:
         shape = (args.batch, args.seq // m, args.neighbours, 2 * m)
         neighbours = jax.ShapeDtypeStruct(shape, jnp.int32)
 
-    def loss(state, tokens, neighbours):
-        logits = nnx.merge(graphdef, state)(tokens, neighbours)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[..., None], axis=-1))
+    def loss(state, tokens, neighbours):  # the training loss's computation (targets: any)
+        return nnx.merge(graphdef, state).token_nll(tokens, neighbours, tokens).mean()
 
     start = time.perf_counter()
     compiled = jax.jit(jax.grad(loss)).lower(state, tokens, neighbours).compile()
@@ -73,6 +72,7 @@ def main() -> None:
                 "cca_layers": list(config.cca_layers),
                 "dtype": args.dtype,
                 "remat": bool(args.remat),
+                "logits_chunk": args.logits_chunk,
                 "batch": args.batch,
                 "seq": args.seq,
                 "neighbours": args.neighbours if neighbours is not None else 0,

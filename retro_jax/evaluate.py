@@ -25,7 +25,6 @@ import time
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import PartitionSpec
 from tqdm.auto import tqdm
@@ -44,8 +43,7 @@ LABELS = {"retrieval": "RETRO", "no_retrieval": "RETRO[OFF]", "baseline": "basel
 
 def _token_nll(graphdef, state, tokens, targets, neighbours, k: int) -> jax.Array:
     model = nnx.merge(graphdef, state)
-    logits = model(tokens, None if k == 0 else neighbours[:, :, :k])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return model.token_nll(tokens, None if k == 0 else neighbours[:, :, :k], targets)
 
 
 # One jitted function for every scorer: the graph definition is static, so models of the same

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -79,6 +80,30 @@ def test_scanned_layers_equal_unrolled(layers, cca_layers, remat):
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
     for (path, a), (_, b) in zip(nnx.to_flat_state(g1), nnx.to_flat_state(g2), strict=True):
         np.testing.assert_allclose(a[...], b[...], atol=1e-5, err_msg=str(path))
+
+
+def test_logits_chunk_gives_the_same_loss_and_gradients():
+    tokens, neighbours = inputs(3)
+    targets = jnp.roll(tokens, -1, axis=1)
+    mask = jnp.asarray(np.random.default_rng(1).random((2, 16)) < 0.8, jnp.float32)
+    loss_and_grad = nnx.jit(
+        nnx.value_and_grad(lambda m: (m.token_nll(tokens, neighbours, targets) * mask).sum())
+    )
+    whole = Retro(SMALL, rngs=nnx.Rngs(0))
+    chunked = Retro(dataclasses.replace(SMALL, logits_chunk=4), rngs=nnx.Rngs(0))
+    nll = nnx.jit(lambda m: m.token_nll(tokens, neighbours, targets))
+    np.testing.assert_allclose(nll(whole), nll(chunked), rtol=1e-6)
+    logp = jax.nn.log_softmax(forward(whole, tokens, neighbours))
+    expect = -np.take_along_axis(np.asarray(logp), np.asarray(targets)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(nll(whole), expect, rtol=1e-5)
+    (l1, g1), (l2, g2) = loss_and_grad(whole), loss_and_grad(chunked)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(g1), nnx.to_flat_state(g2), strict=True):
+        np.testing.assert_allclose(a[...], b[...], atol=1e-6, err_msg=str(path))
+    with pytest.raises(RetroError, match="logits_chunk 5 does not divide"):
+        Retro(SMALL.replace(logits_chunk=5), rngs=nnx.Rngs(0)).token_nll(tokens, None, targets)
+    with pytest.raises(RetroError, match="logits_chunk must be >= 0"):
+        SMALL.replace(logits_chunk=-1)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():

@@ -45,6 +45,10 @@ class RetroConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     remat: bool = False  # rematerialise each block in the backward pass
     scan_layers: bool = False  # stack homogeneous layers and scan over them (fast compiles)
+    # Loss and evaluation: compute the logits this many positions at a time (a divisor of the
+    # sequence length) and recompute them in the backward pass, so no [batch, n, vocab] array
+    # is held; 0 = all positions at once.
+    logits_chunk: int = 0
 
     def __post_init__(self):
         problems = []
@@ -58,6 +62,8 @@ class RetroConfig:
         bad_enc = [i for i in self.enc_cross_layers if not 1 <= i <= self.enc_num_layers]
         if bad_enc:
             problems.append(f"enc_cross_layers {bad_enc} outside 1..{self.enc_num_layers}")
+        if self.logits_chunk < 0:
+            problems.append(f"logits_chunk must be >= 0, got {self.logits_chunk}")
         if self.dtype not in ("float32", "bfloat16"):
             problems.append(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.activation not in ("gelu", "relu", "silu"):

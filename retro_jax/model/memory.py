@@ -137,7 +137,8 @@ def activation_bytes(
     [batch, heads, n, n] probabilities for the backward pass, in float32 and in the compute
     dtype (no flash attention). Decoder layers without CCA run under `remat` when the config
     asks: then each keeps only its input, plus one layer's working set while it is recomputed.
-    CCA layers, the encoder and the loss are never rematerialised (as in retro_jax/model/retro.py).
+    CCA layers and the encoder are counted as if never rematerialised (an upper bound); the
+    loss's logits are, `logits_chunk` positions at a time, when the config sets it.
     """
     s = DTYPE_BYTES[c.dtype]
     b, n, d, m = batch, seq_len, c.d_model, c.chunk_size
@@ -154,8 +155,10 @@ def activation_bytes(
     else:
         decoder = plain_layers * layer
     out = {"decoder": decoder, "embeddings": b * n * d * s}
-    # Logits in the compute dtype, float32 log-probabilities and, in backward, their gradient.
-    out["logits_and_loss"] = b * n * vocab * (s + 8)
+    # Logits in the compute dtype and, in backward, their float32 gradient (the loss is
+    # logsumexp minus the target's logit: no log-probability array), of `logits_chunk`
+    # positions at a time (recomputed in the backward pass), or of all n.
+    out["logits_and_loss"] = b * min(c.logits_chunk or n, n) * vocab * (s + 4)
     if not retrieve:
         return out
 

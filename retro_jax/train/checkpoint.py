@@ -25,7 +25,7 @@ from retro_jax.train.state import TrainState, merge_dicts, pick
 
 MODEL_CONFIG = "model_config.json"
 # RetroConfig fields that change only how the model is computed, not what it is.
-COMPUTE_ONLY = ("dtype", "remat", "scan_layers")
+COMPUTE_ONLY = ("dtype", "remat", "scan_layers", "logits_chunk")
 
 
 class Checkpoints:

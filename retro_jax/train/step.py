@@ -67,15 +67,13 @@ def make_optimizer(train) -> tuple[optax.GradientTransformation, optax.Schedule]
     return tx, schedule
 
 
-def token_losses(logits: jax.Array, targets: jax.Array, mask: jax.Array):
-    """logits f32 [B, n, V], targets int [B, n], mask [B, n] -> (sum of nll in nats, count)."""
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    mask = mask.astype(jnp.float32)
+def token_losses(model, batch: dict, retrieval: bool):
+    """(sum of nll in nats over the scored tokens, their count) of a batch: tokens, targets,
+    loss_mask [B, n] (+ neighbours, used when `retrieval`)."""
+    neighbours = batch["neighbours"] if retrieval and "neighbours" in batch else None
+    nll = model.token_nll(batch["tokens"], neighbours, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll * mask), jnp.sum(mask)
-
-
-def _neighbours(batch: dict, retrieval: bool):
-    return batch["neighbours"] if retrieval and "neighbours" in batch else None
 
 
 def _micro_batches(batch: dict, accum: int) -> dict:
@@ -109,9 +107,7 @@ def make_train_step(
     """
 
     def loss_sums(params, frozen, batch):
-        model = model_def.merge(params, frozen)
-        logits = model(batch["tokens"], _neighbours(batch, retrieval))
-        return token_losses(logits, batch["targets"], batch["loss_mask"])
+        return token_losses(model_def.merge(params, frozen), batch, retrieval)
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
@@ -173,9 +169,7 @@ def make_eval_step(
     """Jitted (params, frozen, batch) -> sums over the batch: nll (nats), tokens, bytes."""
 
     def evaluate(params, frozen, batch):
-        model = model_def.merge(params, frozen)
-        logits = model(batch["tokens"], _neighbours(batch, retrieval))
-        nll, count = token_losses(logits, batch["targets"], batch["loss_mask"])
+        nll, count = token_losses(model_def.merge(params, frozen), batch, retrieval)
         scored_bytes = jnp.sum(batch["target_bytes"].astype(jnp.float32) * batch["loss_mask"])
         return {"nll": nll, "tokens": count, "bytes": scored_bytes}
 
