@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The device check of issue #7 in one run: the train step's MFU at the 172m and 425m presets
-# (bfloat16, sequence 2048, batch 8, synthetic batches) and sharded == single-device results.
+# (bfloat16, sequence 2048, batch 4, no remat, synthetic batches) and sharded == single-device
+# results. Batch 4: memory_plan puts batch 8 without remat near 84 GiB for 172m (an H100: 80).
 # Needs no TensorFlow and no install: the repository root goes on PYTHONPATH (jax, flax, optax,
 # etils and tqdm must be importable). Writes model_step_gpu.json to OUT_DIR (default $OUT).
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # PRESETS=tiny SEQ_LEN=256 for a dry run
@@ -14,5 +15,5 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import jax, flax, optax; from flax import nnx; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" \
   || { echo "gpu_check: flax.nnx does not import with this jax; carry flax>=0.12.10 (py3.12 wheel)" >&2; exit 1; }
 python3 benchmarks/bench_model_step.py --presets "${PRESETS:-172m,425m}" \
-  --seq-len "${SEQ_LEN:-2048}" --batch "${BATCH:-8}" --dtype bfloat16 --peak-size 8192 \
+  --seq-len "${SEQ_LEN:-2048}" --batch "${BATCH:-4}" --dtype bfloat16 --peak-size 8192 \
   --steps "${STEPS:-5}" --check | tee "$out_dir/model_step_gpu.json"
