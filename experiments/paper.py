@@ -3,8 +3,9 @@
 Shared by experiments/retro_172m.py ... retro_7_5b.py. Hyperparameters are those of Borgeaud et
 al. (2021), section 3 and Table 2 (see RETRO.md): sequences of 2048 tokens in chunks of 64,
 419.4B training tokens, batch 256 (1024 for 7.5B), AdamW with weight decay 0.1 and betas
-0.9/0.95, a linear warmup over 750 steps then a cosine decay to 0.1x the peak learning rate of
-2e-4 (1e-4 for 7.5B), k = 2 neighbours in training, bfloat16 compute, scanned decoder layers.
+0.9/0.95, a linear warmup from 1e-7 over 750 steps then a cosine decay to 0.1x the peak
+learning rate of 2e-4 (1e-4 for 7.5B), k = 2 neighbours in training, bfloat16 compute, scanned
+decoder layers.
 
 The config argument is a comma-separated list of options:
   baseline            the baseline twin (the same decoder without encoder and CCA)

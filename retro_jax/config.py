@@ -119,6 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.learning_rate = 1e-3
     c.train.min_lr_ratio = 0.1  # cosine decays to this fraction of the peak
     c.train.warmup_steps = 20
+    c.train.warmup_from = 1e-7  # learning rate at step 0, rising linearly to the peak (paper 3)
     c.train.weight_decay = 0.1
     c.train.b1 = 0.9
     c.train.b2 = 0.95

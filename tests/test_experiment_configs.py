@@ -68,6 +68,7 @@ def test_paper_hyperparameters(size):
     assert c.train.batch_size == (1024 if big else 256)
     assert c.train.learning_rate == (1e-4 if big else 2e-4)
     assert c.train.warmup_steps == 750 and c.train.min_lr_ratio == 0.1
+    assert c.train.warmup_from == 1e-7
     assert c.train.weight_decay == 0.1 and (c.train.b1, c.train.b2) == (0.9, 0.95)
     assert c.train.num_neighbours == 2
     tokens = c.train.steps * c.train.batch_size * c.data.seq_len

@@ -29,12 +29,13 @@ _NO_DECAY = ("norm", "bias", "scale")
 
 
 def lr_schedule(train) -> optax.Schedule:
-    """Linear warmup from 0 over `warmup_steps`, then cosine to min_lr_ratio x peak at `steps`."""
+    """Linear warmup from `warmup_from` (the paper's 1e-7) over `warmup_steps`, then cosine to
+    min_lr_ratio x peak at `steps`."""
     peak = float(train.learning_rate)
     warmup = int(train.warmup_steps)
     steps = max(int(train.steps), warmup + 1)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
+        init_value=float(train.get("warmup_from", 0.0)),
         peak_value=peak,
         warmup_steps=warmup,
         decay_steps=steps,
