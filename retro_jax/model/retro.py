@@ -117,9 +117,10 @@ class Retro(nnx.Module):
     ) -> jax.Array:
         """Negative log-likelihood (nats) of `targets` int [B, n] -> float32 [B, n].
 
-        With `logits_chunk` = c, the logits are made c positions at a time inside a scan and
-        recomputed in the backward pass: [B, c, V] at a time instead of [B, n, V] (at the
-        paper's 128k vocabulary and n = 2048, 2.4 GiB per sequence in bfloat16 + float32).
+        The loss is logsumexp minus the target's logit: no [B, n, V] log-probabilities. With
+        `logits_chunk` = c, the logits themselves are made c positions at a time inside a scan
+        and recomputed in the backward pass: [B, c, V] at a time instead of [B, n, V] (at the
+        paper's 128k vocabulary and n = 2048, 1 GiB per sequence in float32).
         """
         x = self.hidden(tokens, neighbours)
         batch, n, d = x.shape
