@@ -94,6 +94,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.dedup.threshold = 0.8
     c.dedup.ngram = 13
     c.dedup.num_perm = 128
+    # False: the retrieval database keeps the documents the filter finds (the report still
+    # lists them): the paper's evaluation database, the union of all data, leaks included.
+    c.dedup.filter_retrieval = True
 
     # Retrieval: frozen BERT keys and the ScaNN index.
     c.retrieval = ml_collections.ConfigDict()

@@ -94,13 +94,23 @@ class StageContext(StageBuilds):
         """The Source of a role (train | eval | retrieval) the config names."""
         return open_source(self.config, role)
 
-    def documents(self, role: str):
-        """Documents of a role; train and retrieval without those the leakage filter drops."""
+    @property
+    def filter_retrieval(self) -> bool:
+        return bool(self.config.dedup.get("filter_retrieval", True))
+
+    def dropped_ids(self, role: str) -> set[int]:
+        """Ids of the documents of a role the leakage filter removes: training documents always,
+        retrieval documents unless dedup.filter_retrieval is False, evaluation documents never."""
         from retro_jax.dedup import read_dropped_ids
 
-        source = self.source(role)
-        dropped = read_dropped_ids(self.path(REPORT)).get(role, set()) if role != "eval" else set()
-        return (doc for doc in source.documents() if doc.doc_id not in dropped)
+        if role == "eval" or (role == "retrieval" and not self.filter_retrieval):
+            return set()
+        return read_dropped_ids(self.path(REPORT)).get(role, set())
+
+    def documents(self, role: str):
+        """Documents of a role, without those the leakage filter drops (`dropped_ids`)."""
+        dropped = self.dropped_ids(role)
+        return (doc for doc in self.source(role).documents() if doc.doc_id not in dropped)
 
     def max_chunks(self) -> int:
         """data.retrieval_max_tokens as a number of database chunks (0 = no cap)."""
@@ -142,6 +152,7 @@ class StageContext(StageBuilds):
                 chunk_size=int(c.model.chunk_size),
                 per_shard=int(d.chunks_per_shard),
                 **({"max_chunks": cap} if cap else {}),
+                **({} if self.filter_retrieval else {"unfiltered": True}),
             )
         # (the dtype is absent when float32: workdirs built before it stay valid)
         dtype = {"dtype": self.embed_dtype()} if self.embed_dtype() != "float32" else {}

@@ -332,3 +332,26 @@ def test_retrieval_max_tokens_caps_the_database_alike(corpus, tmp_path):
     assert db["num_chunks"] == 101 and sum(db["shards"]) == 101
     table = np.load(tmp_path / "local" / "prepare" / "db" / "docs.npy")
     assert table[:, 2].sum() == 101 and (table[:, 1] + table[:, 2]).max() == 101
+
+
+def test_unfiltered_retrieval_database_keeps_the_leak_alike(corpus, tmp_path):
+    """dedup.filter_retrieval=False: the database keeps the document the leakage filter finds
+    (the report still lists it), with either driver; the default database leaves it out."""
+    config = _config(corpus)
+    run_prepare(config, str(tmp_path / "filtered"), progress=False, until="chunks")
+    config.dedup.filter_retrieval = False
+    for name, runner in (("local", None), ("beam", "DirectRunner")):
+        run_prepare(config, str(tmp_path / name), progress=False, runner=runner, until="chunks")
+    filtered, local, beam_db = (_files(tmp_path / n) for n in ("filtered", "local", "beam"))
+    assert local["dedup_report.json"] == filtered["dedup_report.json"]
+    assert {k: v for k, v in local.items() if k.startswith("db/")} == {
+        k: v for k, v in beam_db.items() if k.startswith("db/")
+    }
+    report = json.loads(local["dedup_report.json"])
+    (leak,) = {e["doc_id"] for e in report["dropped"] if e["role"] == "retrieval"}
+    docs = {
+        n: np.load(tmp_path / n / "prepare" / "db" / "docs.npy")[:, 0]
+        for n in ("filtered", "local")
+    }
+    assert leak not in docs["filtered"] and leak in docs["local"]
+    assert sorted(set(docs["local"]) - set(docs["filtered"])) == [leak]

@@ -25,7 +25,6 @@ from retro_jax.beam.documents import read_documents
 from retro_jax.data import files
 from retro_jax.data.sources import open_source
 from retro_jax.errors import RetroError
-from retro_jax.prepare_builds import REPORT
 from retro_jax.prepare_stages import StageContext
 
 log = logging.getLogger("retro_jax.prepare")
@@ -121,10 +120,8 @@ class BeamStageContext(StageContext):
 
     def documents_of(self, pipeline, role: str):
         """(ordinal, Document) of a role, without the documents the leakage filter dropped."""
-        from retro_jax.dedup import read_dropped_ids
-
         docs, stats = read_documents(pipeline, self.source(role), role)
-        dropped = read_dropped_ids(self.path(REPORT)).get(role, set())
+        dropped = self.dropped_ids(role)
         if dropped:
             docs = docs | f"{role}: leakage filter" >> beam.Filter(
                 lambda od, dropped=frozenset(dropped): od[1].doc_id not in dropped
