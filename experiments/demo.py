@@ -1,8 +1,8 @@
 """`retro-jax demo`: the whole system on the State of the Union addresses, in minutes on a CPU.
 
-    retro-jax demo --workdir W                          # default: about 15 minutes on 2 cores
+    retro-jax demo --workdir W                          # default: about 10 minutes on 2 cores
     retro-jax demo --workdir W --config experiments/demo.py:smallest   # the CI test's size
-    retro-jax demo --workdir W --config experiments/demo.py:large      # whole corpus, ~40 min
+    retro-jax demo --workdir W --config experiments/demo.py:large      # whole corpus, ~35 min
     retro-jax demo --workdir W --config experiments/demo.py:linux-doc  # the kernel docs corpus
 
 The most recent addresses are held out for evaluation (`data.sotu_eval_docs`). One decoder is
@@ -12,10 +12,14 @@ trained as a baseline twin and as RETRO for the same steps; the baseline is then
 import ml_collections
 
 from retro_jax.config import default_config, model_config_dict
+from retro_jax.errors import RetroError
 
 
 def get_config(arg: str = ""):
     options = set(filter(None, arg.split(",")))
+    unknown = sorted(options - {"smallest", "large", "linux-doc"})
+    if unknown:
+        raise RetroError(f"config argument {unknown[0]!r}: expected smallest, large, linux-doc")
     config = default_config()
     config.model = model_config_dict(
         "tiny",

@@ -2,8 +2,10 @@
 
 Every command reads the same experiment config. Each command is a function `main(config, workdir)`
 in the module of its stage, imported only when that command runs (so `retro-jax model-info` needs
-neither TensorFlow nor scann). A `RetroError` is printed as one line with exit code 2; `--verbose`
-shows the traceback. `retro-jax COMMAND --help` prints the command's flags and imports nothing.
+neither TensorFlow nor scann). A `RetroError`, an unknown flag or config key, a value that does
+not parse and a missing config file are printed as one line with exit code 2 (Ctrl-C: one line,
+exit code 130); `--verbose` shows the traceback. `retro-jax COMMAND --help` prints the command's
+flags and imports nothing.
 """
 
 from __future__ import annotations
@@ -182,6 +184,43 @@ def _command_help(command: str, full: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _flag_error(argv: list[str], error: BaseException) -> str:
+    """One line for what went wrong while the flags and the config file were read."""
+    if isinstance(error, RetroError):
+        return str(error)
+    if isinstance(error, flags.Error):  # an unknown flag, a value that does not parse
+        return str(error).replace("flag --", "--", 1)
+    cause = error
+    while cause is not None and not isinstance(cause, KeyError):
+        cause = cause.__context__
+    if cause is not None and cause.args:  # an override of a key the config lacks
+        # ml_collections: "'step'\nDid you mean "steps" instead of "step"?"
+        lines = [line.strip() for line in str(cause.args[0]).splitlines() if line.strip()]
+        key = lines[0].strip("'\"") if lines else "?"
+        bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        where = next((a for a in bad if key in a.split(".")), "--config.*")
+        hint = f" ({lines[-1][0].lower()}{lines[-1][1:]})" if len(lines) > 1 else ""
+        return f"{where}: the config has no key {key!r}{hint}"
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if isinstance(error, OSError):  # the config file: the OS's reason is the last line
+        return f"--config: {lines[-1] if lines else error}"
+    return f"--config: {type(error).__name__}: {lines[-1] if lines else error}"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with every failure as one line and exit code 2 (not a traceback)."""
+    try:
+        rest = FLAGS(argv)
+        if FLAGS.config is not None:
+            FLAGS.config.keys()  # the file now: config_flags reports a failed load lazily
+        return rest
+    except Exception as e:  # noqa: BLE001 - any failure to read the flags or the config file
+        if "--verbose" in argv:
+            raise
+        print(f"retro-jax {argv[1]}: error: {_flag_error(argv, e)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _run(argv: list[str], extra: dict) -> None:
     command = argv[1]
     module, function, _ = COMMANDS[command]
@@ -192,6 +231,9 @@ def _run(argv: list[str], extra: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
+    # Transformers (loaded for BERT's and Hugging Face tokenizers) advises at import that PyTorch
+    # is missing; this package uses no PyTorch model, so the line would only add noise.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if argv[1:2] == ["help"] and argv[2:3] and argv[2] in COMMANDS:
         argv = [argv[0], argv[2], "--help"]  # `retro-jax help COMMAND`
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -227,9 +269,14 @@ def main(argv: list[str] | None = None) -> None:
                 raise
             print(f"retro-jax {args[1]}: error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            if FLAGS.verbose:
+                raise
+            print(f"\nretro-jax {args[1]}: interrupted (rerun to resume)", file=sys.stderr)
+            sys.exit(130)
 
     # absl parses flags after the command name; the command stays in argv[1].
-    app.run(_absl_main, argv=argv)
+    app.run(_absl_main, argv=argv, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

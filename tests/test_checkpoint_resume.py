@@ -107,3 +107,18 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path
     stopped = int(out.split("SIGTERM at step ")[1].split(":")[0])
     assert stopped < steps and (preempted / "checkpoints" / str(stopped)).exists()
     assert read_metrics(str(preempted))[-1]["step"] == stopped
+
+    # Ctrl-C (SIGINT) in the resumed run: the same (a message first), then a rerun finishes the
+    # run with the uninterrupted run's losses.
+    later = (stopped // every + 1) * every
+    assert later < steps
+    process = launch(config_path, preempted, cache)
+    wait_for(preempted / "checkpoints" / str(later), process)
+    process.send_signal(signal.SIGINT)
+    out = finish(process)
+    assert "Ctrl-C: saving a checkpoint after this step" in out
+    stopped = int(out.split("SIGINT at step ")[1].split(":")[0])
+    assert stopped < steps and (preempted / "checkpoints" / str(stopped)).exists()
+    finish(launch(config_path, preempted, cache))
+    resumed = {row["step"]: row for row in read_metrics(str(preempted))}
+    assert [resumed[s]["loss"] for s in expected] == [expected[s]["loss"] for s in expected]

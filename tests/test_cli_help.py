@@ -1,5 +1,6 @@
 """`retro-jax COMMAND --help`: every command's own help (usage, description, flags, docs page),
-exit code 0, nothing imported or run; help flags are never taken for Beam pipeline options."""
+exit code 0, nothing imported or run; help flags are never taken for Beam pipeline options.
+Mistakes in the flags or the config file: one line, exit code 2."""
 
 import os
 import subprocess
@@ -71,3 +72,34 @@ def test_help_imports_no_command_module():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage: retro-jax train" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "command, args, message",
+    [
+        (
+            "train",
+            ["--config=experiments/tiny.py", "--config.train.step=20"],
+            "--config.train.step: the config has no key 'step' (did you mean \"steps\"",
+        ),
+        (
+            "sweep",
+            ["experiments/tiny.py", "--config.trian.steps=3", "--dry-run"],
+            "--config.trian.steps: the config has no key 'trian' (did you mean \"train\"",
+        ),
+        ("train", ["--config=experiments/nope.py"], "--config: [Errno 2] No such file"),
+        (
+            "prepare",
+            ["--config=experiments/tiny.py", "--config.train.steps=abc"],
+            "--config.train.steps=abc: invalid literal for int()",
+        ),
+        ("eval", ["--config=experiments/tiny.py", "--steps=3"], "Unknown command line flag"),
+        ("train", ["--config=experiments/retro_172m.py:bogus"], "config argument 'bogus'"),
+    ],
+)
+def test_flag_and_config_mistakes_are_one_line(command, args, message, tmp_path):
+    done = _cli(command, *args, f"--workdir={tmp_path}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"retro-jax {command}: error: {message}"), line
+    assert os.listdir(tmp_path) == []

@@ -83,6 +83,8 @@ def test_shards_that_do_not_fit_the_model(tmp_path):
     config = small_config(num_neighbours=5)
     with pytest.raises(RetroError, match="num_neighbours=5 .* store only 4"):
         train(config, str(tmp_path))
+    with pytest.raises(RetroError, match=r"train\.steps=0 must be > 0"):
+        train(small_config(steps=0), str(tmp_path))
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -71,17 +72,18 @@ def maybe_initialize_distributed() -> None:
 
 
 class _Preemption:
-    """When to stop for a preemption (SIGTERM): `stop_after(step)`, asked after every step.
+    """When to stop for a preemption (SIGTERM) or Ctrl-C: `stop_after(step)`, after every step.
 
-    One process: SIGTERM sets a flag. Several processes: every host must save the same step and
+    One process: SIGTERM or a first SIGINT (Ctrl-C) sets a flag (a second Ctrl-C aborts at
+    once, without saving). Several processes: every host must save the same step and
     stop together, so JAX's preemption service (started by jax.distributed.initialize; it
     catches SIGTERM on any host and the hosts agree on a step) decides, through
     multihost_utils.reached_preemption_sync_point; no Python handler may replace its own.
     """
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested = None  # the name of the signal that asked to stop
+        self._previous = {}
         self._shared = jax.process_count() > 1 and _preemption_service_running()
         if jax.process_count() > 1 and not self._shared:
             print(
@@ -92,23 +94,33 @@ class _Preemption:
 
     def __enter__(self):
         if not self._shared and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # the next Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+            print(
+                "\ntrain: Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def stop_after(self, step: int) -> bool:
         """True when the run should save `step` and stop (the same step on every host)."""
         if self._shared:
             from jax.experimental import multihost_utils
 
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.requested = "SIGTERM"
+            return self.requested is not None
+        return self.requested is not None
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _preemption_service_running() -> bool:
@@ -192,6 +204,8 @@ def train(config, workdir: str) -> dict:
     maybe_initialize_distributed()
     config = retrofit_schedule(config)
     t = config.train
+    if int(t.steps) <= 0:
+        raise RetroError(f"train.steps={t.steps} must be > 0 (the step to train up to)")
     model_cfg = model_config(config)
     prepare_dir = prepare_dir_of(config, workdir)
     from retro_jax.data.pipeline import load_info  # TensorFlow only for gs:// paths
@@ -373,7 +387,10 @@ def _run(config, workdir, prepare_dir, ckpts, current, spec, info, model_cfg, me
             result = {"step": step, **values}
             timer_step, timer, data_wait = step, time.perf_counter(), 0.0
             if stop:
-                print(f"train: SIGTERM at step {step}: checkpoint saved, rerun to resume")
+                print(
+                    f"train: {preemption.requested} at step {step}: checkpoint saved, "
+                    "rerun to resume"
+                )
                 result["preempted"] = True
                 break
     profiler.stop(state)
