@@ -53,7 +53,7 @@ from retro_jax.train.step import batch_shardings, make_optimizer, make_train_ste
 
 # The paper's optimizer (AdamW, clipping at 1); the schedule does not change the step's cost.
 HYPER = SimpleNamespace(
-    learning_rate=2e-4, warmup_steps=750, steps=100_000, min_lr_ratio=0.1,
+    learning_rate=2e-4, warmup_from=1e-7, warmup_steps=750, steps=100_000, min_lr_ratio=0.1,
     weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,
 )  # fmt: skip
 # The check takes real steps (no warmup) so that parameters move measurably.

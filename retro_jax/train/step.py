@@ -35,7 +35,7 @@ def lr_schedule(train) -> optax.Schedule:
     warmup = int(train.warmup_steps)
     steps = max(int(train.steps), warmup + 1)
     return optax.warmup_cosine_decay_schedule(
-        init_value=float(train.get("warmup_from", 0.0)),
+        init_value=float(getattr(train, "warmup_from", 0.0)),
         peak_value=peak,
         warmup_steps=warmup,
         decay_steps=steps,
