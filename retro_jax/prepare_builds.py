@@ -50,9 +50,11 @@ class StageBuilds:
         roles = report["roles"]
         for role, counts in roles.items():
             if counts["dropped"]:
+                kept = role == "retrieval" and not self.filter_retrieval
                 log.warning(
-                    "dedup: dropped %d of %d %s documents as near-duplicates of "
+                    "dedup: %s %d of %d %s documents as near-duplicates of "
                     "evaluation documents (see %s)",
+                    "found (and kept: dedup.filter_retrieval=False)" if kept else "dropped",
                     counts["dropped"],
                     counts["documents"],
                     role,
