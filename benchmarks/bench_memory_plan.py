@@ -16,11 +16,9 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
 from retro_jax.model.config import RetroConfig
-from retro_jax.model.create import abstract_model
+from retro_jax.model.create import lower_loss_grad
 from retro_jax.model.memory import ACTIVATION_OVERHEAD, GIB, activation_bytes
 
 
@@ -41,26 +39,19 @@ def main() -> None:
     )
     if args.cca_layers is not None:
         config = config.replace(cca_layers=tuple(int(i) for i in args.cca_layers.split(",") if i))
-    graphdef, state = nnx.split(abstract_model(config))
-    m = config.chunk_size
-    tokens = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)
-    neighbours = None
-    if args.neighbours and config.cca_layers:
-        shape = (args.batch, args.seq // m, args.neighbours, 2 * m)
-        neighbours = jax.ShapeDtypeStruct(shape, jnp.int32)
-
-    def loss(state, tokens, neighbours):  # the training loss's computation (targets: any)
-        return nnx.merge(graphdef, state).token_nll(tokens, neighbours, tokens).mean()
-
+    retrieve = bool(args.neighbours and config.cca_layers)
     start = time.perf_counter()
-    compiled = jax.jit(jax.grad(loss)).lower(state, tokens, neighbours).compile()
+    lowered = lower_loss_grad(
+        config, batch=args.batch, seq_len=args.seq, neighbours=args.neighbours if retrieve else 0
+    )
+    compiled = lowered.compile()
     seconds = time.perf_counter() - start
     analysis = compiled.memory_analysis()
     estimate = activation_bytes(
         config,
         batch=args.batch,
         seq_len=args.seq,
-        neighbours=args.neighbours if neighbours is not None else 0,
+        neighbours=args.neighbours if retrieve else 0,
         tensor=1,
     )
     raw = sum(estimate.values())
@@ -75,7 +66,7 @@ def main() -> None:
                 "logits_chunk": args.logits_chunk,
                 "batch": args.batch,
                 "seq": args.seq,
-                "neighbours": args.neighbours if neighbours is not None else 0,
+                "neighbours": args.neighbours if retrieve else 0,
                 "compile_s": round(seconds, 1),
                 "xla_temp_gib": round(analysis.temp_size_in_bytes / GIB, 3),
                 "xla_arguments_gib": round(analysis.argument_size_in_bytes / GIB, 3),

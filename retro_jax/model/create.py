@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from retro_jax.model.config import RetroConfig
@@ -13,6 +14,25 @@ from retro_jax.sharding import state_shardings
 def abstract_model(config: RetroConfig) -> Retro:
     """The model with ShapeDtypeStruct leaves: for parameter counts and memory plans."""
     return nnx.eval_shape(lambda: Retro(config, rngs=nnx.Rngs(0)))
+
+
+def lower_loss_grad(
+    config: RetroConfig, *, batch: int, seq_len: int, neighbours: int
+) -> jax.stages.Lowered:
+    """The gradient of the training loss (`Retro.token_nll`) of one device's batch with respect
+    to every parameter, lowered from abstract shapes (nothing is allocated): what the compile
+    time and memory benchmarks compile. `neighbours=0` or a baseline config: no retrieval."""
+    graphdef, state = nnx.split(abstract_model(config))
+    m = config.chunk_size
+    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+    retrieved = None
+    if neighbours and config.cca_layers:
+        retrieved = jax.ShapeDtypeStruct((batch, seq_len // m, neighbours, 2 * m), jnp.int32)
+
+    def loss(state, tokens, retrieved):  # (the targets' values do not change the program)
+        return nnx.merge(graphdef, state).token_nll(tokens, retrieved, tokens).mean()
+
+    return jax.jit(jax.grad(loss)).lower(state, tokens, retrieved)
 
 
 def create_model(
