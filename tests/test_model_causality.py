@@ -120,3 +120,55 @@ def test_trailing_partial_chunk_and_neighbour_count_are_free(model, forward):
     assert out.shape == (2, n, CONFIG.vocab_size) and np.isfinite(out).all()
     # Prefix property: the first N positions equal a forward pass over the first N tokens.
     np.testing.assert_allclose(out[:, :N], forward(model, tokens[:, :N], neighbours), atol=1e-5)
+
+
+def test_trained_retro_copies_its_neighbours_only_where_causality_allows():
+    """A learned property: on random tokens, where chunk u's true neighbour is [C_u, C_u+1] (the
+    chunk and its continuation, beside a random distractor), a trained RETRO predicts every
+    token from the last one of chunk 0 onwards by copying, and none before it: positions
+    0..m-2 may not see chunk 0's neighbours (they hold those positions' own futures), so
+    their loss must stay at chance, log(V-1). A CCA shifted by m-2 (the known pitfall) lets
+    position m-2 copy its label; a shift by m leaves position m-1 at chance; both fail here."""
+    from model_configs import TWO_LAYERS
+
+    from retro_jax.config import default_config, model_config, model_config_dict
+    from retro_jax.model.create import create_model
+    from retro_jax.train.state import init_state
+    from retro_jax.train.step import make_optimizer, make_train_step
+
+    vocab, m, n, batch = 64, 8, 32, 16
+    config = default_config()
+    config.model = model_config_dict("tiny", **TWO_LAYERS, vocab_size=vocab, chunk_size=m)
+    config.train.update(dict(steps=200, warmup_steps=10, learning_rate=1e-2, batch_size=batch))
+    tx, schedule = make_optimizer(config.train)
+    model_def, state, _ = init_state(create_model(model_config(config), seed=0), tx)
+    step = make_train_step(model_def, tx, schedule, retrieval=True)
+
+    def copy_task(rng, rows):
+        tokens = rng.integers(1, vocab, (rows, n + m + 1)).astype(np.int32)
+        chunks = tokens[:, : n + m].reshape(rows, n // m + 1, m)
+        true = np.concatenate([chunks[:, :-1], chunks[:, 1:]], axis=-1)  # [rows, L, 2m]
+        pair = np.stack([true, rng.integers(1, vocab, true.shape).astype(np.int32)], axis=2)
+        swap = rng.random((rows, n // m, 1, 1)) < 0.5  # the true neighbour is first or second
+        pair = np.where(swap, pair[:, :, ::-1], pair)
+        ones = np.ones((rows, n), np.float32)
+        return {
+            "tokens": tokens[:, :n],
+            "targets": tokens[:, 1 : n + 1],
+            "neighbours": pair,
+            "loss_mask": ones,
+        }
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        state, _ = step(state, copy_task(rng, batch))
+    trained = model_def.merge(state.params, state.frozen)
+    held_out = copy_task(np.random.default_rng(1), 256)
+    nll = np.asarray(
+        trained.token_nll(held_out["tokens"], held_out["neighbours"], held_out["targets"])
+    ).mean(axis=0)  # [n]
+    chance = np.log(vocab - 1)
+    assert np.all(np.abs(nll[: m - 1] - chance) < 0.1), nll  # no own future through retrieval
+    assert np.all(nll[m - 1 :] < chance - 1.0), nll  # every later position copies
+    unretrieved = np.asarray(trained.token_nll(held_out["tokens"], None, held_out["targets"]))
+    assert np.all(np.abs(unretrieved.mean(axis=0) - chance) < 0.1)  # the gain is retrieval's
