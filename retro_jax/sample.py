@@ -368,6 +368,21 @@ def _read_meta(checkpoints_dir: str, step: int) -> dict:
         manager.close()
 
 
+def sampling_mesh(mesh_config) -> jax.sharding.Mesh | None:
+    """The devices one sequence is decoded on: with mesh.fsdp x mesh.tensor > 1 (a model too
+    large for one device), a (1, fsdp, tensor) mesh whose weights split as in training; else
+    None, one device (the data axis only replicates weights, and one sequence has no batch to
+    split)."""
+    from retro_jax.sharding import make_mesh
+
+    shape = make_mesh(mesh_config).shape  # checks the config against the devices
+    fsdp, tensor = shape["fsdp"], shape["tensor"]
+    if fsdp * tensor == 1:
+        return None
+    axes = {"data": 1, "fsdp": fsdp, "tensor": tensor}
+    return make_mesh(axes, devices=jax.devices()[: fsdp * tensor])
+
+
 def load_parts(config, workdir: str, *, step: int | None = None):
     """(model, tokenizer, LiveRetriever or None for a baseline, max_len) of a workdir; a
     RetroError naming what is missing or inconsistent."""
@@ -377,7 +392,7 @@ def load_parts(config, workdir: str, *, step: int | None = None):
     if not files.isdir(workdir):
         raise RetroError(f"sample: workdir {workdir} does not exist")
     checkpoints_dir, _ = find_checkpoints(workdir)  # RetroError when there is none
-    model, step = load_model(workdir, step=step)
+    model, step = load_model(workdir, step=step, mesh=sampling_mesh(config.mesh))
     meta = _read_meta(checkpoints_dir, step)
     model_cfg = model.config
     prepare_dir = prepare_dir_of(config, workdir)

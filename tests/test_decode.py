@@ -77,3 +77,28 @@ def test_a_second_decoder_on_the_same_config_does_not_retrace(monkeypatch):
         sampler = Sampler(Retro(config, rngs=nnx.Rngs(seed)), _Chars(), None, max_len=16)
         sampler.generate("abc", max_new_tokens=6, temperature=0)
     assert len(traces) == 3  # no retriever: caches for k=1, a new shape traced once
+
+
+def test_decoding_on_a_mesh_equals_the_full_forward_pass():
+    """Weights split over a (2, 2, 2) mesh as in training: the Decoder decodes on that mesh,
+    its key/value caches split their heads over `tensor`, and the logits equal the full
+    forward pass."""
+    from retro_jax.model.create import create_model
+    from retro_jax.sharding import make_mesh
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    model = create_model(CONFIG, mesh=mesh, seed=0)
+    decoder = Decoder(model)
+    assert decoder.mesh is mesh
+    w_in = nnx.state(model)["decoder"]["w_in"].value
+    assert "fsdp" in str(w_in.sharding.spec) and "tensor" in str(w_in.sharding.spec)
+    cache = decoder.init_cache(2, 16, 2)
+    assert cache["k"].sharding.spec[3] == "tensor" and cache["cca_v"].sharding.spec[4] == "tensor"
+    rng = np.random.default_rng(2)
+    tokens = jnp.asarray(rng.integers(1, 64, (2, 10)), jnp.int32)
+    neighbours = jnp.asarray(rng.integers(0, 64, (2, 10 // M, 2, 2 * M)), jnp.int32)
+    compiled = decode._jitted_step._cache_size()
+    logits = decode_all(model, tokens, neighbours, 2)
+    assert decode._jitted_step._cache_size() == compiled + 2  # with and without neighbours
+    full = nnx.jit(lambda m, t, nb: m(t, nb))(model, tokens, neighbours)
+    np.testing.assert_allclose(logits, full, atol=1e-4)

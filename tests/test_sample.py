@@ -162,6 +162,23 @@ def test_same_seed_same_text_and_stopping(sampler):
     assert long.stopped in ("max_len", "eos") and len(long.sequence) <= sampler.max_len
 
 
+def test_weights_split_over_the_configs_mesh_sample_the_same(workdirs, sampler):
+    """mesh.fsdp = mesh.tensor = 2: the checkpoint loads straight into the training shardings
+    on 4 devices and greedy decoding gives the one-device tokens and logits."""
+    root, workdir, _ = workdirs
+    config = small_config(root)
+    config.mesh.update(dict(data=-1, fsdp=2, tensor=2))
+    split = Sampler.from_workdir(config, workdir)
+    assert sampler.decoder.mesh is None  # the default mesh only replicates: one device
+    assert dict(split.decoder.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
+    w_in = split.decoder._state["decoder"]["w_in"].value
+    assert "fsdp" in str(w_in.sharding.spec) and "tensor" in str(w_in.sharding.spec)
+    args = dict(max_new_tokens=12, temperature=0, keep_logits=True)
+    one, four = (s.generate("The Congress and the people", **args) for s in (sampler, split))
+    np.testing.assert_array_equal(one.tokens, four.tokens)
+    np.testing.assert_allclose(one.logits, four.logits, atol=1e-4)
+
+
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_empty_prompt(sampler, prompt):
     with pytest.raises(RetroError, match="prompt is empty"):

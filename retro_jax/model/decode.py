@@ -13,11 +13,22 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from retro_jax.model.attention import attend, output, project, project_qkv
 from retro_jax.model.encoder import values
 from retro_jax.model.layers import DTYPES, feed_forward, rms_norm, rope
 from retro_jax.model.retro import Retro
+from retro_jax.sharding import logical_to_spec
+
+# Logical axes of the cache entries that are split over a mesh: keys and values split their heads
+# like the attention weights (over `tensor`); everything else is replicated (one sequence).
+_CACHE_AXES = {
+    "k": ("layers", None, "length", "heads", "kv"),
+    "v": ("layers", None, "length", "heads", "kv"),
+    "cca_k": ("layers", None, "chunks", "neighbours", "heads", "kv"),
+    "cca_v": ("layers", None, "chunks", "neighbours", "heads", "kv"),
+}
 
 
 def init_cache(model: Retro, batch: int, max_len: int, num_neighbours: int) -> dict:
@@ -122,28 +133,62 @@ def decode_step(
     return logits, cache | {"pos": t + 1}
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _jitted_step(graphdef, state, cache, token, neighbours):
+def cache_shardings(cache: dict, mesh: jax.sharding.Mesh) -> dict:
+    """NamedSharding of each cache entry on `mesh` (heads over `tensor`, the rest replicated),
+    spelt as jit spells its outputs' (no trailing None), so a step's output cache is an input
+    of the same sharding and the next step reuses its compilation."""
+
+    def sharding(name: str) -> NamedSharding:
+        axes = list(logical_to_spec(_CACHE_AXES.get(name, ())))
+        while axes and axes[-1] is None:
+            axes.pop()
+        return NamedSharding(mesh, PartitionSpec(*axes))
+
+    return {name: sharding(name) for name in cache}
+
+
+def _mesh_of(state) -> jax.sharding.Mesh | None:
+    """The mesh a model's weights are split over, or None on one device."""
+    sharding = getattr(jax.tree.leaves(state)[0], "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+        return sharding.mesh
+    return None
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+def _jitted_step(graphdef, mesh, state, cache, token, neighbours):
     """decode_step on a split model. One jit for the whole process: the (hashable) graphdef is a
     static argument, so every Decoder of the same model structure (config) shares its compiled
-    steps; the weights are traced, and a new Sampler on the same config does not retrace."""
-    return decode_step(nnx.merge(graphdef, state), cache, token, neighbours)
+    steps; the weights are traced, and a new Sampler on the same config does not retrace.
+
+    On a mesh (weights split as in training) the caches keep their `cache_shardings` and the
+    logits come back replicated, so every step compiles to the same layouts."""
+    logits, cache = decode_step(nnx.merge(graphdef, state), cache, token, neighbours)
+    if mesh is not None:
+        cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
+        logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
+    return logits, cache
 
 
 class Decoder:
     """A model split once into (graph, state) with a jitted `decode_step`; caches are donated.
 
     The jitted step is module-level (`_jitted_step`), keyed by the graphdef: Decoders of models
-    with the same config reuse each other's compilations."""
+    with the same config reuse each other's compilations. A model whose weights are split over a
+    mesh (`load_model(..., mesh=...)`, `create_model(..., mesh=...)`) decodes on that mesh."""
 
     def __init__(self, model: Retro):
         self.model = model
         self._graphdef, self._state = nnx.split(model)
+        self.mesh = _mesh_of(self._state)
 
     def init_cache(self, batch: int, max_len: int, num_neighbours: int) -> dict:
-        return init_cache(self.model, batch, max_len, num_neighbours)
+        cache = init_cache(self.model, batch, max_len, num_neighbours)
+        if self.mesh is None:
+            return cache
+        return jax.device_put(cache, cache_shardings(cache, self.mesh))
 
     def step(
         self, cache: dict, token: jax.Array, neighbours: jax.Array | None = None
     ) -> tuple[jax.Array, dict]:
-        return _jitted_step(self._graphdef, self._state, cache, token, neighbours)
+        return _jitted_step(self._graphdef, self.mesh, self._state, cache, token, neighbours)
