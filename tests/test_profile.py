@@ -1,4 +1,5 @@
-"""train.profile_at: a JAX profiler trace of the chosen train steps in W/profile."""
+"""train.profile_at: a JAX profiler trace of the chosen train steps in W/profile (without it,
+no trace: tests/test_retrofit.py's runs check that no W/profile appears)."""
 
 import glob
 import gzip
@@ -31,8 +32,3 @@ def test_profile_traces_the_chosen_steps(tmp_path, capsys):
     }
     assert steps == {2, 3}
 
-
-def test_no_profile_by_default(tmp_path):
-    write_fake_prepare(tmp_path, train_files=2, records_per_file=16)
-    train(small_config(steps=2, checkpoint_every=2), str(tmp_path))
-    assert not os.path.exists(os.path.join(tmp_path, "profile"))

@@ -32,6 +32,7 @@ def runs(tmp_path_factory):
     # held-out evaluation with retrieval off is the baseline's; with retrieval, its own
     assert out["eval_loss"] == base["eval_loss"] and out["eval_bpb"] == base["eval_bpb"]
     assert out["retro_eval_loss"] != out["eval_loss"] and out["retro_eval_bpb"] > 0
+    assert not any((w / "profile").exists() for w in (baseline, retrofitted))  # off by default
     return baseline, retrofitted
 
 
