@@ -31,4 +31,3 @@ def test_profile_traces_the_chosen_steps(tmp_path, capsys):
         if e.get("name") == "train" and "step_num" in e.get("args", {})
     }
     assert steps == {2, 3}
-
