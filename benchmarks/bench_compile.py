@@ -1,12 +1,15 @@
 """Compile time of the training gradient at the paper's layer structures, unrolled vs scanned.
 
-    python benchmarks/bench_compile.py [--presets 172m,1.5b,7.5b] [--seq-len 2048]
+    python benchmarks/bench_compile.py [--presets 172m,1.5b,7.5b] [--seq-len 2048] [--decode]
 
 For each preset: the gradient of the training loss (`lower_loss_grad`, bfloat16 compute, remat
 on, as in experiments/paper.py) is lowered and compiled from abstract shapes (nothing is
 allocated), once with `scan_layers=False` (every layer in the program) and once with
 `scan_layers=True`. Reports lowering and compile seconds and the number of matrix products
 (`dot_general`) in the lowered program: a deterministic measure of how much code XLA compiles.
+
+`--decode` compiles the sampler's incremental decoding step instead (`retro_jax.model.decode`,
+batch 1, a cache of --seq-len positions, bfloat16), without and with neighbours to encode.
 """
 
 from __future__ import annotations
@@ -36,13 +39,59 @@ def compile_grad(config: RetroConfig, batch: int, seq_len: int, k: int) -> dict:
     }
 
 
+def compile_decode(config: RetroConfig, seq_len: int, k: int) -> dict:
+    """Lower and compile the decoding step from abstract shapes: a plain step, and one that
+    encodes a completed chunk's k neighbours."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from retro_jax.model import decode
+    from retro_jax.model.create import abstract_model
+
+    model = abstract_model(config)
+    graphdef, state = nnx.split(model)
+    cache = jax.eval_shape(lambda: decode.init_cache(model, 1, seq_len, k))
+    token = jax.ShapeDtypeStruct((1,), jnp.int32)
+    neighbours = jax.ShapeDtypeStruct((1, k, 2 * config.chunk_size), jnp.int32)
+    row = {}
+    for name, retrieved in (("plain", None), ("encode", neighbours)):
+        start = time.perf_counter()
+        lowered = decode._jitted_step.lower(graphdef, None, state, cache, token, retrieved)
+        lower_s = time.perf_counter() - start
+        start = time.perf_counter()
+        lowered.compile()
+        row[name] = {
+            "lower_s": round(lower_s, 2),
+            "compile_s": round(time.perf_counter() - start, 2),
+            "dot_generals": lowered.as_text().count("stablehlo.dot_general"),
+        }
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="172m,1.5b,7.5b")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--neighbours", type=int, default=2)
+    parser.add_argument("--decode", action="store_true")
     args = parser.parse_args()
+    if args.decode:
+        results = {
+            "benchmark": "compile_decode",
+            "backend": jax.default_backend(),
+            "jax": jax.__version__,
+            "cache_len": args.seq_len,
+            "what": "the jitted decoding step (batch 1), bfloat16, from abstract shapes",
+            "models": {},
+        }
+        for preset in args.presets.split(","):
+            config = RetroConfig.preset(preset).replace(dtype="bfloat16")
+            row = compile_decode(config, args.seq_len, args.neighbours)
+            results["models"][preset] = row
+            print(f"bench_compile: decode {preset}: {row}", file=sys.stderr, flush=True)
+        print(json.dumps(results, indent=2))
+        return
     results = {
         "benchmark": "compile",
         "backend": jax.default_backend(),

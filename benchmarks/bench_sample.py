@@ -1,8 +1,9 @@
 """Sampling speed: incremental decoding (KV cache) vs full recomputation, and the per-chunk cost
 of live retrieval split into embed, search and encode.
 
-    python benchmarks/bench_sample.py [--preset tiny] [--lengths 512 2048] [--k 2]
-        [--index-sizes 10000 200000] [--workdir W --config experiments/X.py]
+    python benchmarks/bench_sample.py [--preset tiny] [--model KEY=VALUE ...] [--lengths 512 2048]
+        [--k 2] [--index-sizes 10000 200000] [--workdir W --config experiments/X.py]
+        [--decode-only]
 
 Decoding: a randomly initialised model of the preset generates --lengths tokens (batch 1) with
 random neighbours passed at every chunk end, (a) through retro_jax.model.decode.Decoder (one
@@ -14,12 +15,15 @@ Retrieval per chunk: embed = the frozen all-MiniLM-L6-v2 on one chunk text (batc
 sampler runs it); search = NeighbourIndex.search for one query over --index-sizes random keys
 (exact below retrieval.index.brute_force_below = 20,000 keys, ScaNN above); encode = a decoder
 step that encodes k neighbours minus a plain step. With --workdir, Sampler.from_workdir runs
-end to end on that prepared, trained workdir too. Prints one JSON object.
+end to end on that prepared, trained workdir too. `--model num_layers=12 d_model=256 ...`
+overrides the preset's fields; `--decode-only` times the decoding alone (cached tokens/s, and
+full recomputation unless --full-steps 0). Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import platform
 import statistics
@@ -64,6 +68,9 @@ def decode_rates(config: RetroConfig, length: int, k: int, full_steps: int) -> d
     cached()  # compile both step variants
     cached_s = _median_time(cached, 1)
 
+    rates = {"length": length, "cached_tokens_per_s": round(length / cached_s, 1)}
+    if not full_steps:
+        return rates
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -79,9 +86,7 @@ def decode_rates(config: RetroConfig, length: int, k: int, full_steps: int) -> d
     for t in positions:
         int(full(state, seq, nb, int(t)))
     full_s = (time.perf_counter() - start) / full_steps * length
-    return {
-        "length": length,
-        "cached_tokens_per_s": round(length / cached_s, 1),
+    return rates | {
         "full_recompute_tokens_per_s": round(length / full_s, 2),
         "speedup": round(full_s / cached_s, 1),
     }
@@ -189,8 +194,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--workdir", default="")
     parser.add_argument("--config", default="")
+    parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--decode-only", action="store_true")
     args = parser.parse_args()
-    config = RetroConfig.preset(args.preset)
+    overrides = dict(item.split("=", 1) for item in args.model)
+    config = RetroConfig.preset(args.preset).replace(
+        **{key: ast.literal_eval(value) for key, value in overrides.items()}
+    )
     out = {
         "machine": {
             "platform": platform.platform(),
@@ -198,13 +208,17 @@ def main() -> None:
             "devices": [str(d) for d in jax.devices()],
         },
         "preset": args.preset,
+        "model": overrides,
         "k": args.k,
         "decode": [decode_rates(config, n, args.k, args.full_steps) for n in args.lengths],
-        "retrieval_per_chunk": {
-            **embed_ms(args.chunk_words, args.repeats),
-            "search": [search_ms(n, args.k) for n in args.index_sizes],
-            **encode_ms(config, args.k),
-        },
+    }
+    if args.decode_only:
+        print(json.dumps(out, indent=1))
+        return
+    out["retrieval_per_chunk"] = {
+        **embed_ms(args.chunk_words, args.repeats),
+        "search": [search_ms(n, args.k) for n in args.index_sizes],
+        **encode_ms(config, args.k),
     }
     if args.workdir:
         out["workdir"] = workdir_run(args.config, args.workdir, 64)

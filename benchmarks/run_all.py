@@ -33,6 +33,7 @@ BEAM = [
 BENCHMARKS = {
     "model_step": ("bench_model_step.py", ["--presets", "tiny,172m"], ["--presets", "tiny"]),
     "compile": ("bench_compile.py", [], ["--presets", "172m", "--seq-len", "256"]),
+    "compile_decode": ("bench_compile.py", ["--decode"], ["--decode", "--presets", "172m"]),
     "embed": ("bench_embed.py", ["--chunks", "2048"], ["--chunks", "256", "--no_baseline"]),
     "index": ("bench_index.py", ["--sizes", "100000", "1000000"], ["--sizes", "20000"]),
     "pipeline": ("bench_pipeline.py", [], ["--steps", "10", "--rounds", "2"]),

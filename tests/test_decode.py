@@ -41,6 +41,22 @@ def test_incremental_logits_equal_full_forward(baseline, retrieve):
     np.testing.assert_allclose(decode_all(model, tokens, neighbours, k), full, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "layers,cca_layers",
+    [(7, (2, 4, 6)), (5, (1, 2, 5))],  # even blocks + a tail layer; consecutive + uneven
+)
+def test_decoding_loops_equal_full_forward(layers, cca_layers):
+    """The decoding step loops over runs of plain layers (and evenly spaced CCA blocks) with the
+    caches in the carry: the logits equal the (scanned) full forward pass's."""
+    config = dataclasses.replace(CONFIG, num_layers=layers, cca_layers=cca_layers, scan_layers=True)
+    model = Retro(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    tokens = jnp.asarray(rng.integers(1, 64, (2, 10)), jnp.int32)
+    neighbours = jnp.asarray(rng.integers(0, 64, (2, 10 // M, 2, 2 * M)), jnp.int32)
+    full = nnx.jit(lambda m, t, nb: m(t, nb))(model, tokens, neighbours)
+    np.testing.assert_allclose(decode_all(model, tokens, neighbours, 2), full, atol=1e-4)
+
+
 class _Chars:
     """A tokenizer of single characters: enough for Sampler without a workdir."""
 

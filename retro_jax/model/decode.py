@@ -91,6 +91,14 @@ def decode_step(
 
     `neighbours` [B, k, 2m]: the neighbours of the chunk this token completes; pass them exactly
     when (pos + 1) % m == 0 (retrieval uses the complete chunk, this token included).
+
+    The layers run in the forward pass's blocks: plain layers, then each CCA layer with the plain
+    layers before it. Each run of plain layers is one `fori_loop`, and so are evenly spaced CCA
+    blocks (whatever `scan_layers` says: decoding has no backward pass to unroll for), with the
+    whole key/value cache in the carry (each layer writes its row at position t in place) and
+    each layer's weights indexed in place from the stacks. A deep model compiles one layer, not
+    all of them, and no step copies its weights: a static slice of a stacked weight is a copy on
+    XLA:CPU, which made unrolled steps 4x slower (benchmarks/results/eval_sample.md).
     """
     c = model.config
     m, t = c.chunk_size, cache["pos"]
@@ -98,39 +106,98 @@ def decode_step(
     x = model.embed_tokens(token[:, None])  # [B, 1, d]
     token_mask = cache["token_mask"].at[:, t].set(token != c.pad_id)
     cache = cache | {"token_mask": token_mask}
-    visible = token_mask & (jnp.arange(max_len) <= t)  # [B, T]
+    visible = (token_mask & (jnp.arange(max_len) <= t))[:, None, None, :]  # [B, 1, 1, T]
     stacked = values(model.decoder)
     attending = jnp.maximum(t - (m - 1), 0) // m  # which attending chunk H_u+ position t is in
-    for i in range(c.num_layers):
-        p = jax.tree.map(lambda a, i=i: a[i], stacked)
+
+    def attention(p, x, kv, i):
+        """Layer i's ATTN (i may be traced): writes its key/value rows at t, reads 0..t."""
         h = rms_norm(x, p["attn_norm"], c.norm_eps)
         q, k, v = project_qkv(p["attn"], h, h)
         q, k = rope(q, t[None], c.rope_base), rope(k, t[None], c.rope_base)
-        cache["k"] = cache["k"].at[i, :, t].set(k[:, 0])
-        cache["v"] = cache["v"].at[i, :, t].set(v[:, 0])
-        y = attend(q, cache["k"][i], cache["v"][i], visible[:, None, None, :])
-        x = x + output(p["attn"], y)
-        if i + 1 in c.cca_layers:
-            j = c.cca_layers.index(i + 1)
-            if j == 0:
-                cache["chunk_h"] = cache["chunk_h"].at[:, t].set(x[:, 0])
-                if neighbours is not None:
-                    cache = _encode_chunk(model, cache, neighbours)
-            p_cca = jax.tree.map(lambda a, j=j: a[j], values(model.cca))
-            h = rms_norm(x, p_cca["norm"], c.norm_eps)
-            q = rope(project(h, p_cca["attn"]["q"]), (m - 1 + (t - (m - 1)) % m)[None], c.rope_base)
-            y = attend(
-                q,
-                cache["cca_k"][j][:, attending],
-                cache["cca_v"][j][:, attending],
-                cache["cca_mask"][:, attending][:, None, None, :],
-            )
-            # The first m-1 positions have no attending chunk: no CCA.
-            x = x + jnp.where(t >= m - 1, output(p_cca["attn"], y), 0.0)
-        h = rms_norm(x, p["ffw_norm"], c.norm_eps)
-        x = x + feed_forward(h, p["w_in"], p["w_out"], c.activation)
-    logits = model.logits(x)[:, 0]
-    return logits, cache | {"pos": t + 1}
+        zero = jnp.zeros((), jnp.int32)
+        at = (i, zero, t, zero, zero)
+        k_all, v_all = (
+            jax.lax.dynamic_update_slice(a, new[None], at) for a, new in zip(kv, (k, v))
+        )
+        y = attend(q, k_all[i], v_all[i], visible)
+        return x + output(p["attn"], y), (k_all, v_all)
+
+    def ffw(p, x):
+        return x + feed_forward(
+            rms_norm(x, p["ffw_norm"], c.norm_eps), p["w_in"], p["w_out"], c.activation
+        )
+
+    def layer_params(stack, i):  # i may be traced: indexed in place, no copy of the stack
+        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stack)
+
+    def loop(count, body, carry):
+        """`body` applied `count` times, as one `fori_loop`."""
+        if count > 1:
+            return jax.lax.fori_loop(0, count, lambda _, carry: body(carry), carry)
+        for _ in range(count):
+            carry = body(carry)
+        return carry
+
+    def plain_layer(carry):
+        """(x, (k, v) caches, this layer's index) through one plain layer."""
+        x, kv, i = carry
+        p = layer_params(stacked, i)
+        x, kv = attention(p, x, kv, i)
+        return ffw(p, x), kv, i + 1
+
+    carry = (x, (cache["k"], cache["v"]), jnp.zeros((), jnp.int32))
+    if not c.cca_layers:
+        x, (cache["k"], cache["v"]), _ = loop(c.num_layers, plain_layer, carry)
+        return model.logits(x)[:, 0], cache | {"pos": t + 1}
+
+    cca = values(model.cca)
+
+    def chunked_cross_attention(x, j, cca_cache):
+        """CCA j (may be traced) of position t: its attending chunk's cached neighbours."""
+        cca_k, cca_v, cca_mask = cca_cache
+        p_cca = layer_params(cca, j)
+        h = rms_norm(x, p_cca["norm"], c.norm_eps)
+        q = rope(project(h, p_cca["attn"]["q"]), (m - 1 + (t - (m - 1)) % m)[None], c.rope_base)
+        mask = cca_mask[:, attending][:, None, None, :]
+        y = attend(q, cca_k[j][:, attending], cca_v[j][:, attending], mask)
+        # The first m-1 positions have no attending chunk: no CCA.
+        return x + jnp.where(t >= m - 1, output(p_cca["attn"], y), 0.0)
+
+    # Up to the first CCA layer; there the encoder is conditioned on the post-attention
+    # activations, and a completed chunk's neighbours are encoded into the CCA caches.
+    first = c.cca_layers[0]
+    x, kv, i = loop(first - 1, plain_layer, carry)
+    p = layer_params(stacked, i)
+    x, kv = attention(p, x, kv, i)
+    cache["chunk_h"] = cache["chunk_h"].at[:, t].set(x[:, 0])
+    if neighbours is not None:
+        cache = _encode_chunk(model, cache, neighbours)
+    cca_cache = (cache["cca_k"], cache["cca_v"], cache["cca_mask"])
+    carry = (ffw(p, chunked_cross_attention(x, 0, cca_cache)), kv, i + 1)
+
+    def cca_block(plain: int):
+        """`plain` plain layers, then a CCA layer's ATTN, CCA j and FFW: ((x, kv, i), j)."""
+
+        def block(carry_j):
+            carry, j = carry_j
+            x, kv, i = loop(plain, plain_layer, carry)
+            p = layer_params(stacked, i)
+            x, kv = attention(p, x, kv, i)
+            return (ffw(p, chunked_cross_attention(x, j, cca_cache)), kv, i + 1), j + 1
+
+        return block
+
+    later = c.cca_layers[1:]
+    spacing = {j - i for i, j in zip(c.cca_layers, later)}
+    if len(spacing) == 1:  # evenly spaced CCA layers: one loop over the blocks, as in training
+        (gap,) = spacing
+        carry, _ = loop(len(later), cca_block(gap - 1), (carry, jnp.ones((), jnp.int32)))
+    else:
+        for j, (prev, i) in enumerate(zip(c.cca_layers, later), start=1):
+            carry, _ = cca_block(i - prev - 1)((carry, jnp.asarray(j, jnp.int32)))
+    x, (cache["k"], cache["v"]), _ = loop(c.num_layers - c.cca_layers[-1], plain_layer, carry)
+    return model.logits(x)[:, 0], cache | {"pos": t + 1}
 
 
 def cache_shardings(cache: dict, mesh: jax.sharding.Mesh) -> dict:
