@@ -198,8 +198,15 @@ def main() -> None:
     parser.add_argument("--decode-only", action="store_true")
     args = parser.parse_args()
     overrides = dict(item.split("=", 1) for item in args.model)
+
+    def value(text: str):
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text  # a bare string: dtype=bfloat16
+
     config = RetroConfig.preset(args.preset).replace(
-        **{key: ast.literal_eval(value) for key, value in overrides.items()}
+        **{key: value(text) for key, text in overrides.items()}
     )
     out = {
         "machine": {
