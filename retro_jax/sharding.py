@@ -106,11 +106,28 @@ def variable_spec(variable: nnx.Variable) -> PartitionSpec:
 
 
 def state_shardings(state, mesh: jax.sharding.Mesh):
-    """NamedSharding of every variable of an nnx.State, from its logical names and RULES."""
-    return jax.tree.map(
-        lambda v: NamedSharding(mesh, variable_spec(v)),
-        state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    """NamedSharding of every variable of an nnx.State, from its logical names and RULES; a
+    one-line RetroError for a parameter dimension that its mesh axes do not divide."""
+
+    def sharding(path, variable):
+        spec = variable_spec(variable)
+        shape = tuple(getattr(variable, "value", variable).shape)
+        names = variable.get_metadata().get("out_sharding") or (None,) * len(shape)
+        for size, axes, name in zip(shape, spec, names):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = math.prod(mesh.shape[a] for a in axes)
+            if size % ways:
+                split = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+                where = jax.tree_util.keystr(path, simple=True, separator=".")
+                raise RetroError(
+                    f"mesh: {split} does not divide the {size} {name!r} of parameter {where} "
+                    f"{list(shape)}; choose mesh sizes that divide the model's dimensions "
+                    "(heads, d_ff, d_model, vocabulary)"
+                )
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(
+        sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
 
 

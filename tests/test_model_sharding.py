@@ -111,3 +111,7 @@ def test_mesh_shape_errors_name_the_problem():
     with pytest.raises(RetroError, match="needs 6 devices"):
         make_mesh({"data": 3, "fsdp": 2, "tensor": 1})
     assert make_mesh({"data": -1, "fsdp": 2, "tensor": 2}).shape["data"] == 2
+    # A mesh axis that does not divide a parameter dimension: one line naming both.
+    heads_of_2 = RetroConfig.preset("tiny").replace(num_heads=2, head_dim=32, enc_num_heads=2)
+    with pytest.raises(RetroError, match=r"mesh.tensor=8 does not divide the 2 'heads'"):
+        create_model(heads_of_2, mesh=make_mesh({"data": 1, "fsdp": 1, "tensor": 8}))
