@@ -98,7 +98,7 @@ def decode_step(
     whole key/value cache in the carry (each layer writes its row at position t in place) and
     each layer's weights indexed in place from the stacks. A deep model compiles one layer, not
     all of them, and no step copies its weights: a static slice of a stacked weight is a copy on
-    XLA:CPU, which made unrolled steps 4x slower (benchmarks/results/eval_sample.md).
+    XLA:CPU, which made unrolled steps about 3x slower (benchmarks/results/eval_sample.md).
     """
     c = model.config
     m, t = c.chunk_size, cache["pos"]
