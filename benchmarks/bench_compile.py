@@ -25,9 +25,11 @@ from retro_jax.model import RetroConfig
 from retro_jax.model.create import lower_loss_grad
 
 
-def compile_grad(config: RetroConfig, batch: int, seq_len: int, k: int) -> dict:
+def timed_compile(lower) -> dict:
+    """Seconds to lower (`lower()` -> jax.stages.Lowered) and to compile, and the matrix
+    products of the lowered program."""
     start = time.perf_counter()
-    lowered = lower_loss_grad(config, batch=batch, seq_len=seq_len, neighbours=k)
+    lowered = lower()
     lower_s = time.perf_counter() - start
     dots = lowered.as_text().count("stablehlo.dot_general")
     start = time.perf_counter()
@@ -37,6 +39,12 @@ def compile_grad(config: RetroConfig, batch: int, seq_len: int, k: int) -> dict:
         "compile_s": round(time.perf_counter() - start, 2),
         "dot_generals": dots,
     }
+
+
+def compile_grad(config: RetroConfig, batch: int, seq_len: int, k: int) -> dict:
+    return timed_compile(
+        lambda: lower_loss_grad(config, batch=batch, seq_len=seq_len, neighbours=k)
+    )
 
 
 def compile_decode(config: RetroConfig, seq_len: int, k: int) -> dict:
@@ -53,19 +61,12 @@ def compile_decode(config: RetroConfig, seq_len: int, k: int) -> dict:
     cache = jax.eval_shape(lambda: decode.init_cache(model, 1, seq_len, k))
     token = jax.ShapeDtypeStruct((1,), jnp.int32)
     neighbours = jax.ShapeDtypeStruct((1, k, 2 * config.chunk_size), jnp.int32)
-    row = {}
-    for name, retrieved in (("plain", None), ("encode", neighbours)):
-        start = time.perf_counter()
-        lowered = decode._jitted_step.lower(graphdef, None, state, cache, token, retrieved)
-        lower_s = time.perf_counter() - start
-        start = time.perf_counter()
-        lowered.compile()
-        row[name] = {
-            "lower_s": round(lower_s, 2),
-            "compile_s": round(time.perf_counter() - start, 2),
-            "dot_generals": lowered.as_text().count("stablehlo.dot_general"),
-        }
-    return row
+    return {
+        name: timed_compile(
+            lambda n=n: decode._jitted_step.lower(graphdef, None, state, cache, token, n)
+        )
+        for name, n in (("plain", None), ("encode", neighbours))
+    }
 
 
 def main() -> None:
