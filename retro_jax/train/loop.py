@@ -115,7 +115,6 @@ class _Preemption:
 
             if multihost_utils.reached_preemption_sync_point(step):
                 self.requested = "SIGTERM"
-            return self.requested is not None
         return self.requested is not None
 
     def __exit__(self, *exc):
