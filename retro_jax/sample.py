@@ -172,7 +172,7 @@ class SampleResult:
     padding: int  # pad tokens put before the prompt
     chunks: list[RetrievedChunk]  # every chunk that was complete and fed, in order
     stopped: str  # "eos", "max_new_tokens" or "max_len"
-    seconds: dict  # decode (model steps), embed, search, lookup
+    seconds: dict  # prefill (the prompt), decode (the steps after it), embed, search, lookup
     sequence: np.ndarray  # int32 [padding + P + T]: padding, prompt and generated tokens
     logits: np.ndarray | None = None  # f32 [fed, V] with keep_logits=True: after each fed token
 
@@ -279,34 +279,47 @@ class Sampler:
         if len(feed) + max_new > self.max_len:
             max_new, stopped = self.max_len - len(feed), "max_len"
         k = self.retriever.k if self.retrieval else 1
-        cache = self.decoder.init_cache(1, self._cache_len(len(feed) + max_new), k)
+        cache_len = self._cache_len(len(feed) + max_new)
+        cache = self.decoder.init_cache(1, cache_len, k)
         key = jax.random.key(seed)
         temperature_arr = jnp.float32(temperature)
         top_p_arr = jnp.float32(top_p)
         vocab_arr = jnp.int32(tok.vocab_size)
         generated: list[int] = []
         chunks: list[RetrievedChunk] = []
-        logits_seen = []
         retrieval_before = dict(self.retriever.seconds) if self.retrieval else {}
         start = time.perf_counter()
-        t = 0
+
+        def retrieve(t: int) -> np.ndarray:
+            """Neighbours [k, 2m] of the chunk that position t completes (recorded in chunks)."""
+            chunk = np.asarray(feed[t + 1 - m : t + 1], np.int32)
+            entries, ids, distances = self.retriever(chunk)
+            prompt_end = padding + len(prompt_ids)
+            chunks.append(
+                self._describe(t // m, chunk, t + 1 - m, prompt_end, entries, ids, distances)
+            )
+            return entries
+
+        # The prompt in one call (prefill), its shape bucketed to a power of two of chunks (few
+        # compilations): filler pad tokens after it, pad neighbours for the chunks it does not
+        # complete; neither is seen by the prompt's positions, and decoding overwrites them.
+        width = min(self._cache_len(len(feed)), cache_len)
+        tokens = np.full((1, width), c.pad_id, np.int32)
+        tokens[0, : len(feed)] = feed
+        neighbours = None
+        if self.retrieval:
+            neighbours = np.full((1, width // m, k, 2 * m), c.pad_id, np.int32)
+            for u in range(len(feed) // m):
+                neighbours[0, u] = retrieve(u * m + m - 1)
+        prefill_start = time.perf_counter()
+        logits, cache = self.decoder.prefill(
+            cache, tokens, neighbours, length=len(feed), all_logits=keep_logits
+        )
+        jax.block_until_ready(logits)
+        prefill_s = time.perf_counter() - prefill_start
+        logits_seen = [np.asarray(logits[0, : len(feed)])] if keep_logits else []
+        logits = logits[:, len(feed) - 1] if keep_logits else logits
         while True:
-            neighbours = None
-            if self.retrieval and (t + 1) % m == 0:
-                chunk = np.asarray(feed[t + 1 - m : t + 1], np.int32)
-                entries, ids, distances = self.retriever(chunk)
-                neighbours = jnp.asarray(entries[None])  # [1, k, 2m]
-                chunks.append(
-                    self._describe(
-                        t // m, chunk, t + 1 - m, padding + len(prompt_ids), entries, ids, distances
-                    )
-                )
-            logits, cache = self.decoder.step(cache, jnp.asarray([feed[t]], jnp.int32), neighbours)
-            if keep_logits:
-                logits_seen.append(np.asarray(logits[0]))
-            t += 1
-            if t < len(feed):
-                continue
             key, draw = jax.random.split(key)
             token = int(sample_tokens(logits, draw, temperature_arr, top_p_arr, vocab_arr)[0])
             generated.append(token)
@@ -316,7 +329,14 @@ class Sampler:
                 break
             if len(generated) >= max_new:
                 break
-        seconds = {"decode": time.perf_counter() - start}
+            t = len(feed) - 1
+            chunk = None
+            if self.retrieval and (t + 1) % m == 0:
+                chunk = jnp.asarray(retrieve(t)[None])  # [1, k, 2m]
+            logits, cache = self.decoder.step(cache, jnp.asarray([token], jnp.int32), chunk)
+            if keep_logits:
+                logits_seen.append(np.asarray(logits))
+        seconds = {"prefill": prefill_s, "decode": time.perf_counter() - start - prefill_s}
         if self.retrieval:
             for name, value in self.retriever.seconds.items():
                 seconds[name] = value - retrieval_before[name]
@@ -332,7 +352,7 @@ class Sampler:
             chunks=chunks,
             stopped=stopped,
             seconds=seconds,
-            logits=np.stack(logits_seen) if keep_logits else None,
+            logits=np.concatenate(logits_seen) if keep_logits else None,
         )
 
     def _describe(self, u, chunk, first, prompt_end, entries, ids, distances) -> RetrievedChunk:

@@ -1,5 +1,6 @@
-"""Incremental decoding with caches gives the logits of a full forward pass; Decoders (and
-Samplers) of the same config share their compiled steps."""
+"""Incremental decoding with caches gives the logits of a full forward pass, one position per
+step or fed in blocks (prefill); Decoders (and Samplers) of the same config share their compiled
+steps."""
 
 import dataclasses
 
@@ -9,6 +10,7 @@ import pytest
 from flax import nnx
 from model_configs import SMALL as CONFIG
 
+from retro_jax.errors import RetroError
 from retro_jax.model import Retro, decode
 from retro_jax.model.decode import Decoder
 from retro_jax.sample import Sampler
@@ -55,6 +57,62 @@ def test_decoding_loops_equal_full_forward(layers, cca_layers):
     neighbours = jnp.asarray(rng.integers(0, 64, (2, 10 // M, 2, 2 * M)), jnp.int32)
     full = nnx.jit(lambda m, t, nb: m(t, nb))(model, tokens, neighbours)
     np.testing.assert_allclose(decode_all(model, tokens, neighbours, 2), full, atol=1e-4)
+    for cuts in [(3,), (4, 9)]:  # ... and so do blocks of positions fed at once (prefill)
+        logits = feed_in_blocks(model, tokens, neighbours, 2, cuts)
+        np.testing.assert_allclose(logits, full, atol=1e-4, err_msg=f"blocks cut at {cuts}")
+
+
+def feed_in_blocks(model, tokens, neighbours, k, cuts, max_len=32):
+    """Feed tokens in the blocks [0, cuts[0]), [cuts[0], cuts[1]), ... with `Decoder.prefill`,
+    each block padded on the right to 8 or 16 tokens, and its neighbours (those of the chunks it
+    completes) padded to 2 or 4 chunks of pad tokens, as the sampler buckets its prompts (two
+    compiled shapes); returns the logits after every position."""
+    decoder = Decoder(model)
+    cache = decoder.init_cache(tokens.shape[0], max_len, k)
+    tokens = np.asarray(tokens)  # blocks made on the host: no eager op compiled per block shape
+    bounds = (0, *cuts, tokens.shape[1])
+    logits = []
+    for a, b in zip(bounds, bounds[1:]):
+        width = 8 if b - a <= 8 else 16
+        filled = np.zeros((tokens.shape[0], width), np.int32)
+        filled[:, : b - a] = tokens[:, a:b]
+        block = None
+        if neighbours is not None:
+            completed = np.asarray(neighbours)[:, a // M : b // M]
+            block = np.zeros((tokens.shape[0], width // M, *neighbours.shape[2:]), np.int32)
+            block[:, : completed.shape[1]] = completed
+        out, cache = decoder.prefill(cache, filled, block, length=b - a, all_logits=True)
+        assert int(cache["pos"]) == b
+        logits.append(np.asarray(out)[:, : b - a])
+    return np.concatenate(logits, axis=1)
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_prefill_in_any_blocks_equals_full_forward(baseline):
+    """Any split of a sequence into blocks fed at once (a prompt, then steps, or blocks starting
+    mid-chunk) gives the full forward pass's logits: the blocks' self-attention, chunked
+    cross-attention (queries laid out in attending chunks from any offset) and encoding of the
+    chunks they complete match the one-pass computation, and the bucket's filler tokens and
+    pad neighbours change nothing."""
+    model = Retro(CONFIG.baseline() if baseline else CONFIG, rngs=nnx.Rngs(0))
+    full_forward = nnx.jit(lambda m, t, nb: m(t, nb))
+    n, k = 14, 2
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        tokens = jnp.asarray(rng.integers(1, 64, (2, n)), jnp.int32).at[0, : seed + 1].set(0)
+        neighbours = jnp.asarray(rng.integers(0, 64, (2, n // M, k, 2 * M)), jnp.int32)
+        full = full_forward(model, tokens, neighbours)
+        cuts = tuple(sorted(rng.choice(np.arange(1, n), size=rng.integers(1, 4), replace=False)))
+        logits = feed_in_blocks(model, tokens, neighbours, k, cuts)
+        np.testing.assert_allclose(logits, full, atol=1e-4, err_msg=f"blocks cut at {cuts}")
+
+
+def test_prefill_past_the_cache_is_refused():
+    decoder = Decoder(Retro(CONFIG, rngs=nnx.Rngs(0)))
+    cache = decoder.init_cache(1, 8, 2)
+    _, cache = decoder.prefill(cache, jnp.ones((1, 5), jnp.int32))
+    with pytest.raises(RetroError, match="4 tokens at position 5 overrun the cache's 8"):
+        decoder.prefill(cache, jnp.ones((1, 4), jnp.int32))
 
 
 class _Chars:
@@ -74,13 +132,13 @@ def test_a_second_decoder_on_the_same_config_does_not_retrace(monkeypatch):
     # A config of its own (vocab 48): no other test has compiled its decode step.
     config = dataclasses.replace(CONFIG, vocab_size=48)
     traces = []
-    traced = decode.decode_step
+    traced = decode.feed
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         traces.append(1)
-        return traced(*args)
+        return traced(*args, **kwargs)
 
-    monkeypatch.setattr(decode, "decode_step", counting)
+    monkeypatch.setattr(decode, "feed", counting)
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, 48, (1, 8)), jnp.int32)
     neighbours = jnp.zeros((1, 2, 2, 2 * M), jnp.int32)
     first = decode_all(Retro(config, rngs=nnx.Rngs(0)), tokens, neighbours, 2)
@@ -92,7 +150,7 @@ def test_a_second_decoder_on_the_same_config_does_not_retrace(monkeypatch):
     for seed in (2, 3):
         sampler = Sampler(Retro(config, rngs=nnx.Rngs(seed)), _Chars(), None, max_len=16)
         sampler.generate("abc", max_new_tokens=6, temperature=0)
-    assert len(traces) == 3  # no retriever: caches for k=1, a new shape traced once
+    assert len(traces) == 4  # no retriever (caches for k=1): its prefill and step, traced once
 
 
 def test_decoding_on_a_mesh_equals_the_full_forward_pass():
@@ -113,8 +171,8 @@ def test_decoding_on_a_mesh_equals_the_full_forward_pass():
     rng = np.random.default_rng(2)
     tokens = jnp.asarray(rng.integers(1, 64, (2, 10)), jnp.int32)
     neighbours = jnp.asarray(rng.integers(0, 64, (2, 10 // M, 2, 2 * M)), jnp.int32)
-    compiled = decode._jitted_step._cache_size()
+    compiled = decode._jitted_feed._cache_size()
     logits = decode_all(model, tokens, neighbours, 2)
-    assert decode._jitted_step._cache_size() == compiled + 2  # with and without neighbours
+    assert decode._jitted_feed._cache_size() == compiled + 2  # with and without neighbours
     full = nnx.jit(lambda m, t, nb: m(t, nb))(model, tokens, neighbours)
     np.testing.assert_allclose(logits, full, atol=1e-4)

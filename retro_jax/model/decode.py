@@ -1,9 +1,12 @@
-"""Incremental decoding: one position per step with key/value caches and cached neighbours.
+"""Incremental decoding: key/value caches and cached neighbours, fed a prompt at once or one
+position per step.
 
-Each step costs one position: self-attention reads the cached keys/values of earlier positions;
-the neighbours of chunk C_u are encoded once, when its last token is fed (the paper's order:
-E_u conditions positions u*m + m-1 onwards), and their CCA keys/values are cached per chunk.
-The same pure functions as the full forward pass are used, so both give the same logits.
+`feed` runs positions pos .. pos+T-1 against the caches: T = 1 is a decoding step, and a whole
+prompt is one call (prefill) instead of one step per token. Self-attention reads the cached
+keys/values of earlier positions; the neighbours of chunk C_u are encoded once, when its last
+token is fed (the paper's order: E_u conditions positions u*m + m-1 onwards), and their CCA
+keys/values are cached per chunk. The same pure functions as the full forward pass are used, so
+both give the same logits.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from retro_jax.errors import RetroError
 from retro_jax.model.attention import attend, output, project, project_qkv
 from retro_jax.model.encoder import values
 from retro_jax.model.layers import DTYPES, feed_forward, rms_norm, rope
@@ -58,16 +62,19 @@ def init_cache(model: Retro, batch: int, max_len: int, num_neighbours: int) -> d
     return cache
 
 
-def _encode_chunk(model: Retro, cache: dict, neighbours: jax.Array) -> dict:
-    """Encode the neighbours [B, k, 2m] of the chunk ending at cache['pos'] into the CCA caches."""
+def _encode_chunks(model: Retro, cache: dict, first: jax.Array, neighbours: jax.Array) -> dict:
+    """Encode the neighbours [B, l, k, 2m] of chunks first .. first+l-1 into the CCA caches."""
     c = model.config
-    m, t = c.chunk_size, cache["pos"]
-    u = t // m
-    batch, k, r = neighbours.shape
-    chunk_h = jax.lax.dynamic_slice_in_dim(cache["chunk_h"], u * m, m, axis=1)[:, None]
-    chunk_mask = jax.lax.dynamic_slice_in_dim(cache["token_mask"], u * m, m, axis=1)[:, None]
-    encoded = model.encoder(neighbours[:, None], chunk_h, chunk_mask)[:, 0]  # [B, k, r, de]
-    encoded = encoded.reshape(batch, k * r, -1)
+    m = c.chunk_size
+    batch, chunks, k, r = neighbours.shape
+    chunk_h = jax.lax.dynamic_slice_in_dim(cache["chunk_h"], first * m, chunks * m, axis=1)
+    chunk_mask = jax.lax.dynamic_slice_in_dim(cache["token_mask"], first * m, chunks * m, axis=1)
+    encoded = model.encoder(
+        neighbours,
+        chunk_h.reshape(batch, chunks, m, -1),
+        chunk_mask.reshape(batch, chunks, m),
+    )  # [B, l, k, r, de]
+    encoded = encoded.reshape(batch, chunks, k * r, -1)
     k_pos = jnp.tile(jnp.arange(r), k)
     cca = values(model.cca)
     keys, vals = [], []
@@ -75,46 +82,61 @@ def _encode_chunk(model: Retro, cache: dict, neighbours: jax.Array) -> dict:
         p = jax.tree.map(lambda a, j=j: a[j], cca["attn"])
         keys.append(rope(project(encoded, p["k"]), k_pos, c.rope_base))
         vals.append(project(encoded, p["v"]))
-    put = lambda buf, new: jax.lax.dynamic_update_index_in_dim(buf, new, u, axis=2)
-    mask = (neighbours != c.pad_id).reshape(batch, k * r)
+    put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(buf, new, first, axis=axis)
+    mask = (neighbours != c.pad_id).reshape(batch, chunks, k * r)
     return cache | {
-        "cca_k": put(cache["cca_k"], jnp.stack(keys)),
-        "cca_v": put(cache["cca_v"], jnp.stack(vals)),
-        "cca_mask": jax.lax.dynamic_update_index_in_dim(cache["cca_mask"], mask, u, axis=1),
+        "cca_k": put(cache["cca_k"], jnp.stack(keys), 2),
+        "cca_v": put(cache["cca_v"], jnp.stack(vals), 2),
+        "cca_mask": put(cache["cca_mask"], mask, 1),
     }
 
 
-def decode_step(
-    model: Retro, cache: dict, token: jax.Array, neighbours: jax.Array | None = None
+def feed(
+    model: Retro,
+    cache: dict,
+    tokens: jax.Array,
+    neighbours: jax.Array | None = None,
+    length: jax.Array | int | None = None,
+    *,
+    all_logits: bool = False,
 ) -> tuple[jax.Array, dict]:
-    """Feed `token` [B] at position cache['pos']; returns (logits [B, V] for the next token, cache).
+    """Feed `tokens` [B, T] at positions pos .. pos+T-1 (pos = cache['pos']); one step (T = 1)
+    or a whole prompt at once (prefill). Returns (logits, cache with pos advanced by `length`).
 
-    `neighbours` [B, k, 2m]: the neighbours of the chunk this token completes; pass them exactly
-    when (pos + 1) % m == 0 (retrieval uses the complete chunk, this token included).
+    `length` (may be traced; default T): only tokens[:, :length] are fed; the rest fill a
+    bucketed shape and are ignored (later positions overwrite their cache rows, and no earlier
+    position attends to them). Logits: [B, V] after the last fed token, or with `all_logits`
+    [B, T, V] after each. `neighbours` [B, l, k, 2m]: those of the l chunks whose last token is
+    fed here, in order (chunks pos//m .. pos//m + l-1), or None.
 
     The layers run in the forward pass's blocks: plain layers, then each CCA layer with the plain
     layers before it. Each run of plain layers is one `fori_loop`, and so are evenly spaced CCA
     blocks (whatever `scan_layers` says: decoding has no backward pass to unroll for), with the
-    whole key/value cache in the carry (each layer writes its row at position t in place) and
+    whole key/value cache in the carry (each layer writes its rows at pos .. pos+T-1 in place) and
     each layer's weights indexed in place from the stacks. A deep model compiles one layer, not
     all of them, and no step copies its weights: a static slice of a stacked weight is a copy on
     XLA:CPU, which made unrolled steps about 3x slower (benchmarks/results/eval_sample.md).
     """
     c = model.config
     m, t = c.chunk_size, cache["pos"]
+    batch, n = tokens.shape
+    length = n if length is None else length
     max_len = cache["k"].shape[2]
-    x = model.embed_tokens(token[:, None])  # [B, 1, d]
-    token_mask = cache["token_mask"].at[:, t].set(token != c.pad_id)
+    positions = t + jnp.arange(n)
+    x = model.embed_tokens(tokens)  # [B, T, d]
+    token_mask = jax.lax.dynamic_update_slice_in_dim(
+        cache["token_mask"], tokens != c.pad_id, t, axis=1
+    )
     cache = cache | {"token_mask": token_mask}
-    visible = (token_mask & (jnp.arange(max_len) <= t))[:, None, None, :]  # [B, 1, 1, T]
+    # [B, 1, T, max_len]: keys up to each query's own position
+    visible = (token_mask[:, None, :] & (jnp.arange(max_len) <= positions[:, None]))[:, None]
     stacked = values(model.decoder)
-    attending = jnp.maximum(t - (m - 1), 0) // m  # which attending chunk H_u+ position t is in
 
     def attention(p, x, kv, i):
-        """Layer i's ATTN (i may be traced): writes its key/value rows at t, reads 0..t."""
+        """Layer i's ATTN (i may be traced): writes its key/value rows at t.., reads 0..t+T-1."""
         h = rms_norm(x, p["attn_norm"], c.norm_eps)
         q, k, v = project_qkv(p["attn"], h, h)
-        q, k = rope(q, t[None], c.rope_base), rope(k, t[None], c.rope_base)
+        q, k = rope(q, positions, c.rope_base), rope(k, positions, c.rope_base)
         zero = jnp.zeros((), jnp.int32)
         at = (i, zero, t, zero, zero)
         k_all, v_all = (
@@ -146,33 +168,57 @@ def decode_step(
         x, kv = attention(p, x, kv, i)
         return ffw(p, x), kv, i + 1
 
+    def result(x, cache):
+        if not all_logits:
+            x = jax.lax.dynamic_slice_in_dim(x, length - 1, 1, axis=1)
+        logits = model.logits(x)
+        return (logits if all_logits else logits[:, 0]), cache | {"pos": t + length}
+
     carry = (x, (cache["k"], cache["v"]), jnp.zeros((), jnp.int32))
     if not c.cca_layers:
         x, (cache["k"], cache["v"]), _ = loop(c.num_layers, plain_layer, carry)
-        return model.logits(x)[:, 0], cache | {"pos": t + 1}
+        return result(x, cache)
 
     cca = values(model.cca)
 
     def chunked_cross_attention(x, j, cca_cache):
-        """CCA j (may be traced) of position t: its attending chunk's cached neighbours."""
+        """CCA j (may be traced) of positions t..t+T-1: their attending chunks' neighbours."""
         cca_k, cca_v, cca_mask = cca_cache
         p_cca = layer_params(cca, j)
-        h = rms_norm(x, p_cca["norm"], c.norm_eps)
-        q = rope(project(h, p_cca["attn"]["q"]), (m - 1 + (t - (m - 1)) % m)[None], c.rope_base)
-        mask = cca_mask[:, attending][:, None, None, :]
-        y = attend(q, cca_k[j][:, attending], cca_v[j][:, attending], mask)
-        # The first m-1 positions have no attending chunk: no CCA.
-        return x + jnp.where(t >= m - 1, output(p_cca["attn"], y), 0.0)
+        q = project(rms_norm(x, p_cca["norm"], c.norm_eps), p_cca["attn"]["q"])  # [B, T, H, D]
+        if n == 1:  # one position: gather its attending chunk H_u+
+            attending = jnp.maximum(t - (m - 1), 0) // m
+            q = rope(q, (m - 1 + (t - (m - 1)) % m)[None], c.rope_base)
+            mask = cca_mask[:, attending][:, None, None, :]
+            y = attend(q, cca_k[j][:, attending], cca_v[j][:, attending], mask)
+            # The first m-1 positions have no attending chunk: no CCA.
+            return x + jnp.where(t >= m - 1, output(p_cca["attn"], y), 0.0)
+        # A block: the queries laid out in whole attending chunks, as in the forward pass. Row q
+        # of `groups` is position t - f + q; group g attends chunk (t+1)//m - 1 + g (none if
+        # that is -1: the first m-1 positions), at rotary positions m-1 .. 2m-2.
+        groups = -(-(n + m - 1) // m)
+        f = (t + 1) % m
+        heads = q.shape[2:]
+        laid = jnp.zeros((batch, groups * m, *heads), q.dtype)
+        laid = jax.lax.dynamic_update_slice_in_dim(laid, q, f, axis=1)
+        laid = rope(laid.reshape(batch, groups, m, *heads), m - 1 + jnp.arange(m), c.rope_base)
+        chunk = (t + 1) // m - 1 + jnp.arange(groups)
+        exists = (chunk >= 0) & (chunk < cca_mask.shape[1])
+        take = lambda a: jnp.take(a, chunk, axis=1, mode="clip")
+        mask = (take(cca_mask) & exists[None, :, None])[:, :, None, None, :]
+        y = attend(laid, take(cca_k[j]), take(cca_v[j]), mask)  # [B, G, m, H, D]
+        y = jax.lax.dynamic_slice_in_dim(y.reshape(batch, groups * m, *heads), f, n, axis=1)
+        return x + output(p_cca["attn"], y)
 
     # Up to the first CCA layer; there the encoder is conditioned on the post-attention
-    # activations, and a completed chunk's neighbours are encoded into the CCA caches.
+    # activations, and the completed chunks' neighbours are encoded into the CCA caches.
     first = c.cca_layers[0]
     x, kv, i = loop(first - 1, plain_layer, carry)
     p = layer_params(stacked, i)
     x, kv = attention(p, x, kv, i)
-    cache["chunk_h"] = cache["chunk_h"].at[:, t].set(x[:, 0])
+    cache["chunk_h"] = jax.lax.dynamic_update_slice_in_dim(cache["chunk_h"], x, t, axis=1)
     if neighbours is not None:
-        cache = _encode_chunk(model, cache, neighbours)
+        cache = _encode_chunks(model, cache, t // m, neighbours)
     cca_cache = (cache["cca_k"], cache["cca_v"], cache["cca_mask"])
     carry = (ffw(p, chunked_cross_attention(x, 0, cca_cache)), kv, i + 1)
 
@@ -197,7 +243,7 @@ def decode_step(
         for j, (prev, i) in enumerate(zip(c.cca_layers, later), start=1):
             carry, _ = cca_block(i - prev - 1)((carry, jnp.asarray(j, jnp.int32)))
     x, (cache["k"], cache["v"]), _ = loop(c.num_layers - c.cca_layers[-1], plain_layer, carry)
-    return model.logits(x)[:, 0], cache | {"pos": t + 1}
+    return result(x, cache)
 
 
 def cache_shardings(cache: dict, mesh: jax.sharding.Mesh) -> dict:
@@ -222,15 +268,16 @@ def _mesh_of(state) -> jax.sharding.Mesh | None:
     return None
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
-def _jitted_step(graphdef, mesh, state, cache, token, neighbours):
-    """decode_step on a split model. One jit for the whole process: the (hashable) graphdef is a
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=4)
+def _jitted_feed(graphdef, mesh, all_logits, state, cache, tokens, neighbours, length):
+    """`feed` on a split model. One jit for the whole process: the (hashable) graphdef is a
     static argument, so every Decoder of the same model structure (config) shares its compiled
     steps; the weights are traced, and a new Sampler on the same config does not retrace.
 
     On a mesh (weights split as in training) the caches keep their `cache_shardings` and the
     logits come back replicated, so every step compiles to the same layouts."""
-    logits, cache = decode_step(nnx.merge(graphdef, state), cache, token, neighbours)
+    model = nnx.merge(graphdef, state)
+    logits, cache = feed(model, cache, tokens, neighbours, length, all_logits=all_logits)
     if mesh is not None:
         cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
         logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, PartitionSpec()))
@@ -238,11 +285,12 @@ def _jitted_step(graphdef, mesh, state, cache, token, neighbours):
 
 
 class Decoder:
-    """A model split once into (graph, state) with a jitted `decode_step`; caches are donated.
+    """A model split once into (graph, state) with a jitted `feed`; caches are donated.
 
-    The jitted step is module-level (`_jitted_step`), keyed by the graphdef: Decoders of models
-    with the same config reuse each other's compilations. A model whose weights are split over a
-    mesh (`load_model(..., mesh=...)`, `create_model(..., mesh=...)`) decodes on that mesh."""
+    The jitted function is module-level (`_jitted_feed`), keyed by the graphdef: Decoders of
+    models with the same config reuse each other's compilations. A model whose weights are split
+    over a mesh (`load_model(..., mesh=...)`, `create_model(..., mesh=...)`) decodes on that
+    mesh."""
 
     def __init__(self, model: Retro):
         self.model = model
@@ -258,4 +306,35 @@ class Decoder:
     def step(
         self, cache: dict, token: jax.Array, neighbours: jax.Array | None = None
     ) -> tuple[jax.Array, dict]:
-        return _jitted_step(self._graphdef, self.mesh, self._state, cache, token, neighbours)
+        """Feed token [B] at cache['pos'] -> (logits [B, V] for the next token, cache).
+
+        `neighbours` [B, k, 2m]: the neighbours of the chunk this token completes; pass them
+        exactly when (pos + 1) % m == 0 (retrieval uses the complete chunk, this token included).
+        """
+        token = jnp.reshape(token, (-1, 1))
+        neighbours = None if neighbours is None else neighbours[:, None]
+        return self._feed(cache, token, neighbours, None, False)
+
+    def prefill(
+        self,
+        cache: dict,
+        tokens: jax.Array,
+        neighbours: jax.Array | None = None,
+        *,
+        length: int | None = None,
+        all_logits: bool = False,
+    ) -> tuple[jax.Array, dict]:
+        """`feed` tokens [B, T] (the first `length` of them) in one call: see `feed`."""
+        pos, max_len = int(cache["pos"]), cache["k"].shape[2]
+        if pos + tokens.shape[1] > max_len:
+            raise RetroError(
+                f"prefill: {tokens.shape[1]} tokens at position {pos} overrun the cache's "
+                f"{max_len} positions"
+            )
+        length = None if length is None else jnp.int32(length)
+        return self._feed(cache, tokens, neighbours, length, all_logits)
+
+    def _feed(self, cache, tokens, neighbours, length, all_logits):
+        return _jitted_feed(
+            self._graphdef, self.mesh, all_logits, self._state, cache, tokens, neighbours, length
+        )
