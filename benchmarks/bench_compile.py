@@ -48,8 +48,8 @@ def compile_grad(config: RetroConfig, batch: int, seq_len: int, k: int) -> dict:
 
 
 def compile_decode(config: RetroConfig, seq_len: int, k: int) -> dict:
-    """Lower and compile the decoding step from abstract shapes: a plain step, and one that
-    encodes a completed chunk's k neighbours."""
+    """Lower and compile the decoding step from abstract shapes: a plain step, one that encodes
+    a completed chunk's k neighbours, and the prompt's call (prefill) over the whole cache."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -59,13 +59,22 @@ def compile_decode(config: RetroConfig, seq_len: int, k: int) -> dict:
     model = abstract_model(config)
     graphdef, state = nnx.split(model)
     cache = jax.eval_shape(lambda: decode.init_cache(model, 1, seq_len, k))
-    token = jax.ShapeDtypeStruct((1,), jnp.int32)
-    neighbours = jax.ShapeDtypeStruct((1, k, 2 * config.chunk_size), jnp.int32)
+    m = config.chunk_size
+    shape = jax.ShapeDtypeStruct
+    calls = {  # name: (tokens, neighbours, length)
+        "plain": (shape((1, 1), jnp.int32), None, None),
+        "encode": (shape((1, 1), jnp.int32), shape((1, 1, k, 2 * m), jnp.int32), None),
+        "prefill": (
+            shape((1, seq_len), jnp.int32),
+            shape((1, seq_len // m, k, 2 * m), jnp.int32),
+            shape((), jnp.int32),
+        ),
+    }
     return {
         name: timed_compile(
-            lambda n=n: decode._jitted_step.lower(graphdef, None, state, cache, token, n)
+            lambda args=args: decode._jitted_feed.lower(graphdef, None, False, state, cache, *args)
         )
-        for name, n in (("plain", None), ("encode", neighbours))
+        for name, args in calls.items()
     }
 
 
@@ -83,7 +92,7 @@ def main() -> None:
             "backend": jax.default_backend(),
             "jax": jax.__version__,
             "cache_len": args.seq_len,
-            "what": "the jitted decoding step (batch 1), bfloat16, from abstract shapes",
+            "what": "decoding step and prefill (batch 1), bfloat16, from abstract shapes",
             "models": {},
         }
         for preset in args.presets.split(","):

@@ -9,7 +9,10 @@ Decoding: a randomly initialised model of the preset generates --lengths tokens 
 random neighbours passed at every chunk end, (a) through retro_jax.model.decode.Decoder (one
 position per step) and (b) by running the whole fixed-length sequence through the model for
 every new token (jitted once; causality makes the padded tail irrelevant); (b) is timed on
---full-steps steps and its rate extrapolated. Compilation is excluded from both.
+--full-steps steps and its rate extrapolated; and (c) as a prompt, the whole sequence fed in one
+`Decoder.prefill` call (prefill_tokens_per_s; prefill_speedup = (a)'s time / (c)'s, what
+feeding a prompt of that length at once saves over one step per token). Compilation is excluded
+from all three.
 
 Retrieval per chunk: embed = the frozen all-MiniLM-L6-v2 on one chunk text (batch 1, as the
 sampler runs it); search = NeighbourIndex.search for one query over --index-sizes random keys
@@ -68,7 +71,19 @@ def decode_rates(config: RetroConfig, length: int, k: int, full_steps: int) -> d
     cached()  # compile both step variants
     cached_s = _median_time(cached, 1)
 
-    rates = {"length": length, "cached_tokens_per_s": round(length / cached_s, 1)}
+    def prefill() -> None:  # the same `length` tokens as a prompt, fed in one call
+        cache = decoder.init_cache(1, length, k)
+        logits, _ = decoder.prefill(cache, tokens[None], neighbours[None])
+        int(jnp.argmax(logits[0]))
+
+    prefill()  # compile
+    prefill_s = _median_time(prefill, 3)
+    rates = {
+        "length": length,
+        "cached_tokens_per_s": round(length / cached_s, 1),
+        "prefill_tokens_per_s": round(length / prefill_s, 1),
+        "prefill_speedup": round(cached_s / prefill_s, 1),
+    }
     if not full_steps:
         return rates
     graphdef, state = nnx.split(model)
@@ -177,8 +192,9 @@ def workdir_run(config_path: str, workdir: str, tokens: int) -> dict:
         "per_chunk_ms": {
             name: round(value / chunks * 1e3, 2)
             for name, value in result.seconds.items()
-            if name != "decode"
+            if name not in ("prefill", "decode")
         },
+        "prefill_s": round(result.seconds["prefill"], 3),
         "decode_s": round(result.seconds["decode"], 3),
     }
 
