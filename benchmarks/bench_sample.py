@@ -3,7 +3,7 @@ of live retrieval split into embed, search and encode.
 
     python benchmarks/bench_sample.py [--preset tiny] [--model KEY=VALUE ...] [--lengths 512 2048]
         [--k 2] [--index-sizes 10000 200000] [--workdir W --config experiments/X.py]
-        [--decode-only]
+        [--decode-only] [--batch 1 8]
 
 Decoding: a randomly initialised model of the preset generates --lengths tokens (batch 1) with
 random neighbours passed at every chunk end, (a) through retro_jax.model.decode.Decoder (one
@@ -20,7 +20,8 @@ sampler runs it); search = NeighbourIndex.search for one query over --index-size
 step that encodes k neighbours minus a plain step. With --workdir, Sampler.from_workdir runs
 end to end on that prepared, trained workdir too. `--model num_layers=12 d_model=256 ...`
 overrides the preset's fields; `--decode-only` times the decoding alone (cached tokens/s, and
-full recomputation unless --full-steps 0). Prints one JSON object.
+full recomputation unless --full-steps 0); `--batch 1 8` decodes that many rows at once (as
+`retro-jax sample --prompts` does; tokens/s counts every row). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -50,41 +51,44 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def decode_rates(config: RetroConfig, length: int, k: int, full_steps: int) -> dict:
-    """tokens/s generating `length` tokens with the cache, and by full recomputation."""
+def decode_rates(config: RetroConfig, length: int, k: int, full_steps: int, batch: int = 1) -> dict:
+    """tokens/s (all rows together) generating `length` tokens per row with the cache, feeding
+    them as a prompt in one call, and (batch 1) by full recomputation."""
     model = Retro(config, rngs=nnx.Rngs(0))
     m = config.chunk_size
     rng = np.random.default_rng(0)
-    tokens = rng.integers(1, config.vocab_size, length).astype(np.int32)
-    neighbours = rng.integers(1, config.vocab_size, (length // m, k, 2 * m)).astype(np.int32)
+    tokens = rng.integers(1, config.vocab_size, (batch, length)).astype(np.int32)
+    shape = (batch, length // m, k, 2 * m)
+    neighbours = rng.integers(1, config.vocab_size, shape).astype(np.int32)
     decoder = Decoder(model)
 
     def cached() -> None:
-        cache = decoder.init_cache(1, length, k)
+        cache = decoder.init_cache(batch, length, k)
         logits = None
         for t in range(length):
-            nb = jnp.asarray(neighbours[t // m][None]) if (t + 1) % m == 0 else None
-            logits, cache = decoder.step(cache, jnp.asarray(tokens[t : t + 1]), nb)
-            int(jnp.argmax(logits[0]))  # the sampler reads every token back to the host
+            nb = jnp.asarray(neighbours[:, t // m]) if (t + 1) % m == 0 else None
+            logits, cache = decoder.step(cache, jnp.asarray(tokens[:, t]), nb)
+            np.asarray(jnp.argmax(logits, -1))  # the sampler reads every token back to the host
         jax.block_until_ready(logits)
 
     cached()  # compile both step variants
     cached_s = _median_time(cached, 1)
 
-    def prefill() -> None:  # the same `length` tokens as a prompt, fed in one call
-        cache = decoder.init_cache(1, length, k)
-        logits, _ = decoder.prefill(cache, tokens[None], neighbours[None])
-        int(jnp.argmax(logits[0]))
+    def prefill() -> None:  # the same tokens as prompts, fed in one call
+        cache = decoder.init_cache(batch, length, k)
+        logits, _ = decoder.prefill(cache, tokens, neighbours)
+        np.asarray(jnp.argmax(logits, -1))
 
     prefill()  # compile
     prefill_s = _median_time(prefill, 3)
     rates = {
         "length": length,
-        "cached_tokens_per_s": round(length / cached_s, 1),
-        "prefill_tokens_per_s": round(length / prefill_s, 1),
+        "batch": batch,
+        "cached_tokens_per_s": round(batch * length / cached_s, 1),
+        "prefill_tokens_per_s": round(batch * length / prefill_s, 1),
         "prefill_speedup": round(cached_s / prefill_s, 1),
     }
-    if not full_steps:
+    if not full_steps or batch > 1:
         return rates
     graphdef, state = nnx.split(model)
 
@@ -93,8 +97,8 @@ def decode_rates(config: RetroConfig, length: int, k: int, full_steps: int) -> d
         logits = nnx.merge(graphdef, state)(tokens, neighbours)
         return jnp.argmax(logits[0, t])
 
-    seq = jnp.asarray(tokens[None])
-    nb = jnp.asarray(neighbours[None])
+    seq = jnp.asarray(tokens)
+    nb = jnp.asarray(neighbours)
     full(state, seq, nb, 0).block_until_ready()
     positions = np.linspace(0, length - 1, full_steps).astype(int)
     start = time.perf_counter()
@@ -212,6 +216,7 @@ def main() -> None:
     parser.add_argument("--config", default="")
     parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--decode-only", action="store_true")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
     args = parser.parse_args()
     overrides = dict(item.split("=", 1) for item in args.model)
 
@@ -233,7 +238,11 @@ def main() -> None:
         "preset": args.preset,
         "model": overrides,
         "k": args.k,
-        "decode": [decode_rates(config, n, args.k, args.full_steps) for n in args.lengths],
+        "decode": [
+            decode_rates(config, n, args.k, args.full_steps, b)
+            for b in args.batch
+            for n in args.lengths
+        ],
     }
     if args.decode_only:
         print(json.dumps(out, indent=1))

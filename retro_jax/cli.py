@@ -59,6 +59,8 @@ flags.DEFINE_float("temperature", None, "sample: softmax temperature")
 flags.DEFINE_float("top_p", None, "sample: nucleus sampling mass")
 flags.DEFINE_integer("seed", None, "sample: random seed")
 flags.DEFINE_bool("show_neighbours", False, "sample: print the retrieved chunks")
+flags.DEFINE_string("prompts", None, "sample: a file of prompts (one per line, or .jsonl)")
+flags.DEFINE_string("output", None, "sample: write the results as JSON lines to this file")
 # Sweeps: `retro-jax sweep experiments/X.py[:arg] [--sweep=A,B] [--dry-run] [--launcher=tpu]`.
 flags.DEFINE_bool("dry_run", False, "sweep: list the runs and their commands, run nothing")
 flags.DEFINE_string("sweep", None, "sweep: comma-separated sweeps of the config file (default all)")
@@ -275,8 +277,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\nretro-jax {args[1]}: interrupted (rerun to resume)", file=sys.stderr)
             sys.exit(130)
 
-    # absl parses flags after the command name; the command stays in argv[1].
-    app.run(_absl_main, argv=argv, flags_parser=_parse_flags)
+    # absl parses flags after the command name; the command stays in argv[1]. ml_collections
+    # finds `--config.x.y` overrides in sys.argv, not in the argv parsed: main(argv) called from
+    # Python (tests, notebooks) must show them there too.
+    saved, sys.argv = sys.argv, argv
+    try:
+        app.run(_absl_main, argv=argv, flags_parser=_parse_flags)
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

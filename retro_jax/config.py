@@ -162,6 +162,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.pad_prompt = True  # left-pad the prompt so generation starts on a chunk boundary
     c.sample.max_len = 0  # longest sequence (prompt + new tokens); 0 = the trained data.seq_len
     c.sample.stop_at_eos = True  # stop when the model ends the document
+    c.sample.batch_size = 8  # prompts of --prompts decoded together
 
     # Device mesh: data x fsdp x tensor; -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict()

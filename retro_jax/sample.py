@@ -18,6 +18,7 @@ Python:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import textwrap
@@ -27,6 +28,7 @@ from itertools import zip_longest
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from retro_jax.config import prepare_dir as prepare_dir_of
 from retro_jax.data import files
@@ -136,28 +138,36 @@ class LiveRetriever:
         self.queries = 0
 
     def __call__(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """-> (entries int32 [k, 2m], ids int64 [k], distances float32 [k]).
+        """-> (entries int32 [k, 2m], ids int64 [k], distances float32 [k])."""
+        entries, ids, distances = self.batch(np.asarray(chunk)[None])
+        return entries[0], ids[0], distances[0]
+
+    def batch(self, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """chunks [N, m] -> (entries int32 [N, k, 2m], ids int64 [N, k], distances float32
+        [N, k]): one BERT call and one search for all N.
 
         A chunk without text (only padding and EOS) retrieves nothing, as in prepare."""
-        chunk = np.asarray(chunk)
-        text_tokens = (chunk != self.tokenizer.pad_id) & (chunk != self.tokenizer.eos_id)
-        if not text_tokens.any():
-            ids = np.full(self.k, -1, np.int64)
-            return self.database.entries(ids), ids, np.full(self.k, np.inf, np.float32)
-        start = time.perf_counter()
-        key = self.embedder.embed([self.tokenizer.decode(chunk)])  # [1, D]
-        embedded = time.perf_counter()
-        ids, distances = self.index.search(key, self.k)
-        searched = time.perf_counter()
-        entries = self.database.entries(ids[0])  # [k, 2m]
+        chunks = np.asarray(chunks)
+        count, m = chunks.shape
+        text = ((chunks != self.tokenizer.pad_id) & (chunks != self.tokenizer.eos_id)).any(1)
+        ids = np.full((count, self.k), -1, np.int64)
+        distances = np.full((count, self.k), np.inf, np.float32)
+        start = embedded = searched = time.perf_counter()
+        if text.any():
+            queries = [self.tokenizer.decode(chunk) for chunk in chunks[text]]
+            keys = self.embedder.embed(queries, progress=False)  # [Q, D]
+            embedded = time.perf_counter()
+            ids[text], distances[text] = self.index.search(keys, self.k)
+            searched = time.perf_counter()
+            self.queries += len(queries)
+        entries = self.database.entries(ids)  # [N, k, 2m]
         if not self.continuation:
-            entries[:, self.database.chunk_size :] = self.tokenizer.pad_id
+            entries[..., m:] = self.tokenizer.pad_id
         done = time.perf_counter()
         self.seconds["embed"] += embedded - start
         self.seconds["search"] += searched - embedded
         self.seconds["lookup"] += done - searched
-        self.queries += 1
-        return entries, ids[0], distances[0]
+        return entries, ids, distances
 
 
 # ---------------------------------------------------------------- the sampler
@@ -251,17 +261,27 @@ class Sampler:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(
+    def generate(self, prompt: str, **options) -> SampleResult:
+        """Continue `prompt`; options as `generate_batch`'s (None takes config.sample's)."""
+        return self.generate_batch([prompt], **options)[0]
+
+    def generate_batch(
         self,
-        prompt: str,
+        prompts: list[str],
         *,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int = 0,
         keep_logits: bool = False,
-    ) -> SampleResult:
-        """Continue `prompt`; None takes the sampler's defaults (config.sample)."""
+    ) -> list[SampleResult]:
+        """Continue every prompt at once, one row each; None takes the sampler's defaults.
+
+        The prompts are left-padded to one end (a chunk boundary with `pad_prompt`), fed in one
+        prefill call, then every row takes one step per new token: a row stops at its EOS (it
+        is fed padding after, and retrieves nothing), the batch when every row has stopped or
+        at `max_new_tokens`. The live retrieval of each chunk end is one BERT call and one
+        search for all rows. `seconds` is the whole batch's."""
         max_new = self.defaults["max_new_tokens"] if max_new_tokens is None else max_new_tokens
         temperature = self.defaults["temperature"] if temperature is None else temperature
         top_p = self.defaults["top_p"] if top_p is None else top_p
@@ -271,89 +291,111 @@ class Sampler:
             raise RetroError(f"sample: --top-p must be in (0, 1], got {top_p}")
         if temperature < 0:
             raise RetroError(f"sample: --temperature must be >= 0, got {temperature}")
+        if not prompts:
+            raise RetroError("sample: no prompt to continue")
         c, tok = self.config, self.tokenizer
-        m = c.chunk_size
-        prompt_ids, padding = self.prompt_tokens(prompt)
-        feed = [c.pad_id] * padding + [int(i) for i in prompt_ids]
-        stopped = "max_new_tokens"
-        if len(feed) + max_new > self.max_len:
-            max_new, stopped = self.max_len - len(feed), "max_len"
+        m, rows = c.chunk_size, len(prompts)
+        encoded = [self.prompt_tokens(prompt) for prompt in prompts]  # (ids, own padding)
+        prompt_ids = [ids for ids, _ in encoded]
+        fed = max(len(ids) + own for ids, own in encoded)  # every prompt ends here
+        padding = [fed - len(ids) for ids in prompt_ids]
+        stopped = ["max_new_tokens"] * rows
+        if fed + max_new > self.max_len:
+            max_new, stopped = self.max_len - fed, ["max_len"] * rows
+        sequence = np.full((rows, fed + max_new), c.pad_id, np.int32)
+        for row, ids in enumerate(prompt_ids):
+            sequence[row, padding[row] : fed] = ids
         k = self.retriever.k if self.retrieval else 1
-        cache_len = self._cache_len(len(feed) + max_new)
-        cache = self.decoder.init_cache(1, cache_len, k)
+        cache_len = self._cache_len(fed + max_new)
+        cache = self.decoder.init_cache(rows, cache_len, k)
         key = jax.random.key(seed)
         temperature_arr = jnp.float32(temperature)
         top_p_arr = jnp.float32(top_p)
         vocab_arr = jnp.int32(tok.vocab_size)
-        generated: list[int] = []
-        chunks: list[RetrievedChunk] = []
+        generated = [0] * rows
+        active = list(range(rows))
+        chunks: list[list[RetrievedChunk]] = [[] for _ in range(rows)]
         retrieval_before = dict(self.retriever.seconds) if self.retrieval else {}
         start = time.perf_counter()
 
-        def retrieve(t: int) -> np.ndarray:
-            """Neighbours [k, 2m] of the chunk that position t completes (recorded in chunks)."""
-            chunk = np.asarray(feed[t + 1 - m : t + 1], np.int32)
-            entries, ids, distances = self.retriever(chunk)
-            prompt_end = padding + len(prompt_ids)
-            chunks.append(
-                self._describe(t // m, chunk, t + 1 - m, prompt_end, entries, ids, distances)
-            )
-            return entries
+        def retrieve(pairs: list[tuple[int, int]], into: np.ndarray, first: int = 0) -> None:
+            """The neighbours of chunk u of each (row, u), one retrieval for all, into
+            `into[row, u - first]` and the row's chunks; chunks of padding only are left out."""
+            pairs = [(row, u) for row, u in pairs if (u + 1) * m > padding[row]]
+            if not pairs:
+                return
+            texts = np.stack([sequence[row, u * m : (u + 1) * m] for row, u in pairs])
+            entries, ids, distances = self.retriever.batch(texts)
+            for (row, u), text, e, i, d in zip(pairs, texts, entries, ids, distances):
+                into[row, u - first] = e
+                chunks[row].append(self._describe(u, text, u * m, fed, e, i, d))
 
-        # The prompt in one call (prefill), its shape bucketed to a power of two of chunks (few
-        # compilations): filler pad tokens after it, pad neighbours for the chunks it does not
-        # complete; neither is seen by the prompt's positions, and decoding overwrites them.
-        width = min(self._cache_len(len(feed)), cache_len)
-        tokens = np.full((1, width), c.pad_id, np.int32)
-        tokens[0, : len(feed)] = feed
+        # The prompts in one call (prefill), its shape bucketed to a power of two of chunks (few
+        # compilations): filler pad tokens after them, pad neighbours for the chunks they do not
+        # complete; neither is seen by the prompts' positions, and decoding overwrites them.
+        width = min(self._cache_len(fed), cache_len)
+        tokens = np.full((rows, width), c.pad_id, np.int32)
+        tokens[:, :fed] = sequence[:, :fed]
         neighbours = None
         if self.retrieval:
-            neighbours = np.full((1, width // m, k, 2 * m), c.pad_id, np.int32)
-            for u in range(len(feed) // m):
-                neighbours[0, u] = retrieve(u * m + m - 1)
+            neighbours = np.full((rows, width // m, k, 2 * m), c.pad_id, np.int32)
+            retrieve([(row, u) for u in range(fed // m) for row in range(rows)], neighbours)
         prefill_start = time.perf_counter()
         logits, cache = self.decoder.prefill(
-            cache, tokens, neighbours, length=len(feed), all_logits=keep_logits
+            cache, tokens, neighbours, length=fed, all_logits=keep_logits
         )
         jax.block_until_ready(logits)
         prefill_s = time.perf_counter() - prefill_start
-        logits_seen = [np.asarray(logits[0, : len(feed)])] if keep_logits else []
-        logits = logits[:, len(feed) - 1] if keep_logits else logits
+        logits_seen = [np.asarray(logits[:, :fed])] if keep_logits else []
+        logits = logits[:, fed - 1] if keep_logits else logits
+        t = fed  # the position of the token drawn next
         while True:
             key, draw = jax.random.split(key)
-            token = int(sample_tokens(logits, draw, temperature_arr, top_p_arr, vocab_arr)[0])
-            generated.append(token)
-            feed.append(token)
-            if self.stop_at_eos and token == tok.eos_id:
-                stopped = "eos"
+            drawn = np.asarray(sample_tokens(logits, draw, temperature_arr, top_p_arr, vocab_arr))
+            for row in active:
+                sequence[row, t] = drawn[row]
+                generated[row] += 1
+            if self.stop_at_eos:
+                for row in [row for row in active if drawn[row] == tok.eos_id]:
+                    stopped[row] = "eos"
+                    active.remove(row)
+            if not active or t + 1 == fed + max_new:
                 break
-            if len(generated) >= max_new:
-                break
-            t = len(feed) - 1
             chunk = None
             if self.retrieval and (t + 1) % m == 0:
-                chunk = jnp.asarray(retrieve(t)[None])  # [1, k, 2m]
-            logits, cache = self.decoder.step(cache, jnp.asarray([token], jnp.int32), chunk)
+                chunk = np.full((rows, 1, k, 2 * m), c.pad_id, np.int32)
+                retrieve([(row, t // m) for row in active], chunk, first=t // m)
+                chunk = chunk[:, 0]
+            # A row that has stopped is fed its EOS, then padding, and retrieves nothing.
+            logits, cache = self.decoder.step(cache, jnp.asarray(sequence[:, t]), chunk)
             if keep_logits:
-                logits_seen.append(np.asarray(logits))
+                logits_seen.append(np.asarray(logits)[:, None])
+            t += 1
         seconds = {"prefill": prefill_s, "decode": time.perf_counter() - start - prefill_s}
         if self.retrieval:
             for name, value in self.retriever.seconds.items():
                 seconds[name] = value - retrieval_before[name]
             seconds["decode"] -= sum(seconds[name] for name in retrieval_before)
-        tokens = np.asarray(generated, np.int32)
-        return SampleResult(
-            prompt=prompt,
-            text=tok.decode(tokens),
-            tokens=tokens,
-            prompt_tokens=prompt_ids,
-            padding=padding,
-            sequence=np.asarray(feed, np.int32),
-            chunks=chunks,
-            stopped=stopped,
-            seconds=seconds,
-            logits=np.concatenate(logits_seen) if keep_logits else None,
-        )
+        logits_all = np.concatenate(logits_seen, axis=1) if keep_logits else None
+        results = []
+        for row, prompt in enumerate(prompts):
+            end = fed + generated[row]
+            new = sequence[row, fed:end]
+            results.append(
+                SampleResult(
+                    prompt=prompt,
+                    text=tok.decode(new),
+                    tokens=new.copy(),
+                    prompt_tokens=prompt_ids[row],
+                    padding=padding[row],
+                    sequence=sequence[row, :end].copy(),
+                    chunks=chunks[row],
+                    stopped=stopped[row],
+                    seconds=dict(seconds),
+                    logits=None if logits_all is None else logits_all[row, : end - 1],
+                )
+            )
+        return results
 
     def _describe(self, u, chunk, first, prompt_end, entries, ids, distances) -> RetrievedChunk:
         m, tok = self.config.chunk_size, self.tokenizer
@@ -454,7 +496,7 @@ def load_parts(config, workdir: str, *, step: int | None = None):
     embedder = ChunkEmbedder.from_pretrained(
         str(r.bert_path) or None,
         max_len=_bert_max_len(prepare_dir, r),
-        batch_size=1,
+        batch_size=max(1, int(config.sample.batch_size)),  # one chunk end of every row at once
         dtype=str(r.get("embed_dtype", "float32")),  # the queries as the keys were embedded
     )
     if index.model_id and embedder.model_id != index.model_id:
@@ -503,33 +545,93 @@ def format_neighbours(chunks: list[RetrievedChunk], width: int = 100) -> str:
     return "\n\n".join(blocks)
 
 
-def main(config, workdir: str | None) -> SampleResult:
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a file: one per line (blank lines skipped), or in a .jsonl file one JSON
+    object per line with a "prompt" field (prompts that span lines)."""
+    if not files.isfile(path):
+        raise RetroError(f"sample: --prompts {path}: no such file")
+    prompts = []
+    for number, line in enumerate(files.read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        if not path.endswith(".jsonl"):
+            prompts.append(line)
+            continue
+        try:
+            value = json.loads(line)
+            prompt = value["prompt"]
+        except (ValueError, KeyError, TypeError):
+            raise RetroError(
+                f'sample: {path} line {number}: not a JSON object with a "prompt" field'
+            ) from None
+        if not isinstance(prompt, str):
+            raise RetroError(f'sample: {path} line {number}: "prompt" is not a string')
+        prompts.append(prompt)
+    if not prompts:
+        raise RetroError(f"sample: --prompts {path} holds no prompt")
+    return prompts
+
+
+def result_json(result: SampleResult) -> dict:
+    """One line of --output: the prompt, its continuation, why it stopped, the generated ids and
+    every retrieval (RetrievedChunk.to_json)."""
+    return {
+        "prompt": result.prompt,
+        "text": result.text,
+        "stopped": result.stopped,
+        "tokens": [int(i) for i in result.tokens],
+        "retrieved": [chunk.to_json() for chunk in result.chunks],
+    }
+
+
+def main(config, workdir: str | None) -> list[SampleResult]:
     """`retro-jax sample`: see docs/sample.md."""
     from absl import flags
 
     FLAGS = flags.FLAGS
     if not workdir:
         raise RetroError("sample: --workdir is required (it holds prepare/ and checkpoints/)")
-    if FLAGS.prompt is None:
-        raise RetroError("sample: --prompt TEXT is required")
+    if (FLAGS.prompt is None) == (FLAGS.prompts is None):
+        raise RetroError("sample: give --prompt TEXT or --prompts FILE (one of them)")
+    prompts = [FLAGS.prompt] if FLAGS.prompts is None else read_prompts(FLAGS.prompts)
+    batch_size = int(config.sample.batch_size)
+    if batch_size < 1:
+        raise RetroError(f"sample.batch_size={batch_size} must be at least 1")
     sampler = Sampler.from_workdir(config, workdir)
     seed = int(config.seed) if FLAGS.seed is None else int(FLAGS.seed)
-    result = sampler.generate(
-        FLAGS.prompt,
-        max_new_tokens=FLAGS.max_new_tokens,
-        temperature=FLAGS.temperature,
-        top_p=FLAGS.top_p,
-        seed=seed,
-    )
-    if FLAGS.show_neighbours:
-        print(format_neighbours(result.chunks) or "(no chunk was completed: nothing retrieved)")
-        print()
-    print(result.prompt + result.text)
-    generated = len(result.tokens)
-    rate = generated / max(sum(result.seconds.values()), 1e-9)
+    results, seconds = [], 0.0
+    batches = range(0, len(prompts), batch_size)
+    show = len(batches) > 1 and sys.stderr.isatty()
+    for number, first in enumerate(tqdm(batches, desc="sample", unit="batch", disable=not show)):
+        batch = sampler.generate_batch(
+            prompts[first : first + batch_size],
+            max_new_tokens=FLAGS.max_new_tokens,
+            temperature=FLAGS.temperature,
+            top_p=FLAGS.top_p,
+            seed=seed + number,  # batch i draws from seed + i
+        )
+        results += batch
+        seconds += sum(batch[0].seconds.values())
+    if FLAGS.output:
+        with files.atomic_write(FLAGS.output, "w") as f:
+            for result in results:
+                f.write(json.dumps(result_json(result)) + "\n")
+    else:
+        for number, result in enumerate(results):
+            if len(results) > 1:
+                print(f"=== prompt {number + 1} of {len(results)} ({result.stopped})")
+            if FLAGS.show_neighbours:
+                shown = format_neighbours(result.chunks)
+                print(shown or "(no chunk was completed: nothing retrieved)")
+                print()
+            print(result.prompt + result.text)
+    generated = sum(len(result.tokens) for result in results)
+    retrievals = sum(len(result.chunks) for result in results)
+    stops = ", ".join(sorted({result.stopped for result in results}))
+    where = f", written to {FLAGS.output}" if FLAGS.output else ""
     print(
-        f"\nsample: {generated} tokens ({result.stopped}), {len(result.chunks)} retrievals, "
-        f"{rate:.1f} tokens/s",
+        f"\nsample: {len(results)} prompt(s), {generated} tokens ({stops}), {retrievals} "
+        f"retrievals, {generated / max(seconds, 1e-9):.1f} tokens/s{where}",
         file=sys.stderr,
     )
-    return result
+    return results

@@ -179,6 +179,56 @@ def test_weights_split_over_the_configs_mesh_sample_the_same(workdirs, sampler):
     np.testing.assert_allclose(one.logits, four.logits, atol=1e-4)
 
 
+PROMPTS = ["The Congress and the people", "We", "Tonight, my fellow"]
+
+
+def test_a_batch_of_prompts_decodes_each_as_alone(sampler):
+    """Prompts of different lengths in one batch (left-padded to one end by whole chunks): each
+    row's tokens, retrievals and logits are those of the prompt decoded alone."""
+    args = dict(max_new_tokens=20, temperature=0, keep_logits=True)
+    batch = sampler.generate_batch(PROMPTS, **args)
+    assert "max_len" not in {row.stopped for row in batch}  # all fit: as long as alone
+    m = sampler.config.chunk_size
+    ends = {len(row.sequence) - len(row.tokens) for row in batch}
+    assert len(ends) == 1 and ends.pop() % m == 0  # every prompt ends on one chunk boundary
+    for prompt, row in zip(PROMPTS, batch):
+        alone = sampler.generate(prompt, **args)
+        assert row.prompt == prompt and (row.padding - alone.padding) % m == 0
+        np.testing.assert_array_equal(row.tokens, alone.tokens)
+        assert row.text == alone.text and row.stopped == alone.stopped
+        assert [c.text for c in row.chunks] == [c.text for c in alone.chunks]
+        for mine, its in zip(row.chunks, alone.chunks):
+            np.testing.assert_array_equal(mine.ids, its.ids)
+        # logits from the prompt's last token on (before it: the rows' paddings differ)
+        tail = len(alone.tokens)
+        np.testing.assert_allclose(row.logits[-tail:], alone.logits[-tail:], atol=1e-4)
+        assert row.logits.shape == (len(row.sequence) - 1, sampler.config.vocab_size)
+
+
+def test_a_row_that_stops_leaves_the_others_as_they_were(sampler, monkeypatch):
+    """Row 0 draws EOS at its second token (forced): it stops there and retrieves nothing more;
+    row 1 goes on exactly as alone."""
+    import retro_jax.sample as sample
+
+    alone = sampler.generate(PROMPTS[2], max_new_tokens=20, temperature=0)
+    draws, real = [], sample.sample_tokens
+
+    def eos_for_row_0_at_the_second_draw(logits, *args):
+        tokens = real(logits, *args)
+        draws.append(1)
+        return tokens.at[0].set(sampler.tokenizer.eos_id) if len(draws) == 2 else tokens
+
+    monkeypatch.setattr(sample, "sample_tokens", eos_for_row_0_at_the_second_draw)
+    first, second = sampler.generate_batch(
+        PROMPTS[:1] + PROMPTS[2:], max_new_tokens=20, temperature=0
+    )
+    assert first.stopped == "eos" and len(first.tokens) == 2
+    assert first.tokens[-1] == sampler.tokenizer.eos_id
+    assert all(c.source == "prompt" for c in first.chunks)  # nothing retrieved after it stopped
+    np.testing.assert_array_equal(second.tokens, alone.tokens)
+    assert second.stopped == alone.stopped and len(second.chunks) == len(alone.chunks)
+
+
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_empty_prompt(sampler, prompt):
     with pytest.raises(RetroError, match="prompt is empty"):
@@ -245,10 +295,8 @@ def test_dashed_flag_spellings():
     ]
 
 
-def test_sample_command(workdirs, tmp_path, capsys):
-    from retro_jax import cli
-
-    root, workdir, _ = workdirs
+def _config_file(tmp_path, root: str):
+    """An experiment config file giving the tiny workdir's small_config."""
     config_file = tmp_path / "sample_config.py"
     config_file.write_text(
         "import sys\n"
@@ -256,6 +304,14 @@ def test_sample_command(workdirs, tmp_path, capsys):
         "from eval_workdir import small_config\n"
         f"def get_config():\n    return small_config({root!r})\n"
     )
+    return config_file
+
+
+def test_sample_command(workdirs, tmp_path, capsys):
+    from retro_jax import cli
+
+    root, workdir, _ = workdirs
+    config_file = _config_file(tmp_path, root)
     argv = ["retro-jax", "sample", f"--config={config_file}", f"--workdir={workdir}"]
     argv += ["--prompt", "The Congress", "--max-new-tokens", "18", "--temperature=0"]
     argv += ["--show-neighbours", "--seed", "1"]
@@ -269,3 +325,52 @@ def test_sample_command(workdirs, tmp_path, capsys):
     assert "chunk 0 (prompt)" in out.out and "chunk 1 (generated)" in out.out
     assert "[1] #" in out.out and "The Congress" in out.out
     assert "18 tokens" in out.err or "(eos)" in out.err
+
+
+def test_sample_command_with_a_file_of_prompts(workdirs, tmp_path, capsys):
+    """--prompts FILE (.jsonl here) decodes the prompts in batches of sample.batch_size;
+    --output writes one JSON line per prompt, in order."""
+    from retro_jax import cli
+
+    root, workdir, _ = workdirs
+    config_file = _config_file(tmp_path, root)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n\n" for p in PROMPTS))
+    output = tmp_path / "out" / "samples.jsonl"
+    output.parent.mkdir()
+    argv = ["retro-jax", "sample", f"--config={config_file}", f"--workdir={workdir}"]
+    argv += [f"--prompts={prompts}", f"--output={output}", "--max-new-tokens=6"]
+    argv += ["--temperature=0", "--config.sample.batch_size=2"]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+    finally:
+        cli.FLAGS.unparse_flags()
+    assert exit_info.value.code in (0, None)
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == PROMPTS
+    assert os.listdir(output.parent) == ["samples.jsonl"]  # written whole, no temporary left
+    for row in rows:
+        assert len(row["tokens"]) == 6 or row["stopped"] == "eos"
+        assert row["retrieved"] and {"chunk", "source", "text", "neighbours"} <= set(
+            row["retrieved"][0]
+        )
+    assert "3 prompt(s)" in capsys.readouterr().err
+
+
+def test_prompt_files_and_their_errors(tmp_path):
+    from retro_jax.sample import read_prompts
+
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("first prompt\n\n  second one\n")
+    assert read_prompts(str(lines)) == ["first prompt", "  second one"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt field"}\n')
+    with pytest.raises(RetroError, match=r'bad.jsonl line 2: not a JSON object with a "prompt"'):
+        read_prompts(str(bad))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(RetroError, match="empty.txt holds no prompt"):
+        read_prompts(str(empty))
+    with pytest.raises(RetroError, match="nowhere.txt: no such file"):
+        read_prompts(str(tmp_path / "nowhere.txt"))
