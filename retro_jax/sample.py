@@ -18,6 +18,7 @@ Python:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -212,14 +213,15 @@ class Sampler:
             max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p)
         )
         self.retrieval = retriever is not None and not self.config.is_baseline
+        self.checkpoint = None  # from_workdir: which checkpoint (recorded by write_samples)
 
     @classmethod
     def from_workdir(cls, config, workdir: str, *, step: int | None = None) -> Sampler:
         """The latest (or `step`) checkpoint of W/checkpoints, with W/prepare's tokenizer, BERT,
         index and chunk database; settings from config.sample and config.retrieval."""
-        model, tokenizer, retriever, max_len = load_parts(config, workdir, step=step)
+        model, tokenizer, retriever, max_len, step = load_parts(config, workdir, step=step)
         s = config.sample
-        return cls(
+        sampler = cls(
             model,
             tokenizer,
             retriever,
@@ -230,6 +232,8 @@ class Sampler:
             temperature=float(s.temperature),
             top_p=float(s.top_p),
         )
+        sampler.checkpoint = f"{workdir}, step {step}"
+        return sampler
 
     # ------------------------------------------------------------------ prompt and cache
 
@@ -446,8 +450,8 @@ def sampling_mesh(mesh_config) -> jax.sharding.Mesh | None:
 
 
 def load_parts(config, workdir: str, *, step: int | None = None):
-    """(model, tokenizer, LiveRetriever or None for a baseline, max_len) of a workdir; a
-    RetroError naming what is missing or inconsistent."""
+    """(model, tokenizer, LiveRetriever or None for a baseline, max_len, checkpoint step) of a
+    workdir; a RetroError naming what is missing or inconsistent."""
     from retro_jax.data.tokenizer import load_tokenizer
     from retro_jax.train.checkpoint import find_checkpoints, load_model
 
@@ -472,7 +476,7 @@ def load_parts(config, workdir: str, *, step: int | None = None):
     max_len = int(config.sample.max_len) or int(meta.get("data", {}).get("seq_len", 0))
     max_len = max_len or int(config.data.seq_len)
     if model_cfg.is_baseline:
-        return model, tokenizer, None, max_len
+        return model, tokenizer, None, max_len, step
 
     from retro_jax.retrieval.chunks import ChunkDatabase
     from retro_jax.retrieval.embed import ChunkEmbedder
@@ -509,7 +513,7 @@ def load_parts(config, workdir: str, *, step: int | None = None):
     retriever = LiveRetriever(
         tokenizer, embedder, index, database, k, continuation=keep_continuation(config)
     )
-    return model, tokenizer, retriever, max_len
+    return model, tokenizer, retriever, max_len, step
 
 
 def _bert_max_len(prepare_dir: str, retrieval_config) -> int:
@@ -584,8 +588,71 @@ def result_json(result: SampleResult) -> dict:
     }
 
 
-def main(config, workdir: str | None) -> list[SampleResult]:
-    """`retro-jax sample`: see docs/sample.md."""
+def _batch(sampler, prompts, number, batch_size, seed, options) -> list[SampleResult]:
+    """Batch `number` of the prompts, sampled from seed + number."""
+    first = number * batch_size
+    return sampler.generate_batch(
+        prompts[first : first + batch_size], seed=seed + number, **options
+    )
+
+
+def write_samples(
+    sampler: Sampler,
+    prompts: list[str],
+    output: str,
+    *,
+    batch_size: int,
+    seed: int,
+    progress: bool = False,
+    **options,
+) -> tuple[list[dict], float]:
+    """Continue `prompts` in batches of `batch_size` (batch i from seed + i) into the JSON lines
+    file `output`, resumably: each finished batch is kept in `output`.parts/ (written whole), a
+    rerun with the same prompts and settings skips those, and `output` is written whole at the
+    end, with exactly an uninterrupted run's lines. `options`: generate_batch's. Returns (the
+    lines as dicts, seconds spent decoding in this call)."""
+    parts = output + ".parts"
+    settings = {
+        "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "prompts": len(prompts),
+        "batch_size": batch_size,
+        "seed": seed,
+        "checkpoint": sampler.checkpoint,
+        **{k: v if v is not None else sampler.defaults.get(k) for k, v in options.items()},
+    }
+    settings_file = os.path.join(parts, "settings.json")
+    if files.exists(settings_file):
+        before = files.read_json(settings_file)
+        changed = sorted(k for k in settings | before if settings.get(k) != before.get(k))
+        if changed:
+            raise RetroError(
+                f"sample: {parts} holds the batches of a run with other {', '.join(changed)}; "
+                f"rerun with its settings to resume it, or delete {parts}"
+            )
+    else:
+        files.makedirs(parts)
+        files.write_json(settings_file, settings)
+    rows, seconds = [], 0.0
+    count = -(-len(prompts) // batch_size)
+    for number in tqdm(range(count), desc="sample", unit="batch", disable=not progress):
+        part = os.path.join(parts, f"batch_{number:06d}.jsonl")
+        if files.exists(part):  # done by an earlier run
+            rows += [json.loads(line) for line in files.read_text(part).splitlines()]
+            continue
+        batch = _batch(sampler, prompts, number, batch_size, seed, options)
+        seconds += sum(batch[0].seconds.values())
+        lines = [result_json(result) for result in batch]
+        with files.atomic_write(part, "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+        rows += lines
+    with files.atomic_write(output, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in rows)
+    files.rmtree(parts)
+    return rows, seconds
+
+
+def main(config, workdir: str | None) -> list[dict]:
+    """`retro-jax sample`: see docs/sample.md. Returns every result as its --output line."""
     from absl import flags
 
     FLAGS = flags.FLAGS
@@ -599,39 +666,41 @@ def main(config, workdir: str | None) -> list[SampleResult]:
         raise RetroError(f"sample.batch_size={batch_size} must be at least 1")
     sampler = Sampler.from_workdir(config, workdir)
     seed = int(config.seed) if FLAGS.seed is None else int(FLAGS.seed)
-    results, seconds = [], 0.0
-    batches = range(0, len(prompts), batch_size)
-    show = len(batches) > 1 and sys.stderr.isatty()
-    for number, first in enumerate(tqdm(batches, desc="sample", unit="batch", disable=not show)):
-        batch = sampler.generate_batch(
-            prompts[first : first + batch_size],
-            max_new_tokens=FLAGS.max_new_tokens,
-            temperature=FLAGS.temperature,
-            top_p=FLAGS.top_p,
-            seed=seed + number,  # batch i draws from seed + i
-        )
-        results += batch
-        seconds += sum(batch[0].seconds.values())
+    options = dict(
+        max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p
+    )
+    progress = len(prompts) > batch_size and sys.stderr.isatty()
     if FLAGS.output:
-        with files.atomic_write(FLAGS.output, "w") as f:
-            for result in results:
-                f.write(json.dumps(result_json(result)) + "\n")
+        rows, seconds = write_samples(
+            sampler,
+            prompts,
+            FLAGS.output,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+            **options,
+        )
     else:
-        for number, result in enumerate(results):
-            if len(results) > 1:
-                print(f"=== prompt {number + 1} of {len(results)} ({result.stopped})")
-            if FLAGS.show_neighbours:
-                shown = format_neighbours(result.chunks)
-                print(shown or "(no chunk was completed: nothing retrieved)")
-                print()
-            print(result.prompt + result.text)
-    generated = sum(len(result.tokens) for result in results)
-    retrievals = sum(len(result.chunks) for result in results)
-    stops = ", ".join(sorted({result.stopped for result in results}))
+        rows, seconds = [], 0.0
+        for number in range(-(-len(prompts) // batch_size)):
+            batch = _batch(sampler, prompts, number, batch_size, seed, options)
+            seconds += sum(batch[0].seconds.values())
+            for result in batch:
+                rows.append(result_json(result))
+                if len(prompts) > 1:
+                    print(f"=== prompt {len(rows)} of {len(prompts)} ({result.stopped})")
+                if FLAGS.show_neighbours:
+                    shown = format_neighbours(result.chunks)
+                    print(shown or "(no chunk was completed: nothing retrieved)")
+                    print()
+                print(result.prompt + result.text)
+    generated = sum(len(row["tokens"]) for row in rows)
+    retrievals = sum(len(row["retrieved"]) for row in rows)
+    stops = ", ".join(sorted({row["stopped"] for row in rows}))
     where = f", written to {FLAGS.output}" if FLAGS.output else ""
     print(
-        f"\nsample: {len(results)} prompt(s), {generated} tokens ({stops}), {retrievals} "
+        f"\nsample: {len(rows)} prompt(s), {generated} tokens ({stops}), {retrievals} "
         f"retrievals, {generated / max(seconds, 1e-9):.1f} tokens/s{where}",
         file=sys.stderr,
     )
-    return results
+    return rows

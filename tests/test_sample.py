@@ -229,6 +229,40 @@ def test_a_row_that_stops_leaves_the_others_as_they_were(sampler, monkeypatch):
     assert second.stopped == alone.stopped and len(second.chunks) == len(alone.chunks)
 
 
+def test_sampling_to_a_file_resumes_where_it_stopped(sampler, tmp_path, monkeypatch):
+    """Killed after its first batch, a rerun keeps that batch, samples the rest and writes
+    exactly the lines of an uninterrupted run; other settings are refused, not mixed in."""
+    from retro_jax.sample import write_samples
+
+    args = dict(batch_size=1, seed=3, max_new_tokens=6, temperature=1.0, top_p=1.0)
+    whole = tmp_path / "whole.jsonl"
+    rows, _ = write_samples(sampler, PROMPTS, str(whole), **args)
+    assert [row["prompt"] for row in rows] == PROMPTS
+    assert os.listdir(tmp_path) == ["whole.jsonl"]  # no .parts left behind
+    calls, real, interrupt = [], sampler.generate_batch, [True]
+
+    def generate_batch(*a, **k):
+        calls.append(1)
+        if interrupt[0] and len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sampler, "generate_batch", generate_batch)
+    out = tmp_path / "killed.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        write_samples(sampler, PROMPTS, str(out), **args)
+    assert not out.exists()
+    assert sorted(os.listdir(f"{out}.parts")) == ["batch_000000.jsonl", "settings.json"]
+    with pytest.raises(RetroError, match=r"killed.jsonl.parts holds .* other seed; rerun"):
+        write_samples(sampler, PROMPTS, str(out), **{**args, "seed": 4})
+    interrupt[0] = False
+    calls.clear()
+    write_samples(sampler, PROMPTS, str(out), **args)
+    assert len(calls) == 2  # batches 1 and 2: batch 0 was kept
+    assert out.read_text() == whole.read_text()
+    assert not os.path.exists(f"{out}.parts")
+
+
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_empty_prompt(sampler, prompt):
     with pytest.raises(RetroError, match="prompt is empty"):
