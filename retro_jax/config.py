@@ -159,6 +159,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.max_new_tokens = 64
     c.sample.temperature = 1.0
     c.sample.top_p = 0.9
+    c.sample.top_k = 0  # keep only the k most likely tokens; 0 = no cut
     c.sample.pad_prompt = True  # left-pad the prompt so generation starts on a chunk boundary
     c.sample.max_len = 0  # longest sequence (prompt + new tokens); 0 = the trained data.seq_len
     c.sample.stop_at_eos = True  # stop when the model ends the document

@@ -39,17 +39,19 @@ from retro_jax.model.decode import Decoder
 # ---------------------------------------------------------------- choosing the next token
 
 
-def nucleus_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
-    """bool [B, V]: the smallest set of most likely tokens whose probability reaches top_p.
+def nucleus_mask(logits: jax.Array, top_p: jax.Array, top_k: jax.Array | int = 0) -> jax.Array:
+    """bool [B, V]: the smallest set of most likely tokens whose probability reaches top_p, cut
+    to the top_k most likely (tokens tied with the k-th stay; top_k <= 0: no cut).
 
-    The most likely token is always kept; top_p >= 1 keeps every token.
+    The most likely token is always kept; top_p >= 1 and top_k <= 0 keep every token.
     """
     ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
     probs = jax.nn.softmax(ordered, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
-    kept = before < top_p
+    rank = jnp.arange(ordered.shape[-1])
+    kept = ((before < top_p) | (top_p >= 1.0)) & ((rank < top_k) | (top_k <= 0))
     threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
-    return (logits >= threshold) | (top_p >= 1.0)
+    return logits >= threshold
 
 
 @jax.jit
@@ -59,17 +61,18 @@ def sample_tokens(
     temperature: jax.Array,
     top_p: jax.Array,
     vocab_size: jax.Array | None = None,
+    top_k: jax.Array | int = 0,
 ) -> jax.Array:
-    """logits f32 [B, V] -> token ids int32 [B]: nucleus sampling at a temperature.
+    """logits f32 [B, V] -> token ids int32 [B]: nucleus (and top-k) sampling at a temperature.
 
     temperature <= 0 is greedy (argmax). Ids at or past `vocab_size` (the tokenizer's; the
-    model's output layer may be larger) are never drawn. temperature, top_p and vocab_size are
-    traced: changing them does not recompile.
+    model's output layer may be larger) are never drawn. temperature, top_p, vocab_size and
+    top_k are traced: changing them does not recompile.
     """
     if vocab_size is not None:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
     scaled = logits / jnp.maximum(temperature, 1e-6)
-    scaled = jnp.where(nucleus_mask(logits, top_p), scaled, -jnp.inf)
+    scaled = jnp.where(nucleus_mask(logits, top_p, top_k), scaled, -jnp.inf)
     drawn = jax.random.categorical(key, scaled, axis=-1)
     return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
@@ -203,6 +206,7 @@ class Sampler:
         max_new_tokens: int = 64,
         temperature: float = 1.0,
         top_p: float = 0.9,
+        top_k: int = 0,
     ):
         self.model, self.tokenizer, self.retriever = model, tokenizer, retriever
         self.config = model.config
@@ -210,7 +214,10 @@ class Sampler:
         self.max_len = int(max_len)
         self.pad_prompt, self.stop_at_eos = bool(pad_prompt), bool(stop_at_eos)
         self.defaults = dict(
-            max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p)
+            max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=int(top_k),
         )
         self.retrieval = retriever is not None and not self.config.is_baseline
         self.checkpoint = None  # from_workdir: which checkpoint (recorded by write_samples)
@@ -231,6 +238,7 @@ class Sampler:
             max_new_tokens=int(s.max_new_tokens),
             temperature=float(s.temperature),
             top_p=float(s.top_p),
+            top_k=int(s.top_k),
         )
         sampler.checkpoint = f"{workdir}, step {step}"
         return sampler
@@ -276,6 +284,7 @@ class Sampler:
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
+        top_k: int | None = None,
         seed: int = 0,
         keep_logits: bool = False,
     ) -> list[SampleResult]:
@@ -289,12 +298,15 @@ class Sampler:
         max_new = self.defaults["max_new_tokens"] if max_new_tokens is None else max_new_tokens
         temperature = self.defaults["temperature"] if temperature is None else temperature
         top_p = self.defaults["top_p"] if top_p is None else top_p
+        top_k = self.defaults["top_k"] if top_k is None else top_k
         if max_new < 1:
             raise RetroError(f"sample: --max-new-tokens must be at least 1, got {max_new}")
         if not 0.0 < top_p <= 1.0:
             raise RetroError(f"sample: --top-p must be in (0, 1], got {top_p}")
         if temperature < 0:
             raise RetroError(f"sample: --temperature must be >= 0, got {temperature}")
+        if top_k < 0:
+            raise RetroError(f"sample: --top-k must be >= 0 (0: no cut), got {top_k}")
         if not prompts:
             raise RetroError("sample: no prompt to continue")
         c, tok = self.config, self.tokenizer
@@ -314,7 +326,7 @@ class Sampler:
         cache = self.decoder.init_cache(rows, cache_len, k)
         key = jax.random.key(seed)
         temperature_arr = jnp.float32(temperature)
-        top_p_arr = jnp.float32(top_p)
+        top_p_arr, top_k_arr = jnp.float32(top_p), jnp.int32(top_k)
         vocab_arr = jnp.int32(tok.vocab_size)
         generated = [0] * rows
         active = list(range(rows))
@@ -355,7 +367,8 @@ class Sampler:
         t = fed  # the position of the token drawn next
         while True:
             key, draw = jax.random.split(key)
-            drawn = np.asarray(sample_tokens(logits, draw, temperature_arr, top_p_arr, vocab_arr))
+            drawn = sample_tokens(logits, draw, temperature_arr, top_p_arr, vocab_arr, top_k_arr)
+            drawn = np.asarray(drawn)
             for row in active:
                 sequence[row, t] = drawn[row]
                 generated[row] += 1
@@ -667,7 +680,10 @@ def main(config, workdir: str | None) -> list[dict]:
     sampler = Sampler.from_workdir(config, workdir)
     seed = int(config.seed) if FLAGS.seed is None else int(FLAGS.seed)
     options = dict(
-        max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p
+        max_new_tokens=FLAGS.max_new_tokens,
+        temperature=FLAGS.temperature,
+        top_p=FLAGS.top_p,
+        top_k=FLAGS.top_k,
     )
     progress = len(prompts) > batch_size and sys.stderr.isatty()
     if FLAGS.output:

@@ -38,9 +38,20 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p(top_p, kept):
     assert sorted(rank_of[i] for i in np.flatnonzero(mask)) == kept
 
 
-def _draw(probs, temperature, top_p, rows=6000, seed=0):
+@pytest.mark.parametrize(
+    "top_p,top_k,kept", [(1.0, 1, [0]), (1.0, 3, [0, 1, 2]), (0.6, 3, [0, 1]), (0.95, 2, [0, 1])]
+)
+def test_top_k_cuts_the_nucleus_to_the_k_most_likely(top_p, top_k, kept):
+    logits = jnp.log(jnp.asarray(PROBS[[2, 0, 3, 1]]))[None]
+    mask = np.asarray(nucleus_mask(logits, jnp.float32(top_p), jnp.int32(top_k)))[0]
+    rank_of = {0: 2, 1: 0, 2: 3, 3: 1}
+    assert sorted(rank_of[i] for i in np.flatnonzero(mask)) == kept
+
+
+def _draw(probs, temperature, top_p, rows=6000, seed=0, top_k=0):
     logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (rows, len(probs)))
-    tokens = sample_tokens(logits, jax.random.key(seed), jnp.float32(temperature), top_p)
+    key, temperature = jax.random.key(seed), jnp.float32(temperature)
+    tokens = sample_tokens(logits, key, temperature, top_p, None, jnp.int32(top_k))
     return np.bincount(np.asarray(tokens), minlength=len(probs)) / rows
 
 
@@ -50,6 +61,8 @@ def test_temperature_and_top_p_shape_the_distribution():
     np.testing.assert_allclose(_draw(PROBS, 2.0, 1.0), hot, atol=0.025)
     nucleus = np.array([0.5, 0.3, 0, 0]) / 0.8  # top_p 0.8: the two best, renormalised
     np.testing.assert_allclose(_draw(PROBS, 1.0, 0.8), nucleus, atol=0.025)
+    top3 = np.array([0.5, 0.3, 0.15, 0]) / 0.95  # top_k 3: the three best, renormalised
+    np.testing.assert_allclose(_draw(PROBS, 1.0, 1.0, top_k=3), top3, atol=0.025)
     assert _draw(PROBS, 0.0, 1.0)[0] == 1.0  # temperature 0 is greedy
     assert _draw(PROBS, 5.0, 0.3)[0] == 1.0  # a tiny nucleus is greedy at any temperature
     assert not np.array_equal(_draw(PROBS, 1.0, 1.0, rows=64), _draw(PROBS, 1.0, 1.0, 64, 1))
