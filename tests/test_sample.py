@@ -4,6 +4,7 @@ command line (dashed flags, --show-neighbours), and the errors for bad prompts a
 
 import json
 import os
+import uuid
 
 import jax
 import jax.numpy as jnp
@@ -274,6 +275,13 @@ def test_sampling_to_a_file_resumes_where_it_stopped(sampler, tmp_path, monkeypa
     assert len(calls) == 2  # batches 1 and 2: batch 0 was kept
     assert out.read_text() == whole.read_text()
     assert not os.path.exists(f"{out}.parts")
+    # ... and to a remote path (ram:// stands in for gs://): the same lines
+    from retro_jax.data import files
+
+    remote = f"ram://samples-{uuid.uuid4().hex[:8]}/out.jsonl"
+    write_samples(sampler, PROMPTS, remote, **args)
+    assert files.read_text(remote) == whole.read_text()
+    assert not files.exists(f"{remote}.parts")
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])
