@@ -271,6 +271,24 @@ class Sampler:
         most = -(-self.max_len // m)
         return min(1 << (chunks - 1).bit_length(), most) * m
 
+    def _options(self, max_new_tokens, temperature, top_p, top_k) -> tuple:
+        """The sampling options, None taking the sampler's defaults, checked."""
+        given = dict(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k
+        )
+        o = {name: self.defaults[name] if v is None else v for name, v in given.items()}
+        if o["max_new_tokens"] < 1:
+            raise RetroError(
+                f"sample: --max-new-tokens must be at least 1, got {o['max_new_tokens']}"
+            )
+        if not 0.0 < o["top_p"] <= 1.0:
+            raise RetroError(f"sample: --top-p must be in (0, 1], got {o['top_p']}")
+        if o["temperature"] < 0:
+            raise RetroError(f"sample: --temperature must be >= 0, got {o['temperature']}")
+        if o["top_k"] < 0:
+            raise RetroError(f"sample: --top-k must be >= 0 (0: no cut), got {o['top_k']}")
+        return o["max_new_tokens"], o["temperature"], o["top_p"], o["top_k"]
+
     # ------------------------------------------------------------------ generation
 
     def generate(self, prompt: str, **options) -> SampleResult:
@@ -295,18 +313,9 @@ class Sampler:
         is fed padding after, and retrieves nothing), the batch when every row has stopped or
         at `max_new_tokens`. The live retrieval of each chunk end is one BERT call and one
         search for all rows. `seconds` is the whole batch's."""
-        max_new = self.defaults["max_new_tokens"] if max_new_tokens is None else max_new_tokens
-        temperature = self.defaults["temperature"] if temperature is None else temperature
-        top_p = self.defaults["top_p"] if top_p is None else top_p
-        top_k = self.defaults["top_k"] if top_k is None else top_k
-        if max_new < 1:
-            raise RetroError(f"sample: --max-new-tokens must be at least 1, got {max_new}")
-        if not 0.0 < top_p <= 1.0:
-            raise RetroError(f"sample: --top-p must be in (0, 1], got {top_p}")
-        if temperature < 0:
-            raise RetroError(f"sample: --temperature must be >= 0, got {temperature}")
-        if top_k < 0:
-            raise RetroError(f"sample: --top-k must be >= 0 (0: no cut), got {top_k}")
+        max_new, temperature, top_p, top_k = self._options(
+            max_new_tokens, temperature, top_p, top_k
+        )
         if not prompts:
             raise RetroError("sample: no prompt to continue")
         c, tok = self.config, self.tokenizer
