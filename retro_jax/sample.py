@@ -71,10 +71,17 @@ def sample_tokens(
     """
     if vocab_size is not None:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    scaled = jnp.where(nucleus_mask(logits, top_p, top_k), scaled, -jnp.inf)
-    drawn = jax.random.categorical(key, scaled, axis=-1)
-    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+    def draw(logits):
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        cut = lambda: jnp.where(nucleus_mask(logits, top_p, top_k), scaled, -jnp.inf)
+        # The nucleus sorts the vocabulary: skipped when it would keep every token.
+        every = (top_p >= 1.0) & (top_k <= 0)
+        scaled = jax.lax.cond(every, lambda: scaled, cut)
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+    greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(temperature > 0, draw, greedy, logits)  # only the branch taken runs
 
 
 # ---------------------------------------------------------------- live retrieval
