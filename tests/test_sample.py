@@ -49,6 +49,38 @@ def test_top_k_cuts_the_nucleus_to_the_k_most_likely(top_p, top_k, kept):
     assert sorted(rank_of[i] for i in np.flatnonzero(mask)) == kept
 
 
+def _sorted_nucleus(logits, top_p, top_k):
+    """The reference: sort, keep the ranks whose mass above is < top_p and rank < top_k, then
+    every token at least as likely as the last kept one."""
+    ordered = np.sort(logits, axis=-1)[:, ::-1]
+    probs = np.exp(ordered - ordered[:, :1])
+    probs /= probs.sum(-1, keepdims=True)
+    before = np.cumsum(probs, axis=-1) - probs
+    rank = np.arange(logits.shape[-1])
+    kept = ((before < top_p) | (top_p >= 1)) & ((rank < top_k) | (top_k <= 0))
+    return logits >= np.where(kept, ordered, np.inf).min(-1, keepdims=True)
+
+
+def test_the_nucleus_bisection_equals_sorting():
+    """nucleus_mask finds its thresholds by bisection on order keys: the same tokens as sorting,
+    over random logits with ties, -0.0, -inf (tokens past the vocabulary), top_p and top_k."""
+    rng = np.random.default_rng(0)
+    mask = jax.jit(nucleus_mask)
+    for trial in range(200):  # one shape: one compilation
+        vocab = 257
+        logits = rng.standard_normal((4, vocab)).astype(np.float32)
+        logits *= rng.choice([0.1, 1, 5, 30])
+        if trial % 3 == 0:
+            logits = np.round(logits)  # ties, and -0.0 next to 0.0
+        if trial % 5 == 0:
+            logits[:, rng.integers(1, vocab) :] = -np.inf
+        top_p = np.float32(rng.choice([rng.uniform(0.01, 1.0), 1.0]))
+        top_k = np.int32(rng.choice([0, rng.integers(1, vocab + 2)]))
+        want = _sorted_nucleus(logits, top_p, top_k)
+        got = np.asarray(mask(jnp.asarray(logits), top_p, top_k))
+        assert (got == want).all(), (trial, top_p, top_k)
+
+
 def _draw(probs, temperature, top_p, rows=6000, seed=0, top_k=0):
     logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (rows, len(probs)))
     key, temperature = jax.random.key(seed), jnp.float32(temperature)
