@@ -1,8 +1,9 @@
 """`retro-jax sample`: generate text with RETRO, retrieving from the chunk database as it goes.
 
-Decoding is incremental (retro_jax/model/decode.py): one position per step, self-attention keys
-and values cached, each chunk's neighbours encoded once. Retrieval is live and in the paper's
-order: when chunk C_u is complete (its last token is fed), its text is embedded with the same
+Decoding is incremental (retro_jax/model/decode.py): the prompt in one call (prefill), then one
+position per step, self-attention keys and values cached, each chunk's neighbours encoded once.
+Several prompts decode together, one row each (`generate_batch`, `--prompts`). Retrieval is live
+and in the paper's order: when chunk C_u is complete (its last token is fed), its text is embedded with the same
 frozen BERT that keyed the database, the saved index is searched, the neighbours' chunk +
 continuation tokens are read from the database, and that very step encodes them; they condition
 the generation of chunk u+1 from the last token of C_u on. The prompt starts with EOS (documents
@@ -13,6 +14,7 @@ Python:
     sampler = Sampler.from_workdir(config, workdir)
     result = sampler.generate("The state of the Union", max_new_tokens=64, seed=0)
     result.text, result.tokens, result.chunks   # chunks: per chunk its retrieved neighbours
+    results = sampler.generate_batch(["We the people", "Tonight"], max_new_tokens=64)
 """
 
 from __future__ import annotations
