@@ -3,12 +3,13 @@
 Decoding is incremental (retro_jax/model/decode.py): the prompt in one call (prefill), then one
 position per step, self-attention keys and values cached, each chunk's neighbours encoded once.
 Several prompts decode together, one row each (`generate_batch`, `--prompts`). Retrieval is live
-and in the paper's order: when chunk C_u is complete (its last token is fed), its text is embedded with the same
-frozen BERT that keyed the database, the saved index is searched, the neighbours' chunk +
-continuation tokens are read from the database, and that very step encodes them; they condition
-the generation of chunk u+1 from the last token of C_u on. The prompt starts with EOS (documents
-do, see docs/prepare.md) and is left-padded so that generation starts on a chunk boundary and the
-first generated token already sees the neighbours of the prompt's last chunk.
+and in the paper's order: when chunk C_u is complete (its last token is fed), its text is
+embedded with the same frozen BERT that keyed the database, the saved index is searched, the
+neighbours' chunk + continuation tokens are read from the database, and that very step encodes
+them; they condition the generation of chunk u+1 from the last token of C_u on. The prompt starts
+with EOS (documents do, see docs/prepare.md) and is left-padded so that generation starts on a
+chunk boundary and the first generated token already sees the neighbours of the prompt's last
+chunk.
 
 Python:
     sampler = Sampler.from_workdir(config, workdir)
