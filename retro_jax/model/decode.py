@@ -69,25 +69,17 @@ def _encode_chunks(model: Retro, cache: dict, first: jax.Array, neighbours: jax.
     batch, chunks, k, r = neighbours.shape
     chunk_h = jax.lax.dynamic_slice_in_dim(cache["chunk_h"], first * m, chunks * m, axis=1)
     chunk_mask = jax.lax.dynamic_slice_in_dim(cache["token_mask"], first * m, chunks * m, axis=1)
-    encoded = model.encoder(
-        neighbours,
-        chunk_h.reshape(batch, chunks, m, -1),
-        chunk_mask.reshape(batch, chunks, m),
-    )  # [B, l, k, r, de]
+    encoded, mask = model.encode(neighbours, chunk_h, chunk_mask)  # [B, l, k, r, de], [B, l, k, r]
     encoded = encoded.reshape(batch, chunks, k * r, -1)
-    k_pos = jnp.tile(jnp.arange(r), k)
-    cca = values(model.cca)
-    keys, vals = [], []
-    for j in range(len(c.cca_layers)):
-        p = jax.tree.map(lambda a, j=j: a[j], cca["attn"])
-        keys.append(rope(project(encoded, p["k"]), k_pos, c.rope_base))
-        vals.append(project(encoded, p["v"]))
+    # Every CCA layer's keys and values at once, from the stacked weights [cca_layers, de, H, D].
+    attn = values(model.cca)["attn"]
+    project_all = lambda w: jnp.einsum("bltd,jdhk->jblthk", encoded, w.astype(encoded.dtype))
+    keys = rope(project_all(attn["k"]), jnp.tile(jnp.arange(r), k), c.rope_base)
     put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(buf, new, first, axis=axis)
-    mask = (neighbours != c.pad_id).reshape(batch, chunks, k * r)
     return cache | {
-        "cca_k": put(cache["cca_k"], jnp.stack(keys), 2),
-        "cca_v": put(cache["cca_v"], jnp.stack(vals), 2),
-        "cca_mask": put(cache["cca_mask"], mask, 1),
+        "cca_k": put(cache["cca_k"], keys, 2),
+        "cca_v": put(cache["cca_v"], project_all(attn["v"]), 2),
+        "cca_mask": put(cache["cca_mask"], mask.reshape(batch, chunks, k * r), 1),
     }
 
 
