@@ -629,6 +629,19 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def check_prompts(sampler: Sampler, prompts: list[str], source: str) -> None:
+    """Every prompt fits the model (Sampler.prompt_tokens), checked before any is sampled: a bad
+    prompt far down a long file stops the run at once, named by its number and beginning."""
+    for number, prompt in enumerate(prompts, start=1):
+        try:
+            sampler.prompt_tokens(prompt)
+        except RetroError as e:
+            why = str(e).removeprefix("sample: ")
+            raise RetroError(
+                f"sample: {source}, prompt {number} ({prompt[:40]!r}): {why}"
+            ) from None
+
+
 def result_json(result: SampleResult) -> dict:
     """One line of --output: the prompt, its continuation, why it stopped, the generated ids and
     every retrieval (RetrievedChunk.to_json)."""
@@ -718,6 +731,8 @@ def main(config, workdir: str | None) -> list[dict]:
     if batch_size < 1:
         raise RetroError(f"sample.batch_size={batch_size} must be at least 1")
     sampler = Sampler.from_workdir(config, workdir)
+    if FLAGS.prompts is not None:
+        check_prompts(sampler, prompts, f"--prompts {FLAGS.prompts}")
     seed = int(config.seed) if FLAGS.seed is None else int(FLAGS.seed)
     options = dict(
         max_new_tokens=FLAGS.max_new_tokens,

@@ -325,6 +325,15 @@ def test_empty_prompt(sampler, prompt):
 def test_prompt_longer_than_the_model(sampler):
     with pytest.raises(RetroError, match="too long for the model's maximum length 64"):
         sampler.generate("the people of the United States " * 20)
+    # In a file of prompts, every one is checked before any is sampled; the bad one is named.
+    from retro_jax.sample import check_prompts
+
+    prompts = ["We the people", "the people of the United States " * 20, "Tonight"]
+    check_prompts(sampler, prompts[::2], "--prompts F")
+    with pytest.raises(
+        RetroError, match=r"^sample: --prompts F, prompt 2 \('the people of the Un.*too long"
+    ):
+        check_prompts(sampler, prompts, "--prompts F")
 
 
 def _linked_workdir(source: str, target, skip=()):
