@@ -302,12 +302,13 @@ class Sampler:
         most = -(-self.max_len // m)
         return min(1 << (chunks - 1).bit_length(), most) * m
 
-    def _options(self, max_new_tokens, temperature, top_p, top_k) -> tuple:
-        """The sampling options, None taking the sampler's defaults, checked."""
-        given = dict(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k
-        )
-        o = {name: self.defaults[name] if v is None else v for name, v in given.items()}
+    def options(self, **given) -> dict:
+        """The sampling options (max_new_tokens, temperature, top_p, top_k), None or left out
+        taking the sampler's defaults, checked."""
+        o = {
+            name: value if given.get(name) is None else given[name]
+            for name, value in self.defaults.items()
+        }
         if o["max_new_tokens"] < 1:
             raise RetroError(
                 f"sample: --max-new-tokens must be at least 1, got {o['max_new_tokens']}"
@@ -318,7 +319,7 @@ class Sampler:
             raise RetroError(f"sample: --temperature must be >= 0, got {o['temperature']}")
         if o["top_k"] < 0:
             raise RetroError(f"sample: --top-k must be >= 0 (0: no cut), got {o['top_k']}")
-        return o["max_new_tokens"], o["temperature"], o["top_p"], o["top_k"]
+        return o
 
     # ------------------------------------------------------------------ generation
 
@@ -344,8 +345,11 @@ class Sampler:
         is fed padding after, and retrieves nothing), the batch when every row has stopped or
         at `max_new_tokens`. The live retrieval of each chunk end is one BERT call and one
         search for all rows. `seconds` is the whole batch's."""
-        max_new, temperature, top_p, top_k = self._options(
-            max_new_tokens, temperature, top_p, top_k
+        o = self.options(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k
+        )
+        max_new, temperature, top_p, top_k = (
+            o[name] for name in ("max_new_tokens", "temperature", "top_p", "top_k")
         )
         if not prompts:
             raise RetroError("sample: no prompt to continue")
@@ -684,7 +688,7 @@ def write_samples(
         "batch_size": batch_size,
         "seed": seed,
         "checkpoint": sampler.checkpoint,
-        **{k: v if v is not None else sampler.defaults.get(k) for k, v in options.items()},
+        **sampler.options(**options),  # as generate_batch resolves them
     }
     settings_file = os.path.join(parts, "settings.json")
     if files.exists(settings_file):
