@@ -15,6 +15,7 @@ SMALL = RetroConfig(
     enc_num_heads=2,
     enc_head_dim=8,
     enc_d_ff=32,
+    cca_zero_init=False,  # drawn CCA outputs: the tests see where neighbours reach at init
 )
 
 # Two decoder layers with CCA at layer 2 (train, eval and sample tests pick vocab and chunk).
@@ -29,4 +30,5 @@ TWO_LAYERS = dict(
     enc_num_heads=2,
     enc_head_dim=16,
     enc_d_ff=64,
+    cca_zero_init=False,
 )

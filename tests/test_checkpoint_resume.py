@@ -122,3 +122,20 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path
     finish(launch(config_path, preempted, cache))
     resumed = {row["step"]: row for row in read_metrics(str(preempted))}
     assert [resumed[s]["loss"] for s in expected] == [expected[s]["loss"] for s in expected]
+
+
+def test_resume_allows_changes_of_compute_and_init_only_fields():
+    """dtype, remat, scan_layers, logits_chunk and cca_zero_init do not change the weights: a
+    checkpoint resumes under other values (or from before cca_zero_init was recorded); a field
+    that shapes the weights is named."""
+    from retro_jax.errors import RetroError
+    from retro_jax.model import RetroConfig
+    from retro_jax.train.checkpoint import check_resumable
+
+    saved = RetroConfig().to_dict()
+    del saved["cca_zero_init"]  # a checkpoint written before the field existed
+    current = RetroConfig(dtype="bfloat16", remat=True, scan_layers=True, cca_zero_init=False)
+    check_resumable("/ckpt", 5, {"model": saved}, {"model": current.to_dict()})
+    with pytest.raises(RetroError, match=r"/ckpt/5 it would resume: model.d_model: checkpoint 64"):
+        narrower = current.replace(d_model=32).to_dict()
+        check_resumable("/ckpt", 5, {"model": saved}, {"model": narrower})

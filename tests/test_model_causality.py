@@ -24,6 +24,7 @@ CONFIG = RetroConfig(
     enc_num_heads=2,
     enc_head_dim=12,
     enc_d_ff=48,
+    cca_zero_init=False,  # drawn CCA outputs, so neighbours reach the logits at init
 )
 
 

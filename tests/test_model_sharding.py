@@ -27,6 +27,7 @@ CONFIG = RetroConfig(
     enc_num_heads=2,
     enc_head_dim=8,
     enc_d_ff=32,
+    cca_zero_init=False,  # drawn CCA outputs, so neighbours reach the logits at init
 )
 
 

@@ -101,3 +101,40 @@ def test_retrofit_trains_the_papers_6m_sequences_by_default():
     assert config.train.steps == 3  # the caller's config is left alone
     config.train.retrofit_sequences = 0
     assert retrofit_schedule(config).train.steps == 3
+
+
+def test_a_new_retro_is_its_baseline_twin_until_cca_learns():
+    """With `model.cca_zero_init` (the default) RETRO built from the same seed as its baseline
+    twin computes the baseline's logits bit for bit, whatever its neighbours; the zero CCA
+    outputs still get gradients, and one step down them lets the neighbours of chunk 0 reach
+    exactly its attending chunk (CCA in the last layer: positions m-1 .. 2m-2, no others)."""
+    from flax import nnx
+
+    from retro_jax.model import Retro, RetroConfig
+
+    assert RetroConfig().cca_zero_init and RetroConfig.preset("172m").cca_zero_init
+    one = dict(num_layers=1, num_heads=1, head_dim=8, enc_num_layers=1, enc_num_heads=1)
+    config = RetroConfig(vocab_size=16, chunk_size=2, d_model=8, d_ff=8, cca_layers=(1,),
+                         enc_d_model=8, enc_head_dim=8, enc_d_ff=8, **one)  # fmt: skip
+    m, n, vocab = config.chunk_size, 4 * config.chunk_size, config.vocab_size
+    retro, twin = Retro(config, rngs=nnx.Rngs(3)), Retro(config.baseline(), rngs=nnx.Rngs(3))
+    forward = nnx.jit(lambda model, tokens, neighbours: model(tokens, neighbours))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, vocab, (2, n)).astype(np.int32)
+    for _ in range(3):
+        neighbours = rng.integers(0, vocab, (2, n // m, 2, 2 * m)).astype(np.int32)
+        expected = forward(twin, tokens, None)
+        np.testing.assert_array_equal(forward(retro, tokens, neighbours), expected)
+
+    def loss(model):
+        return model.token_nll(tokens, neighbours, np.roll(tokens, -1, axis=1)).mean()
+
+    grads = nnx.jit(nnx.grad(loss))(retro)
+    assert np.abs(np.asarray(grads.cca["attn"]["o"][...])).max() > 0
+    retro.cca["attn"]["o"][...] -= 0.5 * grads.cca["attn"]["o"][...]
+    other = neighbours.copy()
+    other[:, 0] = rng.integers(0, vocab, other[:, 0].shape)
+    moved = np.abs(np.asarray(forward(retro, tokens, other) - forward(retro, tokens, neighbours)))
+    moved = moved.max(axis=(0, 2))  # [n]
+    assert (moved[m - 1 : 2 * m - 1] > 0).all(), moved
+    assert not moved[: m - 1].any() and not moved[2 * m - 1 :].any(), moved

@@ -37,6 +37,11 @@ class RetroConfig:
     enc_head_dim: int = 16
     enc_d_ff: int = 256
     enc_cross_layers: tuple[int, ...] = (1,)  # 1-based encoder layers that attend to C_u
+    # CCA output projections start at zero, so a new RETRO computes exactly the function of its
+    # baseline twin built with the same seed, and a retro-fit starts from the baseline itself;
+    # retrieval then enters only as far as training finds it useful. False draws them like
+    # every other weight (the paper does not say how CCA is initialised).
+    cca_zero_init: bool = True
     pad_id: int = 0
     activation: str = "gelu"  # gelu (the paper's GPT-2-like FFW) | relu | silu
     rope_base: float = 10_000.0

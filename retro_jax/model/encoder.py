@@ -25,8 +25,11 @@ def attention_params(
     heads: int,
     head_dim: int,
     heads_axis: str,
+    *,
+    zero_output: bool = False,
 ) -> dict[str, nnx.Param]:
-    """q/k/v/o of an attention layer, with leading `stack` axes (layers) if any."""
+    """q/k/v/o of an attention layer, with leading `stack` axes (layers) if any; with
+    `zero_output` the output projection o starts at zero (the layer first adds nothing)."""
     lead = ("layers",) * len(stack)
     return dict(
         q=param(
@@ -43,6 +46,7 @@ def attention_params(
             (*stack, heads, head_dim, d_q),
             (*lead, heads_axis, "kv", "embed"),
             fan_in=heads * head_dim,
+            value=0.0 if zero_output else None,
         ),
     )
 

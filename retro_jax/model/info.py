@@ -97,7 +97,7 @@ def describe(config: RetroConfig, preset: str | None = None) -> list[tuple[str, 
 
 
 # Fields that change how a model is computed or where it retrieves, not its size.
-_NOT_SIZE = ("cca_layers", "dtype", "remat", "scan_layers", "logits_chunk")
+_NOT_SIZE = ("cca_layers", "dtype", "remat", "scan_layers", "logits_chunk", "cca_zero_init")
 
 
 def paper_preset_of(config: RetroConfig) -> str | None:

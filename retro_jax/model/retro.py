@@ -73,7 +73,16 @@ class Retro(nnx.Module):
             C = (len(c.cca_layers),)
             self.cca = nnx.Dict(
                 attn=nnx.Dict(
-                    attention_params(rngs, C, d, c.enc_d_model, c.num_heads, c.head_dim, "heads")
+                    attention_params(
+                        rngs,
+                        C,
+                        d,
+                        c.enc_d_model,
+                        c.num_heads,
+                        c.head_dim,
+                        "heads",
+                        zero_output=c.cca_zero_init,
+                    )
                 ),
                 norm=param(None, (*C, d), ("layers", "norm"), value=1.0),
             )

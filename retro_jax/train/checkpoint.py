@@ -24,8 +24,9 @@ from retro_jax.model.config import RetroConfig
 from retro_jax.train.state import TrainState, merge_dicts, pick
 
 MODEL_CONFIG = "model_config.json"
-# RetroConfig fields that change only how the model is computed, not what it is.
-COMPUTE_ONLY = ("dtype", "remat", "scan_layers", "logits_chunk")
+# RetroConfig fields that change only how the model is computed (or first initialised), not what
+# its weights are: they may differ between a checkpoint and the run that resumes or loads it.
+COMPUTE_ONLY = ("dtype", "remat", "scan_layers", "logits_chunk", "cca_zero_init")
 
 
 class Checkpoints:
