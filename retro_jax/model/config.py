@@ -14,6 +14,11 @@ def default_cca_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(range(start, num_layers + 1, 3))
 
 
+# RetroConfig fields that change only how the model is computed (or first initialised), not what
+# its weights are: they may differ between a checkpoint and the run that resumes or loads it.
+COMPUTE_ONLY = ("dtype", "remat", "scan_layers", "logits_chunk", "cca_zero_init")
+
+
 @dataclasses.dataclass(frozen=True)
 class RetroConfig:
     """Shapes and options of a RETRO decoder + neighbour encoder.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from retro_jax.model.config import PAPER_PARAMS, RetroConfig
+from retro_jax.model.config import COMPUTE_ONLY, PAPER_PARAMS, RetroConfig
 from retro_jax.model.create import abstract_model
 
 
@@ -97,7 +97,7 @@ def describe(config: RetroConfig, preset: str | None = None) -> list[tuple[str, 
 
 
 # Fields that change how a model is computed or where it retrieves, not its size.
-_NOT_SIZE = ("cca_layers", "dtype", "remat", "scan_layers", "logits_chunk", "cca_zero_init")
+_NOT_SIZE = ("cca_layers", *COMPUTE_ONLY)
 
 
 def paper_preset_of(config: RetroConfig) -> str | None:

@@ -20,13 +20,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from retro_jax.errors import RetroError
-from retro_jax.model.config import RetroConfig
+from retro_jax.model.config import COMPUTE_ONLY, RetroConfig
 from retro_jax.train.state import TrainState, merge_dicts, pick
 
 MODEL_CONFIG = "model_config.json"
-# RetroConfig fields that change only how the model is computed (or first initialised), not what
-# its weights are: they may differ between a checkpoint and the run that resumes or loads it.
-COMPUTE_ONLY = ("dtype", "remat", "scan_layers", "logits_chunk", "cca_zero_init")
 
 
 class Checkpoints:
