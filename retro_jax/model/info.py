@@ -96,7 +96,7 @@ def describe(config: RetroConfig, preset: str | None = None) -> list[tuple[str, 
     return rows
 
 
-# Fields that change how a model is computed or where it retrieves, not its size.
+# Fields that change where a model retrieves, how it is computed or initialised, not its size.
 _NOT_SIZE = ("cca_layers", *COMPUTE_ONLY)
 
 

@@ -19,9 +19,8 @@ import math
 import ml_collections
 
 from retro_jax.errors import RetroError
-from retro_jax.model.config import RetroConfig
+from retro_jax.model.config import COMPUTE_ONLY, RetroConfig
 from retro_jax.train.checkpoint import (
-    COMPUTE_ONLY,
     config_differences,
     find_checkpoints,
     load_params,
