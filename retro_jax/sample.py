@@ -38,6 +38,7 @@ from retro_jax.config import prepare_dir as prepare_dir_of
 from retro_jax.data import files
 from retro_jax.errors import RetroError
 from retro_jax.model.decode import Decoder
+from retro_jax.retrieval.align import neighbour_entries
 
 # ---------------------------------------------------------------- choosing the next token
 
@@ -162,10 +163,19 @@ class LiveRetriever:
     """A chunk's tokens [m] -> its k nearest database entries (chunk + continuation) [k, 2m]."""
 
     def __init__(
-        self, tokenizer, embedder, index, database, num_neighbours: int, *, continuation=True
+        self,
+        tokenizer,
+        embedder,
+        index,
+        database,
+        num_neighbours: int,
+        *,
+        continuation=True,
+        align=False,
     ):
         self.tokenizer, self.embedder, self.index = tokenizer, embedder, index
         self.database, self.k = database, int(num_neighbours)
+        self.align = bool(align)  # as prepare aligned the records (retrieval.align_neighbours)
         # False: the continuation half of each entry is padding, as the model was trained
         # (data.neighbour_continuation, the paper's ablation).
         self.continuation = bool(continuation)
@@ -195,7 +205,7 @@ class LiveRetriever:
             ids[text], distances[text] = self.index.search(keys, self.k)
             searched = time.perf_counter()
             self.queries += len(queries)
-        entries = self.database.entries(ids)  # [N, k, 2m]
+        entries = neighbour_entries(self.database, ids, chunks, self.align)  # [N, k, 2m]
         if not self.continuation:
             entries[..., m:] = self.tokenizer.pad_id
         done = time.perf_counter()
@@ -568,7 +578,13 @@ def load_parts(config, workdir: str, *, step: int | None = None):
     from retro_jax.data.pipeline import keep_continuation
 
     retriever = LiveRetriever(
-        tokenizer, embedder, index, database, k, continuation=keep_continuation(config)
+        tokenizer,
+        embedder,
+        index,
+        database,
+        k,
+        continuation=keep_continuation(config),
+        align=bool(config.retrieval.get("align_neighbours", False)),
     )
     return model, tokenizer, retriever, max_len, step
 

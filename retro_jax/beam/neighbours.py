@@ -32,10 +32,12 @@ from retro_jax.beam.documents import SumCounts, collect, load_collected, ordered
 from retro_jax.data import files
 from retro_jax.data.records import write_records
 from retro_jax.data.sequences import cut_document, read_sequence_shard, write_sequence_shard
+from retro_jax.retrieval.align import align_entries, neighbour_windows
 from retro_jax.retrieval.chunks import ChunkDatabase, load_keys
 from retro_jax.retrieval.neighbours import (
     NeighbourFinder,
     choose_neighbours,
+    query_chunks,
     record_file_name,
     shard_records,
 )
@@ -141,6 +143,7 @@ class _Plan(beam.DoFn):
             num_neighbours=s["k"],
             query_multiplier=s["multiplier"],
             exclude_same_document=s["exclude"],
+            align=s.get("align", False),
         )
 
     def process(self, item):
@@ -214,36 +217,43 @@ class _Choose(beam.DoFn):
 
 
 class _Gather(beam.DoFn):
-    """(db shard, [(file, positions, ids)]) -> (file, (positions, entries [r, 2m]))."""
+    """(db shard, [(file, positions, ids)]) -> (file, (positions, entries [r, 2m])), or with
+    `align` the windows [r, 4m] around them that `_Write` aligns to their queries."""
 
-    def __init__(self, prepare_dir: str):
-        self.prepare_dir = prepare_dir
+    def __init__(self, prepare_dir: str, align: bool):
+        self.prepare_dir, self.align = prepare_dir, align
 
     def setup(self):
         self.database = ChunkDatabase(os.path.join(self.prepare_dir, "db"))
 
     def process(self, item):
         _, requests = item
+        fetch = neighbour_windows if self.align else ChunkDatabase.entries
         for name, rows, ids in requests:
-            yield name, ("entries", (rows, self.database.entries(ids)))
+            yield name, ("entries", (rows, fetch(self.database, ids)))
 
 
 class _Write(beam.DoFn):
     """(file, [ids, entries pieces]) -> the record file; (records, queries, embedded, reused,
     missing)."""
 
-    def __init__(self, prepare_dir: str, out_dir: str, spec, pad_id: int):
+    def __init__(self, prepare_dir: str, out_dir: str, spec, pad_id: int, align: bool):
         self.prepare_dir, self.out_dir, self.spec, self.pad_id = prepare_dir, out_dir, spec, pad_id
+        self.align = align
 
     def process(self, item):
         name, parts = item
         ids, sequence_file, used, missing = next(v for tag, v in parts if tag == "ids")
-        entries = np.full((ids.size, 2 * self.spec.chunk_size), self.pad_id, np.int32)
+        width = (4 if self.align else 2) * self.spec.chunk_size
+        entries = np.full((ids.size, width), self.pad_id, np.int32)
         for tag, value in parts:
             if tag == "entries":
                 entries[value[0]] = value[1]
         sequences = read_sequence_shard(os.path.join(self.prepare_dir, "sequences", sequence_file))
-        examples = shard_records(sequences, ids, entries.reshape(ids.shape + (-1,)))
+        entries = entries.reshape(ids.shape + (-1,))
+        if self.align:
+            entries = align_entries(entries, query_chunks(sequences, ids), self.pad_id)
+        examples = shard_records(sequences, ids, entries)
         write_records(os.path.join(self.out_dir, name), examples, spec=self.spec)
         yield np.array([len(examples) * self.spec.num_chunks, *used, missing], np.int64)
 
@@ -285,13 +295,16 @@ def build_neighbours(options, prepare_dir: str, out_dir: str, sequences: dict, s
         entries = (
             chosen.requests
             | "by database shard" >> beam.GroupByKey()
-            | "gather" >> beam.ParDo(_Gather(prepare_dir))
+            | "gather" >> beam.ParDo(_Gather(prepare_dir, settings.get("align", False)))
         )
         done = (
             (chosen.ids, entries)
             | "ids and entries" >> beam.Flatten()
             | "by record file" >> beam.GroupByKey()
-            | "write" >> beam.ParDo(_Write(prepare_dir, out_dir, spec, settings["pad_id"]))
+            | "write"
+            >> beam.ParDo(
+                _Write(prepare_dir, out_dir, spec, settings["pad_id"], settings.get("align", False))
+            )
         )
         collect(done, work, "counts", SumCounts(4))
     counts = load_collected(work)

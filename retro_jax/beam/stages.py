@@ -204,6 +204,7 @@ class BeamStageContext(StageContext):
             k=spec.num_neighbours,
             multiplier=int(r.query_multiplier),
             exclude=bool(r.exclude_same_document),
+            align=bool(r.get("align_neighbours", False)),
         )
         run = build_neighbours(self.options, self.dir, partial, sequences, spec, settings)
         splits = {split: split_summary(split, sequences[split], spec) for split in sequences}

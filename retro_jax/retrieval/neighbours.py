@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from retro_jax.data import files
 from retro_jax.data.records import RecordSpec, write_records
 from retro_jax.data.sequences import read_sequence_shard
+from retro_jax.retrieval.align import neighbour_entries
 from retro_jax.retrieval.chunks import ChunkDatabase
 
 
@@ -61,6 +62,7 @@ class NeighbourFinder:
         num_neighbours: int,
         query_multiplier: int = 4,
         exclude_same_document: bool = True,
+        align: bool = False,
     ):
         self.database = database
         self.keys = keys
@@ -70,6 +72,7 @@ class NeighbourFinder:
         self.k = num_neighbours
         self.multiplier = max(1, int(query_multiplier))
         self.exclude = exclude_same_document
+        self.align = align  # slide neighbour windows onto the query (retrieval/align.py)
         self.embedded = self.reused = 0  # query keys computed / taken from the database
         self.missing = 0  # neighbour slots left empty (-1) for chunks that have text
 
@@ -145,7 +148,15 @@ class NeighbourFinder:
         if len(plan["live"]):
             found, _ = self.index.search(plan["queries"], plan["ask"])
         ids = self.choose(plan, found, self.database.doc_ids(found))
-        return shard_records(sequences, ids, self.database.entries(ids))
+        entries = neighbour_entries(self.database, ids, query_chunks(sequences, ids), self.align)
+        return shard_records(sequences, ids, entries)
+
+
+def query_chunks(sequences: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """The input chunks int32 [S, l, m] of a sequence shard whose neighbour ids are [S, l, K]."""
+    s, l = ids.shape[:2]  # noqa: E741
+    n = sequences["tokens"].shape[1] - 1
+    return sequences["tokens"][:, :n].reshape(s, l, n // l)
 
 
 def choose_neighbours(plan: dict, found, found_docs, k: int) -> tuple[np.ndarray, int]:

@@ -1,0 +1,80 @@
+"""Neighbour alignment: slide each retrieved [N, F] window inside its source document to where it
+best overlaps the query chunk (`retrieval.align_neighbours`, an option beyond the paper).
+
+Why: chunked cross-attention learns to copy from a neighbour within ~100 steps when the copy
+sits at a fixed offset (neighbour token m + j continues the query's token j), but a real
+near-duplicate starts anywhere inside a database chunk, and copying it then needs matching by
+content, which small models learn slowly. The database stores every document as consecutive
+chunks, so the text around a neighbour chunk p is at hand: the window of 4m tokens
+
+    chunk p-1 (m) | chunk p (m) | its continuation (m) | the continuation's continuation (m)
+
+holds every [N, F] that starts up to m-1 tokens before or after chunk p. The shift s in
+[-(m-1), m-1] kept is the one at which the most of the query's m tokens equal the window's
+tokens position by position (padding never matches; ties go to the smallest |s|, so s = 0
+unless another offset matches strictly more). Alignment reads the query chunk C_u only, which
+is complete when its neighbours are used, so it adds no path from a position to its future.
+Training, evaluation records and live retrieval in `sample` align the same way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK = 4096  # neighbours scored at once: [BLOCK, 2m-1, m] booleans
+
+
+def neighbour_windows(database, ids: np.ndarray) -> np.ndarray:
+    """ids [...] -> tokens int32 [..., 4m]: chunk id-1, entry id (chunk + continuation), the
+    continuation of chunk id+1; pad_id where that chunk is not of id's document (or id = -1)."""
+    m, pad = database.chunk_size, database.pad_id
+    ids = np.asarray(ids, np.int64)
+    docs = database.doc_ids(ids)
+
+    def of_same_doc(other: np.ndarray) -> np.ndarray:
+        other = np.where((ids >= 0) & (other >= 0) & (other < len(database)), other, -1)
+        return np.where(database.doc_ids(other) == docs, other, -1)
+
+    before = database.entries(of_same_doc(ids - 1))[..., :m]
+    after = database.entries(of_same_doc(ids + 1))[..., m:]
+    windows = np.concatenate([before, database.entries(ids), after], axis=-1)
+    windows[ids < 0] = pad
+    return windows
+
+
+def best_shifts(windows: np.ndarray, queries: np.ndarray, pad_id: int) -> np.ndarray:
+    """windows [Q, 4m], queries [Q, m] -> shift int64 [Q] in [-(m-1), m-1]: the offset (from
+    the window's second chunk) at which most non-padding query tokens match."""
+    q_len = queries.shape[-1]
+    m = q_len
+    offsets = np.arange(1, 2 * m)  # window starts m + s for s in [-(m-1), m-1]
+    # Penalty for |s| below one match: more matches always win, then the smallest |s|.
+    tie_break = np.abs(offsets - m) / (2.0 * m)
+    shifts = np.zeros(len(queries), np.int64)
+    for start in range(0, len(queries), BLOCK):
+        w = windows[start : start + BLOCK]
+        q = queries[start : start + BLOCK]
+        views = np.lib.stride_tricks.sliding_window_view(w, m, axis=-1)[:, offsets]  # [b, 2m-1, m]
+        matches = ((views == q[:, None, :]) & (q[:, None, :] != pad_id)).sum(-1)
+        shifts[start : start + BLOCK] = offsets[np.argmax(matches - tie_break, axis=-1)] - m
+    return shifts
+
+
+def align_entries(windows: np.ndarray, queries: np.ndarray, pad_id: int) -> np.ndarray:
+    """windows [..., K, 4m], queries [..., m] (the chunk that retrieved them) -> the aligned
+    entries int32 [..., K, 2m]."""
+    *lead, k, width = windows.shape
+    m = width // 4
+    flat = windows.reshape(-1, width)
+    q = np.broadcast_to(np.asarray(queries)[..., None, :], (*lead, k, m)).reshape(-1, m)
+    starts = m + best_shifts(flat, q, pad_id)
+    picked = np.take_along_axis(flat, starts[:, None] + np.arange(2 * m)[None, :], axis=1)
+    return picked.reshape(*lead, k, 2 * m).astype(np.int32, copy=False)
+
+
+def neighbour_entries(database, ids: np.ndarray, queries: np.ndarray, align: bool) -> np.ndarray:
+    """ids [..., K] retrieved by queries [..., m] -> entries int32 [..., K, 2m]: the stored
+    [N, F] of each neighbour, or with `align` its window aligned to the query."""
+    if not align:
+        return database.entries(ids)
+    return align_entries(neighbour_windows(database, ids), queries, database.pad_id)
