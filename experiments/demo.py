@@ -15,11 +15,16 @@ from retro_jax.config import default_config, model_config_dict
 from retro_jax.errors import RetroError
 
 
+CODE = "python:transformers/models/*/modeling_*.py"
+
+
 def get_config(arg: str = ""):
     options = set(filter(None, arg.split(",")))
-    unknown = sorted(options - {"smallest", "large", "linux-doc"})
+    unknown = sorted(options - {"smallest", "large", "linux-doc", "sotu"})
     if unknown:
-        raise RetroError(f"config argument {unknown[0]!r}: expected smallest, large, linux-doc")
+        raise RetroError(
+            f"config argument {unknown[0]!r}: expected smallest, large, sotu, linux-doc"
+        )
     config = default_config()
     config.model = model_config_dict(
         "tiny",
@@ -84,6 +89,12 @@ def get_config(arg: str = ""):
         config.train.log_every = 50
         config.train.checkpoint_every = 250
         config.demo.retrofit_steps = 300
+    if not options & {"sotu", "linux-doc"}:
+        config.data.train_source = config.data.eval_source = CODE
+        config.data.max_docs = 60
+        config.data.eval_max_docs = 6
+        config.retrieval.align_neighbours = True
+        config.demo.prompt = "class LlamaAttention(nn.Module):"
     if "linux-doc" in options:
         config.data.train_source = "linux-doc"
         config.data.eval_source = "linux-doc"

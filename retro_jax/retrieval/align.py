@@ -45,8 +45,7 @@ def neighbour_windows(database, ids: np.ndarray) -> np.ndarray:
 def best_shifts(windows: np.ndarray, queries: np.ndarray, pad_id: int) -> np.ndarray:
     """windows [Q, 4m], queries [Q, m] -> shift int64 [Q] in [-(m-1), m-1]: the offset (from
     the window's second chunk) at which most non-padding query tokens match."""
-    q_len = queries.shape[-1]
-    m = q_len
+    m = queries.shape[-1]
     offsets = np.arange(1, 2 * m)  # window starts m + s for s in [-(m-1), m-1]
     # Penalty for |s| below one match: more matches always win, then the smallest |s|.
     tie_break = np.abs(offsets - m) / (2.0 * m)
