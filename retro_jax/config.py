@@ -115,6 +115,9 @@ def default_config() -> ml_collections.ConfigDict:
     # retrieving chunk (up to m-1 tokens either way), so a near-duplicate's continuation sits
     # at the offset CCA copies from (retro_jax/retrieval/align.py; beyond the paper).
     c.retrieval.align_neighbours = False
+    # > 0: of this many nearest chunks (BERT order), keep the K_max that hold the most of the
+    # retrieving chunk's tokens in order (aligned as above); 0 = BERT's nearest K_max.
+    c.retrieval.rerank = 0
     c.retrieval.index = ml_collections.ConfigDict()
     c.retrieval.index.brute_force_below = 20_000  # exact search for smaller databases
     c.retrieval.index.shard_size = 2_000_000  # keys per searcher; top-k merged across shards

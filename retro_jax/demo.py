@@ -88,7 +88,11 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
 
     eval_cfg = _variant(config, eval={"baseline_workdir": baseline_dir})
     retro_eval = timed("eval RETRO", evaluate, eval_cfg, retro_dir, progress=progress)
-    retrofit_eval = timed("eval retro-fit", evaluate, config, retrofit_dir, progress=progress)
+    # (the database-size sweep is RETRO's alone)
+    retrofit_eval_cfg = _variant(config, eval={"database_fractions": ()})
+    retrofit_eval = timed(
+        "eval retro-fit", evaluate, retrofit_eval_cfg, retrofit_dir, progress=progress
+    )
     for folder, metrics in ((retro_dir, retro_eval), (retrofit_dir, retrofit_eval)):
         write_outputs(metrics, os.path.join(folder, "eval"))
 
@@ -119,7 +123,10 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
         "eval_tokens": retro_eval["retrieval"]["tokens"],
         "eval_bytes": retro_eval["retrieval"]["bytes"],
         "num_neighbours": retro_eval["retrieval"]["num_neighbours"],
+        "leakage": retro_eval["leakage"],
         "leakage_plot": os.path.join(retro_dir, "eval", "leakage.png"),
+        "database_sweep": retro_eval.get("database_sweep", []),
+        "database_plot": os.path.join(retro_dir, "eval", "database.png"),
         "sample": {
             "prompt": result.prompt,
             "text": result.text,
@@ -137,20 +144,52 @@ def format_summary(summary: dict) -> str:
     def num(x):
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
+    def change(x, ref):
+        bad = x is None or ref is None or ref == 0 or math.isnan(x) or math.isnan(ref)
+        return "" if bad else f"{100 * (x - ref) / ref:+.1f}%"
+
     b, e = summary["bpb"], summary["bpb_alpha_1_8"]
     lines = [
         "",
         f"held-out bits-per-byte ({summary['eval_tokens']:,} tokens, {summary['eval_bytes']:,}"
         f" bytes, k={summary['num_neighbours']})",
-        f"  {'model':<28}{'all chunks':>12}{'alpha<=1/8':>12}",
-        f"  {'baseline':<28}{num(b['baseline']):>12}{num(e['baseline']):>12}",
-        f"  {'RETRO':<28}{num(b['retro']):>12}{num(e['retro']):>12}",
-        f"  {'RETRO[OFF]':<28}{num(b['retro_off']):>12}{num(e['retro_off']):>12}",
-        f"  {'retro-fitted baseline':<28}{num(b['retrofit']):>12}{'':>12}",
-        f"  {'retro-fitted [OFF]':<28}{num(b['retrofit_off']):>12}{'':>12}",
+        f"  {'model':<28}{'all chunks':>12}{'vs baseline':>12}{'alpha<=1/8':>12}",
+        f"  {'baseline':<28}{num(b['baseline']):>12}{'':>12}{num(e['baseline']):>12}",
+    ]
+    for name, key in (("RETRO", "retro"), ("RETRO[OFF]", "retro_off")):
+        vs = change(b[key], b["baseline"])
+        lines.append(f"  {name:<28}{num(b[key]):>12}{vs:>12}{num(e[key]):>12}")
+    for name, key in (
+        ("retro-fitted baseline", "retrofit"),
+        ("retro-fitted [OFF]", "retrofit_off"),
+    ):
+        lines.append(f"  {name:<28}{num(b[key]):>12}{change(b[key], b['baseline']):>12}")
+    lines += [
         f"  (alpha<=1/8: the {e['chunks']} evaluation chunks sharing fewer than 1/8 of their"
         " tokens as one run with any neighbour)",
         f"leakage plot: {summary['leakage_plot']}",
+    ]
+    curve = summary.get("leakage", [])
+    if curve:
+        lines.append(
+            "bpb over the chunks whose longest run shared with a neighbour is <= alpha * m:"
+        )
+        lines.append(f"  {'alpha':>7}{'chunks':>8}{'RETRO':>10}{'RETRO[OFF]':>12}{'baseline':>10}")
+        lines += [
+            f"  {r['alpha']:>7.3f}{r['chunks']:>8}{num(r.get('retrieval_bpb')):>10}"
+            f"{num(r.get('no_retrieval_bpb')):>12}{num(r.get('baseline_bpb')):>10}"
+            for r in curve
+        ]
+    sweep = summary.get("database_sweep", [])
+    if sweep:
+        lines.append("RETRO's bpb by the size of the database it retrieves from:")
+        lines.append(f"  {'fraction':>9}{'chunks':>10}{'tokens':>12}{'bpb':>10}")
+        lines += [
+            f"  {r['fraction']:>9.3f}{r['chunks']:>10,}{r['tokens']:>12,}{num(r['bpb']):>10}"
+            for r in sweep
+        ]
+        lines.append(f"database plot: {summary['database_plot']}")
+    lines += [
         f"sample: {summary['sample']['prompt']!r} -> {summary['sample']['text']!r}",
         "retrieved neighbours of the sample (each chunk's neighbours condition the next chunk):",
         format_retrieved(summary["sample"].get("neighbours", [])),

@@ -8,13 +8,17 @@ scored once) scores the same tokens several ways:
 The RETRO checkpoint is W's, or eval.checkpoint_workdir's when set (one trained model scored
 against the database and records another workdir prepared).
     k=j            RETRO with j neighbours, for j in eval.neighbour_sweep
-Each record's chunks also get the leakage measure r(C) against all their stored neighbours
+    db=f           RETRO with k neighbours searched exactly in the first fraction f of the
+                   database's documents, for f in eval.database_fractions
+                   (retro_jax/eval_database.py)
+Each record's chunks also get the leakage measure r(C) against the k neighbours RETRO reads
 (retro_jax/leakage.py), so bpb(alpha) comes out of the same pass.
 
-Writes W/eval/metrics.json, W/eval/leakage.png and (with a sweep) W/eval/neighbours.png (W local
-or remote, gs://, through retro_jax.data.files), and prints a table. Per-token losses come from
-one jitted function per model and k, on batches of the fixed shape [eval.batch_size, n] (the last
-batch is padded with unscored rows).
+Writes W/eval/metrics.json, W/eval/leakage.png, with a sweep W/eval/neighbours.png, with database
+fractions W/eval/database.png (W local or remote, gs://, through retro_jax.data.files), and prints
+a table. Per-token losses come from one jitted function per model and k, on batches of the fixed
+shape [eval.batch_size, n] (the last batch is padded with unscored rows); the database sweep's
+neighbours are laid out like the records' [B, l, K, 2m], so it reuses RETRO's compilation.
 """
 
 from __future__ import annotations
@@ -33,12 +37,13 @@ from retro_jax.config import prepare_dir as prepare_dir_of
 from retro_jax.data import files
 from retro_jax.data.records import load_records_info
 from retro_jax.errors import RetroError
+from retro_jax.eval_database import DatabaseSweep, check_fractions
+from retro_jax.eval_plots import LEAKAGE_MODES, plot_database, plot_leakage, plot_neighbours
 from retro_jax.leakage import ALPHAS, LeakageHistogram, chunk_overlap
 from retro_jax.sharding import BATCH_AXES, check_batch_divides, make_mesh, shard_batch
 from retro_jax.train.checkpoint import load_model
 
-LEAKAGE_MODES = ("retrieval", "no_retrieval", "baseline")
-LABELS = {"retrieval": "RETRO", "no_retrieval": "RETRO[OFF]", "baseline": "baseline"}
+_INPUTS = ("tokens", "targets", "neighbours")  # what the scorers read of a batch
 
 
 def _token_nll(graphdef, state, tokens, targets, neighbours, k: int) -> jax.Array:
@@ -168,6 +173,7 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     prepare_dir = prepare_dir_of(config, workdir)
     spec, info = load_records_info(prepare_dir)
     k, sweep = _neighbour_counts(config, spec.num_neighbours)
+    check_fractions(config.eval.get("database_fractions", ()) or ())  # before loading anything
     mesh = make_mesh(config.mesh)
     batch_size = int(config.eval.batch_size)
     check_batch_divides(batch_size, mesh, "eval.batch_size")
@@ -179,7 +185,8 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     model, step = load_model(model_dir, mesh=mesh)
     _check_model(model.config, info, spec, checkpoints_dir)
     retro = TokenScorer(model)
-    passes = {"retrieval": (retro, k), "no_retrieval": (retro, 0)}
+    # mode -> (scorer, neighbours read, whose neighbours: None = the records', i = subset i's)
+    passes = {"retrieval": (retro, k, None), "no_retrieval": (retro, 0, None)}
     baseline_step = None
     if baseline_dir:
         baseline_model, baseline_step = load_model(baseline_dir, mesh=mesh)
@@ -190,12 +197,15 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
                 f"{baseline_model.config.vocab_size} differs from the RETRO checkpoint's "
                 f"{model.config.vocab_size} (they must share the tokenizer)"
             )
-        passes["baseline"] = (TokenScorer(baseline_model), 0)
+        passes["baseline"] = (TokenScorer(baseline_model), 0, None)
     for j in sweep:
         if j != k:
-            passes[f"k={j}"] = (retro, j)
+            passes[f"k={j}"] = (retro, j, None)
     if model.config.is_baseline:
         print(f"eval: {workdir} holds a baseline model: retrieval changes nothing")
+    database = DatabaseSweep.from_config(config, prepare_dir, k=k, stored=spec.num_neighbours)
+    for i, f in enumerate(database.fractions if database else ()):
+        passes[f"db={f}"] = (retro, k, i)
 
     batches = EvalBatches(
         prepare_dir,
@@ -205,6 +215,10 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         continuation=keep_continuation(config),
     )
     pad_id = int(info.get("pad_id", model.config.pad_id))
+    subset_ids = None  # [F, R, l, k]: this host's eval rows' neighbours in each subset
+    if database is not None:
+        tokens = [batch["tokens"] for batch in batches]  # the rows of the pass below, in order
+        subset_ids = database.find(np.concatenate(tokens), progress=progress)
     histogram = LeakageHistogram(spec.chunk_size, [m for m in LEAKAGE_MODES if m in passes])
     nll_sums = np.zeros(len(passes), np.float64)
     counts = np.zeros(2, np.float64)  # scored tokens, bytes
@@ -213,13 +227,16 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     first_done = None
     bar = tqdm(batches, total=batches.num_batches, desc="eval", unit="batch", disable=not progress)
     with jax.set_mesh(mesh):
-        for batch in bar:
+        for b, batch in enumerate(bar):
             mask = batch["loss_mask"].astype(np.float64)
-            overlap = chunk_overlap(batch["tokens"], batch["neighbours"], pad_id)  # [b, l]
-            placed = shard_batch(
-                {name: batch[name] for name in ("tokens", "targets", "neighbours")}, mesh
-            )
-            nll = {mode: scorer(placed, kk) for mode, (scorer, kk) in passes.items()}
+            # r(C) against the neighbours RETRO reads: the first k stored ones
+            overlap = chunk_overlap(batch["tokens"], batch["neighbours"], pad_id, k=k)  # [b, l]
+            placed = {None: shard_batch({name: batch[name] for name in _INPUTS}, mesh)}
+            rows = slice(b * len(mask), (b + 1) * len(mask))
+            for i in range(len(subset_ids) if subset_ids is not None else 0):
+                neighbours = database.entries(subset_ids[i, rows], batch["tokens"])
+                placed[i] = {**placed[None], "neighbours": shard_batch(neighbours, mesh)}
+            nll = {mode: scorer(placed[src], kk) for mode, (scorer, kk, src) in passes.items()}
             nll = {mode: _host_local(v, mesh).astype(np.float64) for mode, v in nll.items()}
             histogram.add(overlap, mask, batch["target_bytes"], nll)
             nll_sums += [float(np.sum(nll[mode] * mask)) for mode in passes]
@@ -253,7 +270,7 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         "no_retrieval": totals["no_retrieval"],
         "baseline": totals.get("baseline"),
         "leakage": leakage,
-        "leakage_neighbours": spec.num_neighbours,
+        "leakage_neighbours": k,  # r(C) is measured against the k neighbours RETRO reads
         "checkpoint": {"path": checkpoints_dir, "step": int(step)},
         "baseline_checkpoint": (
             {"path": baseline_dir, "step": int(baseline_step)} if baseline_dir else None
@@ -280,65 +297,15 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
             }
             for j in sweep
         ]
+    if database is not None:
+        modes = [f"db={f}" for f in database.fractions]
+        metrics["database_sweep"] = database.rows(
+            [totals[mode]["bpb"] for mode in modes], [totals[mode]["loss"] for mode in modes]
+        )
     return metrics
 
 
 # ---------------------------------------------------------------- outputs
-
-
-def _save_figure(fig, path: str) -> None:
-    """A PNG through a temporary name: straight to disk locally; for a remote path, into a
-    buffer that is then written whole."""
-    with files.atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-
-
-def plot_leakage(metrics: dict, path: str) -> None:
-    """bpb(alpha) for RETRO, RETRO[OFF] and the baseline (the paper's figure 6)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = metrics["leakage"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, style in zip(LEAKAGE_MODES, ("o-", "s--", "^:")):
-        values = [r[f"{mode}_bpb"] for r in rows]
-        if any(v is not None for v in values):
-            xs = [100 * r["alpha"] for r, v in zip(rows, values) if v is not None]
-            ys = [v for v in values if v is not None]
-            ax.plot(xs, ys, style, label=LABELS[mode])
-    ax.set_xlabel("max eval/retrieved chunk overlap r(C) (%)")
-    ax.set_ylabel("bits per byte")
-    ax.set_title(f"Leakage ({metrics['leakage_neighbours']} neighbours per chunk)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    _save_figure(fig, path)
-    plt.close(fig)
-
-
-def plot_neighbours(metrics: dict, path: str) -> None:
-    """bpb against the number of neighbours, with RETRO[OFF] and the baseline as lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = metrics["neighbour_sweep"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["num_neighbours"] for r in rows], [r["bpb"] for r in rows], "o-", label="RETRO")
-    for mode, style in (("no_retrieval", "--"), ("baseline", ":")):
-        if metrics.get(mode) and metrics[mode]["bpb"] is not None:
-            ax.axhline(metrics[mode]["bpb"], linestyle=style, color="grey", label=LABELS[mode])
-    ax.set_xscale("log")
-    ax.minorticks_off()
-    ax.set_xticks([r["num_neighbours"] for r in rows], [str(r["num_neighbours"]) for r in rows])
-    ax.set_xlabel("neighbours per chunk (k)")
-    ax.set_ylabel("bits per byte")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    _save_figure(fig, path)
-    plt.close(fig)
 
 
 def _fmt(value, spec: str = ".4f") -> str:
@@ -362,8 +329,8 @@ def format_table(metrics: dict) -> str:
             )
     lines += [
         "",
-        f"leakage: bpb over chunks with r(C) <= alpha ({metrics['leakage_neighbours']}"
-        " neighbours per chunk)",
+        "leakage: bpb over chunks with r(C) <= alpha (r(C) over the "
+        f"{metrics['leakage_neighbours']} neighbours RETRO reads)",
     ]
     lines.append(f"{'alpha':>7}{'chunks':>8}{'RETRO':>10}{'RETRO[OFF]':>12}{'baseline':>10}")
     for r in metrics["leakage"]:
@@ -376,18 +343,34 @@ def format_table(metrics: dict) -> str:
         lines += [
             f"{r['num_neighbours']:>7}{_fmt(r['bpb']):>10}" for r in metrics["neighbour_sweep"]
         ]
+    if metrics.get("database_sweep"):
+        lines += [
+            "",
+            f"database: RETRO (k={k}), neighbours searched exactly in the first documents by"
+            " doc_id",
+            f"{'fraction':>9}{'chunks':>10}{'tokens':>12}{'bpb':>10}",
+        ]
+        lines += [
+            f"{r['fraction']:>9.4g}{r['chunks']:>10}{r['tokens']:>12}{_fmt(r['bpb']):>10}"
+            for r in metrics["database_sweep"]
+        ]
     return "\n".join(lines)
 
 
 def write_outputs(metrics: dict, eval_dir: str) -> list[str]:
-    """metrics.json, leakage.png and (with a sweep) neighbours.png under eval_dir; their paths."""
+    """metrics.json, leakage.png, with a sweep neighbours.png and with database fractions
+    database.png under eval_dir; their paths."""
     files.makedirs(eval_dir)
     paths = [os.path.join(eval_dir, "metrics.json"), os.path.join(eval_dir, "leakage.png")]
     files.write_json(paths[0], metrics, indent=1)  # through a temporary name
     plot_leakage(metrics, paths[1])
-    if metrics.get("neighbour_sweep"):
-        paths.append(os.path.join(eval_dir, "neighbours.png"))
-        plot_neighbours(metrics, paths[2])
+    for key, name, plot in (
+        ("neighbour_sweep", "neighbours.png", plot_neighbours),
+        ("database_sweep", "database.png", plot_database),
+    ):
+        if metrics.get(key):
+            paths.append(os.path.join(eval_dir, name))
+            plot(metrics, paths[-1])
     return paths
 
 

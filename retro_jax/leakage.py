@@ -5,10 +5,11 @@ divided by the UTF-8 bytes of the text they encode, so models with different tok
 
 Leakage (paper section 4.4, figure 6): for an evaluation chunk C (m tokens) and its retrieved
 neighbours (2m tokens each: chunk + continuation), s(C) is the longest run of consecutive tokens
-that C shares with any one neighbour and r(C) = s(C) / m. bpb(alpha) is the bits per byte over the
-chunks with r(C) <= alpha: at alpha = 0 no chunk shares even one token with its neighbours, at
-alpha = 1 every chunk counts. Padding never matches (a chunk cut short by its document's end
-does not "share" its padding with a missing neighbour).
+that C shares with any one neighbour and r(C) = s(C) / m. The neighbours are those the model
+reads: `retro-jax eval` passes the first k = eval.num_neighbours of the stored ones. bpb(alpha)
+is the bits per byte over the chunks with r(C) <= alpha: at alpha = 0 no chunk shares even one
+token with its neighbours, at alpha = 1 every chunk counts. Padding never matches (a chunk cut
+short by its document's end does not "share" its padding with a missing neighbour).
 
 Which scored tokens belong to chunk u: the targets at positions u*m .. u*m+m-1 of a record (the
 tokens u*m+1 .. (u+1)*m, i.e. the chunk shifted by one, as records align inputs and targets).
@@ -64,13 +65,18 @@ def longest_common_run(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return best
 
 
-def chunk_overlap(tokens: np.ndarray, neighbours: np.ndarray, pad_id: int) -> np.ndarray:
+def chunk_overlap(
+    tokens: np.ndarray, neighbours: np.ndarray, pad_id: int, k: int | None = None
+) -> np.ndarray:
     """s(C) of every chunk: its longest run of tokens shared with any one of its neighbours.
 
     tokens int [B, n]; neighbours int [B, l, K, 2m] (l = n // m) -> int32 [B, l] in 0..m.
-    The K neighbours are laid side by side with a separator between them, so one pass finds the
+    k: only the first k neighbours count, the ones RETRO reads (None = all K).
+    The neighbours are laid side by side with a separator between them, so one pass finds the
     longest run and no run crosses from one neighbour into the next.
     """
+    if k is not None:
+        neighbours = neighbours[:, :, :k]
     batch, chunks, k, r = neighbours.shape
     m = tokens.shape[1] // chunks
     c = np.where(tokens[:, : chunks * m] == pad_id, _CHUNK_PAD, tokens[:, : chunks * m])

@@ -240,6 +240,7 @@ class StageBuilds:
             query_multiplier=int(r.query_multiplier),
             exclude_same_document=bool(r.exclude_same_document),
             align=bool(r.get("align_neighbours", False)),
+            rerank=int(r.get("rerank", 0)),
         )
         done = set(files.listdir(partial))
         splits, queries_run = {}, 0

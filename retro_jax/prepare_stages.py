@@ -168,6 +168,7 @@ class StageContext(StageBuilds):
             multiplier=int(r.query_multiplier),
             # (absent when off: workdirs built before the option stay valid)
             **({"align": True} if r.get("align_neighbours", False) else {}),
+            **({"rerank": int(r.rerank)} if r.get("rerank", 0) else {}),
             model_id=self.bert_model_id(),
             max_len=int(r.bert_max_len),
             **dtype,  # the queries are embedded like the keys

@@ -14,7 +14,8 @@ chunk.
 Python:
     sampler = Sampler.from_workdir(config, workdir)
     result = sampler.generate("The state of the Union", max_new_tokens=64, seed=0)
-    result.text, result.tokens, result.chunks   # chunks: per chunk its retrieved neighbours
+    result.text, result.tokens, result.chunks   # chunks: per chunk its retrieved neighbours,
+                                                # their documents and what was copied from them
     results = sampler.generate_batch(["We the people", "Tonight"], max_new_tokens=64)
 """
 
@@ -37,8 +38,9 @@ from tqdm.auto import tqdm
 from retro_jax.config import prepare_dir as prepare_dir_of
 from retro_jax.data import files
 from retro_jax.errors import RetroError
+from retro_jax.leakage import longest_common_run
 from retro_jax.model.decode import Decoder
-from retro_jax.retrieval.align import neighbour_entries
+from retro_jax.retrieval.align import neighbour_entries, neighbour_windows, rerank
 
 # ---------------------------------------------------------------- choosing the next token
 
@@ -112,6 +114,11 @@ def sample_tokens(
 # ---------------------------------------------------------------- live retrieval
 
 
+# A generated chunk that shares a run of at least this many tokens with one of the neighbours it
+# was conditioned on is shown as copied from it (format_neighbours' `min_copied`).
+MIN_COPIED = 8
+
+
 @dataclasses.dataclass
 class RetrievedChunk:
     """One complete chunk of the sequence and what it retrieved (it conditions chunk + 1)."""
@@ -124,29 +131,46 @@ class RetrievedChunk:
     tokens: np.ndarray  # int32 [k, 2m] the neighbours as the encoder sees them
     neighbour_texts: list[str]  # each neighbour's chunk text
     continuation_texts: list[str]  # each neighbour's continuation text
+    # Each neighbour's source document, by key (ChunkDatabase.document_key: "doc <id>" for a
+    # database built without doc_keys.json; "" where no neighbour); None: not recorded.
+    documents: list[str] | None = None
+    # Per neighbour: the longest run of consecutive generated tokens of the next chunk (the one
+    # these neighbours condition; after the last chunk, what was generated after it) that its
+    # entry (chunk + continuation, as the encoder saw it) also holds (`copied_tokens`); None:
+    # not recorded.
+    copied: list[int] | None = None
 
     def to_json(self) -> dict:
-        """The chunk and, per neighbour, its id, distance and texts (id -1: none; no tokens)."""
-        neighbours = zip(self.ids, self.distances, self.neighbour_texts, self.continuation_texts)
+        """The chunk and, per neighbour, its id, distance, texts, document and copied run (id -1:
+        none; no tokens)."""
+        rows = []
+        for j, (i, d, t, c) in enumerate(
+            zip(self.ids, self.distances, self.neighbour_texts, self.continuation_texts)
+        ):
+            row = {
+                "id": int(i),
+                "distance": float(d) if i >= 0 else None,
+                "text": t,
+                "continuation": c,
+            }
+            if self.documents is not None:
+                row["document"] = self.documents[j]
+            if self.copied is not None:
+                row["copied"] = int(self.copied[j])
+            rows.append(row)
         return {
             "chunk": int(self.chunk),
             "source": self.source,
             "text": self.text,
-            "neighbours": [
-                {
-                    "id": int(i),
-                    "distance": float(d) if i >= 0 else None,
-                    "text": t,
-                    "continuation": c,
-                }
-                for i, d, t, c in neighbours
-            ],
+            "neighbours": rows,
         }
 
     @classmethod
     def from_json(cls, value: dict) -> RetrievedChunk:
-        """The inverse of to_json (tokens: None)."""
+        """The inverse of to_json (tokens: None; documents / copied None when not stored, as in
+        files written before they were)."""
         rows = value["neighbours"]
+        has = lambda name: bool(rows) and all(name in n for n in rows)
         return cls(
             chunk=value["chunk"],
             text=value["text"],
@@ -156,7 +180,23 @@ class RetrievedChunk:
             tokens=None,
             neighbour_texts=[n["text"] for n in rows],
             continuation_texts=[n["continuation"] for n in rows],
+            documents=[n["document"] for n in rows] if has("document") else None,
+            copied=[int(n["copied"]) for n in rows] if has("copied") else None,
         )
+
+
+def copied_tokens(generated: np.ndarray, entries: np.ndarray, pad_id: int) -> np.ndarray:
+    """generated int [g] (tokens generated while some neighbours conditioned them), entries int
+    [k, 2m] (those neighbours: chunk + continuation) -> int32 [k]: the longest run of
+    consecutive tokens of `generated` that each entry also holds (leakage's s(C), one run per
+    neighbour; a run may go on from the chunk into its continuation). Padding never matches."""
+    entries = np.asarray(entries)
+    generated = np.asarray(generated).reshape(-1)
+    if entries.ndim != 2 or not len(entries) or not len(generated):
+        return np.zeros(len(entries), np.int32)
+    ours = np.where(generated == pad_id, -1, generated).astype(np.int64)
+    theirs = np.where(entries == pad_id, -2, entries).astype(np.int64)
+    return longest_common_run(np.broadcast_to(ours, (len(theirs), len(ours))), theirs)
 
 
 class LiveRetriever:
@@ -172,10 +212,12 @@ class LiveRetriever:
         *,
         continuation=True,
         align=False,
+        rerank=0,
     ):
         self.tokenizer, self.embedder, self.index = tokenizer, embedder, index
         self.database, self.k = database, int(num_neighbours)
-        self.align = bool(align)  # as prepare aligned the records (retrieval.align_neighbours)
+        # as prepare aligned and ranked the records (retrieval.align_neighbours, .rerank)
+        self.align, self.rerank = bool(align), int(rerank)
         # False: the continuation half of each entry is padding, as the model was trained
         # (data.neighbour_continuation, the paper's ablation).
         self.continuation = bool(continuation)
@@ -195,17 +237,24 @@ class LiveRetriever:
         chunks = np.asarray(chunks)
         count, m = chunks.shape
         text = ((chunks != self.tokenizer.pad_id) & (chunks != self.tokenizer.eos_id)).any(1)
-        ids = np.full((count, self.k), -1, np.int64)
-        distances = np.full((count, self.k), np.inf, np.float32)
+        wanted = max(self.k, self.rerank)  # candidates searched
+        ids = np.full((count, wanted), -1, np.int64)
+        distances = np.full((count, wanted), np.inf, np.float32)
         start = embedded = searched = time.perf_counter()
         if text.any():
             queries = [self.tokenizer.decode(chunk) for chunk in chunks[text]]
             keys = self.embedder.embed(queries, progress=False)  # [Q, D]
             embedded = time.perf_counter()
-            ids[text], distances[text] = self.index.search(keys, self.k)
+            ids[text], distances[text] = self.index.search(keys, wanted)
             searched = time.perf_counter()
             self.queries += len(queries)
-        entries = neighbour_entries(self.database, ids, chunks, self.align)  # [N, k, 2m]
+        if self.rerank:
+            windows = neighbour_windows(self.database, ids)
+            pad = self.tokenizer.pad_id
+            ids, entries, order = rerank(ids, windows, chunks, self.k, pad, self.align)
+            distances = np.take_along_axis(distances, order, axis=1)
+        else:
+            entries = neighbour_entries(self.database, ids, chunks, self.align)  # [N, k, 2m]
         if not self.continuation:
             entries[..., m:] = self.tokenizer.pad_id
         done = time.perf_counter()
@@ -452,6 +501,7 @@ class Sampler:
         for row, prompt in enumerate(prompts):
             end = fed + generated[row]
             new = sequence[row, fed:end]
+            self._record_copies(chunks[row], sequence[row, :end], fed)
             results.append(
                 SampleResult(
                     prompt=prompt,
@@ -476,6 +526,8 @@ class Sampler:
             source = "generated"
         else:
             source = "prompt+generated"
+        database = self.retriever.database
+        doc_ids = database.doc_ids(np.asarray(ids, np.int64))
         return RetrievedChunk(
             chunk=u,
             text=tok.decode(chunk),
@@ -485,7 +537,18 @@ class Sampler:
             tokens=np.asarray(entries, np.int32),
             neighbour_texts=[tok.decode(e[:m]) if i >= 0 else "" for e, i in zip(entries, ids)],
             continuation_texts=[tok.decode(e[m:]) if i >= 0 else "" for e, i in zip(entries, ids)],
+            documents=[database.document_key(d) if d >= 0 else "" for d in doc_ids],
         )
+
+    def _record_copies(self, chunks: list[RetrievedChunk], sequence: np.ndarray, fed: int) -> None:
+        """Each chunk's `copied`: its neighbours against the tokens they conditioned, those of the
+        next chunk (the last one's: what was generated after it) in `sequence` [padding + P + T],
+        generated ones only (from position `fed` on)."""
+        m = self.config.chunk_size
+        for retrieved in chunks:
+            start = max((retrieved.chunk + 1) * m, fed)
+            after = sequence[start : (retrieved.chunk + 2) * m]
+            retrieved.copied = copied_tokens(after, retrieved.tokens, self.config.pad_id).tolist()
 
 
 # ---------------------------------------------------------------- loading a workdir
@@ -585,6 +648,7 @@ def load_parts(config, workdir: str, *, step: int | None = None):
         k,
         continuation=keep_continuation(config),
         align=bool(config.retrieval.get("align_neighbours", False)),
+        rerank=int(config.retrieval.get("rerank", 0)),
     )
     return model, tokenizer, retriever, max_len, step
 
@@ -601,20 +665,31 @@ def _bert_max_len(prepare_dir: str, retrieval_config) -> int:
 # ---------------------------------------------------------------- the command
 
 
-def format_neighbours(chunks: list[RetrievedChunk], width: int = 100) -> str:
-    """Per chunk: its text on the left, the database chunks it retrieved on the right."""
+def format_neighbours(
+    chunks: list[RetrievedChunk], width: int = 100, min_copied: int = MIN_COPIED
+) -> str:
+    """Per chunk: its text on the left, the database chunks it retrieved on the right, each
+    with its source document, then a line `next chunk copied N tokens from [j] DOCUMENT` for
+    each neighbour the next chunk shares a run of at least `min_copied` generated tokens with
+    (RetrievedChunk.copied)."""
     half = max(20, (width - 3) // 2)
     blocks = []
     for chunk in chunks:
         left = textwrap.wrap(repr(chunk.text), half) or [""]
-        right = []
+        right, copies = [], []
         for j, (i, d, text, cont) in enumerate(
             zip(chunk.ids, chunk.distances, chunk.neighbour_texts, chunk.continuation_texts)
         ):
             if i < 0:
                 right.append(f"[{j}] (none)")
                 continue
-            right += textwrap.wrap(f"[{j}] #{i} d={d:.3f} {text!r} + {cont!r}", half)
+            document = f"#{i}" if chunk.documents is None else chunk.documents[j]
+            where = "" if chunk.documents is None else f" ({document})"
+            right += textwrap.wrap(f"[{j}] #{i} d={d:.3f}{where} {text!r} + {cont!r}", half)
+            if chunk.copied is not None and chunk.copied[j] >= max(1, min_copied):
+                line = f"next chunk copied {chunk.copied[j]} tokens from [{j}] {document}"
+                copies += textwrap.wrap(line, half)
+        right += copies
         title = f"chunk {chunk.chunk} ({chunk.source})"
         lines = [f"{title:-<{half}}-+-{'retrieved (conditions the next chunk)':-<{half}}"]
         lines += [f"{a:<{half}} | {b}" for a, b in zip_longest(left, right, fillvalue="")]

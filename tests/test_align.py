@@ -50,9 +50,9 @@ def test_a_shifted_copy_is_found_at_its_offset(seed):
     window = doc[(p - 1) * M : (p + 3) * M]
     for s in range(-(M - 1), M):
         query = doc[p * M + s : p * M + s + M].copy()
-        assert best_shifts(window[None], query[None], PAD)[0] == s
+        assert best_shifts(window[None], query[None], PAD)[0][0] == s
         query[rng.permutation(M)[: M // 2]] = PAD
-        assert best_shifts(window[None], query[None], PAD)[0] == s
+        assert best_shifts(window[None], query[None], PAD)[0][0] == s
         entry = align_entries(window[None, None], query[None], PAD)[0, 0]
         np.testing.assert_array_equal(entry, doc[p * M + s : p * M + s + 2 * M])
 
@@ -62,9 +62,9 @@ def test_no_overlap_keeps_the_stored_entry():
     stored."""
     window = np.arange(2, 2 + 4 * M)[None]
     unrelated = np.full((1, M), 5000)
-    assert best_shifts(window, unrelated, PAD)[0] == 0
+    assert best_shifts(window, unrelated, PAD)[0][0] == 0
     padding_only = np.zeros((1, 4 * M), int)
-    assert best_shifts(padding_only, np.zeros((1, M), int), PAD)[0] == 0
+    assert best_shifts(padding_only, np.zeros((1, M), int), PAD)[0][0] == 0
     entry = align_entries(window[:, None], unrelated, PAD)[0, 0]
     np.testing.assert_array_equal(entry, window[0, M : 3 * M])
 

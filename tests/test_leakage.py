@@ -135,3 +135,23 @@ def test_histogram_arrays_round_trip_and_sum_like_hosts():
     assert merged.curve()[-1]["chunks"] == 12
     total_bits = sum(p.nll["x"].sum() for p in parts) / math.log(2)
     assert merged.curve()[-1]["x_bpb"] == pytest.approx(total_bits / 48)
+
+
+def test_only_the_neighbours_read_count():
+    """r(C) over the first k neighbours, the ones RETRO reads: a chunk whose 3rd stored
+    neighbour holds a copy of it, but whose first two share nothing, is a low-alpha chunk for
+    k = 2 (and a full copy if all K = 4 stored neighbours counted)."""
+    m, pad = 8, 0
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(1, 50, (1, 2 * m))
+    neighbours = rng.integers(100, 200, (1, 2, 4, 2 * m))  # no token in common with the chunks
+    neighbours[0, 0, 2, 3 : 3 + m] = tokens[0, :m]  # chunk 0: copied by neighbour 3 of 4
+    neighbours[0, 1, 1, :2] = tokens[0, m : m + 2]  # chunk 1: 2 tokens shared by neighbour 2
+    np.testing.assert_array_equal(chunk_overlap(tokens, neighbours, pad, k=2), [[0, 2]])
+    np.testing.assert_array_equal(chunk_overlap(tokens, neighbours, pad, k=3), [[m, 2]])
+    np.testing.assert_array_equal(chunk_overlap(tokens, neighbours, pad), [[m, 2]])
+    histogram = LeakageHistogram(m, ["x"])
+    ones = np.ones((1, 2 * m))
+    histogram.add(chunk_overlap(tokens, neighbours, pad, k=2), ones, ones, {"x": ones})
+    rows = {r["alpha"]: r["chunks"] for r in histogram.curve()}
+    assert rows[0.0] == 1 and rows[0.25] == 2  # chunk 0 in the alpha = 0 bucket

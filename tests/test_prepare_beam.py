@@ -332,6 +332,9 @@ def test_retrieval_max_tokens_caps_the_database_alike(corpus, tmp_path):
     assert db["num_chunks"] == 101 and sum(db["shards"]) == 101
     table = np.load(tmp_path / "local" / "prepare" / "db" / "docs.npy")
     assert table[:, 2].sum() == 101 and (table[:, 1] + table[:, 2]).max() == 101
+    # The documents' keys (compared byte for byte above): those in the table, and only those.
+    keys = json.loads(local["db/doc_keys.json"])
+    assert list(keys) == [str(d) for d in table[:, 0]] and all(keys.values())
 
 
 def test_unfiltered_retrieval_database_keeps_the_leak_alike(corpus, tmp_path):

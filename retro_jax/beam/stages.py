@@ -205,6 +205,7 @@ class BeamStageContext(StageContext):
             multiplier=int(r.query_multiplier),
             exclude=bool(r.exclude_same_document),
             align=bool(r.get("align_neighbours", False)),
+            rerank=int(r.get("rerank", 0)),
         )
         run = build_neighbours(self.options, self.dir, partial, sequences, spec, settings)
         splits = {split: split_summary(split, sequences[split], spec) for split in sequences}

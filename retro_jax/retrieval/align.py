@@ -42,33 +42,69 @@ def neighbour_windows(database, ids: np.ndarray) -> np.ndarray:
     return windows
 
 
-def best_shifts(windows: np.ndarray, queries: np.ndarray, pad_id: int) -> np.ndarray:
-    """windows [Q, 4m], queries [Q, m] -> shift int64 [Q] in [-(m-1), m-1]: the offset (from
-    the window's second chunk) at which most non-padding query tokens match."""
+def best_shifts(
+    windows: np.ndarray, queries: np.ndarray, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """windows [Q, 4m], queries [Q, m] -> (shift int64 [Q] in [-(m-1), m-1], matches int64
+    [Q]): the offset (from the window's second chunk) at which most non-padding query tokens
+    match, and how many do there."""
     m = queries.shape[-1]
     offsets = np.arange(1, 2 * m)  # window starts m + s for s in [-(m-1), m-1]
     # Penalty for |s| below one match: more matches always win, then the smallest |s|.
     tie_break = np.abs(offsets - m) / (2.0 * m)
     shifts = np.zeros(len(queries), np.int64)
+    best = np.zeros(len(queries), np.int64)
     for start in range(0, len(queries), BLOCK):
         w = windows[start : start + BLOCK]
         q = queries[start : start + BLOCK]
         views = np.lib.stride_tricks.sliding_window_view(w, m, axis=-1)[:, offsets]  # [b, 2m-1, m]
         matches = ((views == q[:, None, :]) & (q[:, None, :] != pad_id)).sum(-1)
-        shifts[start : start + BLOCK] = offsets[np.argmax(matches - tie_break, axis=-1)] - m
-    return shifts
+        pick = np.argmax(matches - tie_break, axis=-1)
+        shifts[start : start + BLOCK] = offsets[pick] - m
+        best[start : start + BLOCK] = np.take_along_axis(matches, pick[:, None], 1)[:, 0]
+    return shifts, best
+
+
+def _aligned(windows: np.ndarray, queries: np.ndarray, pad_id: int):
+    """windows [..., K, 4m], queries [..., m] -> (aligned entries int32 [..., K, 2m], matches
+    int64 [..., K]: query tokens each aligned entry's chunk holds at their positions)."""
+    *lead, k, width = windows.shape
+    m = width // 4
+    flat = windows.reshape(-1, width)
+    q = np.broadcast_to(np.asarray(queries)[..., None, :], (*lead, k, m)).reshape(-1, m)
+    shifts, matches = best_shifts(flat, q, pad_id)
+    picked = np.take_along_axis(flat, (m + shifts)[:, None] + np.arange(2 * m)[None, :], axis=1)
+    entries = picked.reshape(*lead, k, 2 * m).astype(np.int32, copy=False)
+    return entries, matches.reshape(*lead, k)
 
 
 def align_entries(windows: np.ndarray, queries: np.ndarray, pad_id: int) -> np.ndarray:
     """windows [..., K, 4m], queries [..., m] (the chunk that retrieved them) -> the aligned
     entries int32 [..., K, 2m]."""
-    *lead, k, width = windows.shape
-    m = width // 4
-    flat = windows.reshape(-1, width)
-    q = np.broadcast_to(np.asarray(queries)[..., None, :], (*lead, k, m)).reshape(-1, m)
-    starts = m + best_shifts(flat, q, pad_id)
-    picked = np.take_along_axis(flat, starts[:, None] + np.arange(2 * m)[None, :], axis=1)
-    return picked.reshape(*lead, k, 2 * m).astype(np.int32, copy=False)
+    return _aligned(windows, queries, pad_id)[0]
+
+
+def rerank(
+    ids: np.ndarray, windows: np.ndarray, queries: np.ndarray, k: int, pad_id: int, align: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep, of C nearest-first candidates, the k that overlap their query most
+    (`retrieval.rerank`): the frozen BERT finds chunks near in meaning, and among them the
+    ones holding the query's tokens in order are the ones a copy can be read from.
+
+    ids [..., C] (-1: none), windows [..., C, 4m] (`neighbour_windows`), queries [..., m] ->
+    (ids int64 [..., k], entries int32 [..., k, 2m], their places among the candidates [..., k]),
+    ranked by the number of query tokens the aligned candidate matches, ties in BERT's order;
+    entries aligned if `align`, else as stored.
+    """
+    m = queries.shape[-1]
+    entries, matches = _aligned(windows, queries, pad_id)
+    score = np.where(ids >= 0, matches, -1)
+    order = np.argsort(-score, axis=-1, kind="stable")[..., :k]
+    kept = np.take_along_axis(ids, order, -1)
+    if not align:
+        entries = windows[..., m : 3 * m]
+    picked = np.take_along_axis(entries, order[..., None], -2)
+    return kept, np.where(kept[..., None] >= 0, picked, pad_id).astype(np.int32), order
 
 
 def neighbour_entries(database, ids: np.ndarray, queries: np.ndarray, align: bool) -> np.ndarray:

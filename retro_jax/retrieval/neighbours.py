@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from retro_jax.data import files
 from retro_jax.data.records import RecordSpec, write_records
 from retro_jax.data.sequences import read_sequence_shard
-from retro_jax.retrieval.align import neighbour_entries
+from retro_jax.retrieval.align import neighbour_entries, neighbour_windows, rerank
 from retro_jax.retrieval.chunks import ChunkDatabase
 
 
@@ -63,6 +63,7 @@ class NeighbourFinder:
         query_multiplier: int = 4,
         exclude_same_document: bool = True,
         align: bool = False,
+        rerank: int = 0,
     ):
         self.database = database
         self.keys = keys
@@ -73,6 +74,8 @@ class NeighbourFinder:
         self.multiplier = max(1, int(query_multiplier))
         self.exclude = exclude_same_document
         self.align = align  # slide neighbour windows onto the query (retrieval/align.py)
+        # > 0: keep the K of this many nearest candidates that overlap the query most
+        self.rerank = max(0, int(rerank))
         self.embedded = self.reused = 0  # query keys computed / taken from the database
         self.missing = 0  # neighbour slots left empty (-1) for chunks that have text
 
@@ -126,19 +129,23 @@ class NeighbourFinder:
         if len(live):
             queries = self.query_keys(chunks[live], seq_docs[live], chunk_index.reshape(-1)[live])
         exclude = self.exclude and split == "train"
+        wanted = max(self.k, self.rerank)
         return dict(
             live=live,
             queries=queries,
             query_docs=seq_docs[live] if exclude else None,
-            ask=min(self.k * self.multiplier if exclude else self.k, len(self.database)),
+            ask=min(wanted * self.multiplier if exclude else wanted, len(self.database)),
             shape=(s, l),
         )
 
     def choose(self, plan: dict, found: np.ndarray, found_docs: np.ndarray) -> np.ndarray:
         """Nearest-first candidates found [Q, ask] (and their document ids) -> neighbour ids
-        int64 [S, l, K], -1 where none."""
+        int64 [S, l, K], -1 where none; with `rerank` the first `rerank` candidates [S, l, C]
+        (`retrieval.align.rerank` keeps K of them)."""
         ids, missing = choose_neighbours(plan, found, found_docs, self.k)
-        self.missing += missing
+        self.missing += missing  # the same for the K a reranking keeps
+        if self.rerank:
+            ids, _ = choose_neighbours(plan, found, found_docs, self.rerank)
         return ids
 
     def shard_examples(self, sequences: dict[str, np.ndarray], split: str) -> list[dict]:
@@ -148,8 +155,19 @@ class NeighbourFinder:
         if len(plan["live"]):
             found, _ = self.index.search(plan["queries"], plan["ask"])
         ids = self.choose(plan, found, self.database.doc_ids(found))
-        entries = neighbour_entries(self.database, ids, query_chunks(sequences, ids), self.align)
+        queries = query_chunks(sequences, ids)
+        if self.rerank:
+            windows = neighbour_windows(self.database, ids)
+            ids, entries, _ = rerank(
+                ids, windows, queries, self.k, self.database.pad_id, self.align
+            )
+        else:
+            entries = neighbour_entries(self.database, ids, queries, self.align)
         return shard_records(sequences, ids, entries)
+
+    def rerank_candidates(self, ids, windows, queries, k: int, align: bool):
+        """`retrieval.align.rerank` with this database's padding."""
+        return rerank(ids, windows, queries, k, self.database.pad_id, align)
 
 
 def query_chunks(sequences: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
