@@ -1,19 +1,22 @@
-"""`retro-jax demo`: the whole system on the State of the Union addresses, in minutes on a CPU.
+"""`retro-jax demo`: the whole system on a real corpus, in minutes on a CPU.
 
-    retro-jax demo --workdir W                          # default: about 10 minutes on 2 cores
+    retro-jax demo --workdir W                          # transformers' model code, ~13 min
     retro-jax demo --workdir W --config experiments/demo.py:smallest   # the CI test's size
-    retro-jax demo --workdir W --config experiments/demo.py:large      # whole corpus, ~35 min
+    retro-jax demo --workdir W --config experiments/demo.py:large      # more files and steps
+    retro-jax demo --workdir W --config experiments/demo.py:sotu       # State of the Union
+    retro-jax demo --workdir W --config experiments/demo.py:sotu,large # all of it, ~35 min
     retro-jax demo --workdir W --config experiments/demo.py:linux-doc  # the kernel docs corpus
 
-The most recent addresses are held out for evaluation (`data.sotu_eval_docs`). One decoder is
-trained as a baseline twin and as RETRO for the same steps; the baseline is then retro-fitted.
+The default corpus is the `modeling_*.py` files of the installed `transformers` package (every
+10th file by stable id held out); `sotu` holds out the most recent addresses
+(`data.sotu_eval_docs`). One decoder is trained as a baseline twin and as RETRO for the same
+steps; the baseline is then retro-fitted.
 """
 
 import ml_collections
 
 from retro_jax.config import default_config, model_config_dict
 from retro_jax.errors import RetroError
-
 
 CODE = "python:transformers/models/*/modeling_*.py"
 
@@ -66,14 +69,33 @@ def get_config(arg: str = ""):
     config.demo.max_new_tokens = 64
     config.demo.seed = 0
 
+    code = not options & {"sotu", "linux-doc"}
+    if code:  # the default: model code that copies code from other files (RETRO's best case)
+        config.data.train_source = config.data.eval_source = CODE
+        config.data.max_docs = 60  # training files (of 489; every 10th by id is held out)
+        config.data.eval_max_docs = 6  # held-out files scored
+        config.data.retrieval_max_docs = 120  # the database: the 60 training files and 60 more
+        config.retrieval.align_neighbours = True
+        config.retrieval.rerank = 16
+        config.retrieval.index.brute_force_below = 100_000  # exact search, as the sweep's
+        config.eval.database_fractions = (0.125, 0.25, 0.5, 1.0)
+        config.demo.prompt = "class LlamaAttention(nn.Module):"
+    if "linux-doc" in options:
+        config.data.train_source = "linux-doc"
+        config.data.eval_source = "linux-doc"
+        config.demo.prompt = "The kernel provides"
+
     if "smallest" in options:  # the end-to-end test: a couple of minutes
         config.model.update(dict(num_layers=2, d_model=64, num_heads=2, d_ff=256, cca_layers=(2,)))
         config.model.update(dict(enc_num_layers=1, enc_d_model=64, enc_num_heads=2, enc_d_ff=256))
         config.model.vocab_size = 1024
         config.data.vocab_size = 1024
-        config.data.max_docs = 12
+        config.data.max_docs = 6 if code else 12
+        config.data.eval_max_docs = 1 if code else 0
+        config.data.retrieval_max_docs = 8 if code else 0
         config.data.sotu_eval_docs = 2
         config.data.seq_len = 128
+        config.eval.database_fractions = (0.5, 1.0) if code else ()
         config.train.steps = 6
         config.train.warmup_steps = 2
         config.train.log_every = 2
@@ -81,22 +103,14 @@ def get_config(arg: str = ""):
         config.demo.retrofit_steps = 4
         config.demo.max_new_tokens = 40
         config.eval.max_batches = 4
-    if "large" in options:  # the whole corpus, ~40 minutes on 2 CPU cores
-        config.data.max_docs = 0
+    if "large" in options:  # more data and steps (sotu: the whole corpus, ~40 minutes)
+        config.data.max_docs = 120 if code else 0
+        config.data.retrieval_max_docs = 240 if code else 0
+        config.data.eval_max_docs = 10 if code else 0
         config.data.sotu_eval_docs = 10
         config.train.steps = 1000
         config.train.warmup_steps = 100
         config.train.log_every = 50
         config.train.checkpoint_every = 250
         config.demo.retrofit_steps = 300
-    if not options & {"sotu", "linux-doc"}:
-        config.data.train_source = config.data.eval_source = CODE
-        config.data.max_docs = 60
-        config.data.eval_max_docs = 6
-        config.retrieval.align_neighbours = True
-        config.demo.prompt = "class LlamaAttention(nn.Module):"
-    if "linux-doc" in options:
-        config.data.train_source = "linux-doc"
-        config.data.eval_source = "linux-doc"
-        config.demo.prompt = "The kernel provides"
     return config

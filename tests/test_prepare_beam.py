@@ -8,6 +8,7 @@ The transforms that restore the local order are checked as properties on their o
 
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -358,3 +359,19 @@ def test_unfiltered_retrieval_database_keeps_the_leak_alike(corpus, tmp_path):
     }
     assert leak not in docs["filtered"] and leak in docs["local"]
     assert sorted(set(docs["local"]) - set(docs["filtered"])) == [leak]
+
+
+def test_aligned_and_reranked_neighbours_alike(corpus, local, tmp_path):
+    """retrieval.align_neighbours and retrieval.rerank: only the neighbours stage reruns, and both
+    drivers write the same records, which differ from the plain ones."""
+    config = _config(corpus)
+    config.retrieval.align_neighbours = True
+    config.retrieval.rerank = 6
+    for name, runner in (("local", None), ("beam", "DirectRunner")):
+        shutil.copytree(local, tmp_path / name)
+        done = run_prepare(config, str(tmp_path / name), progress=False, runner=runner)
+        assert [s for s, r in done.items() if not r["skipped"]] == ["neighbours"]
+    _assert_same_outputs(tmp_path / "local", tmp_path / "beam")
+    plain, aligned = _files(local), _files(tmp_path / "local")
+    records = [n for n in plain if n.endswith(".tfrecord")]
+    assert records and any(plain[n] != aligned[n] for n in records)

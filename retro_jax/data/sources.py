@@ -459,9 +459,7 @@ def open_source(config, role: str) -> Source:
         spec,
         role,
         setting=setting,
-        max_docs=int(data.get("eval_max_docs", 0) or data.max_docs)
-        if role == "eval"
-        else int(data.max_docs),
+        max_docs=int(data.get(f"{role}_max_docs", 0) or data.max_docs),
         sotu_eval_docs=int(data.sotu_eval_docs),
         tfds_data_dir=str(data.get("tfds_data_dir", "")),
         linux_doc_eval_every=int(data.get("linux_doc_eval_every", 50)),
