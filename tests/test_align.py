@@ -109,3 +109,41 @@ def test_alignment_reads_only_the_retrieving_chunk(tmp_path):
         changed[:, other] = rng.integers(2, 50, (s, len(other)))
         after = neighbour_entries(db, ids, query_chunks({"tokens": changed}, ids), True)
         np.testing.assert_array_equal(after[:, u], before[:, u])
+
+
+def test_live_retrieval_aligns_and_reranks_as_prepare(tmp_path):
+    """`retro-jax sample`'s LiveRetriever keeps, of the index's candidates, the ones `rerank`
+    keeps (with their distances) and aligns them as prepare's records are aligned."""
+    from retro_jax.retrieval.align import rerank
+    from retro_jax.sample import LiveRetriever
+
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(2, 1000, 5 * M) for _ in range(4)]
+    db = _database(tmp_path, docs)
+    first, _ = db.document_chunks(np.array([3]))
+    query = docs[2][M + 3 : 2 * M + 3]  # doc 3's text, 3 tokens into its second chunk
+    candidates = np.array([[0, 1, first[0] + 1, 5, 7]])  # the copy is BERT's third choice
+
+    class Index:
+        def search(self, keys, k):
+            assert k == candidates.shape[1]
+            return candidates[:, :k], np.arange(k, dtype=np.float32)[None] + 0.5
+
+    class Tokens(Ids):
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    class Embedder:
+        def embed(self, texts, progress=False):
+            return np.zeros((len(texts), 2), np.float32)
+
+    live = LiveRetriever(Tokens(), Embedder(), Index(), db, 2, align=True, rerank=5)
+    entries, ids, distances = live(query)
+    want_ids, want_entries, _ = rerank(
+        candidates, neighbour_windows(db, candidates), query[None], 2, PAD, True
+    )
+    assert ids[0] == first[0] + 1 and distances[0] == 2.5
+    np.testing.assert_array_equal(ids, want_ids[0])
+    np.testing.assert_array_equal(entries, want_entries[0])
+    # (a document starts with EOS: its token i sits at position i + 1)
+    np.testing.assert_array_equal(entries[0], docs[2][M + 3 : 3 * M + 3])  # the aligned copy

@@ -32,11 +32,19 @@ def test_demo_smallest_prints_a_table_of_finite_numbers(tmp_path):
     assert _finite(summary["bpb"].values())
     assert _finite(summary["seconds"].values())
     assert os.path.getsize(summary["leakage_plot"]) > 1000
+    # The default corpus: transformers' model code, neighbours aligned and reranked, and RETRO
+    # scored against half of the database and all of it (nested: more chunks, printed).
+    sweep = summary["database_sweep"]
+    assert [r["fraction"] for r in sweep] == [0.5, 1.0] and _finite(r["bpb"] for r in sweep)
+    assert sweep[0]["chunks"] < sweep[1]["chunks"] and "by the size of the database" in out.stdout
+    assert os.path.getsize(summary["database_plot"]) > 1000
+    assert sweep[1]["bpb"] == pytest.approx(summary["bpb"]["retro"], rel=1e-6)  # exact index
     # The sample comes with what its chunks retrieved, stored and printed after it.
     chunks = summary["sample"]["neighbours"]
     assert chunks and all(isinstance(c["text"], str) and c["neighbours"] for c in chunks)
     retrieved = [n for c in chunks for n in c["neighbours"] if n["id"] >= 0]
     assert retrieved and all(isinstance(n["text"], str) and n["text"] for n in retrieved)
+    assert all(n["document"].startswith("python:transformers/models/") for n in retrieved)
     assert all(isinstance(n["continuation"], str) for n in retrieved)
     shown = out.stdout[out.stdout.index("sample: ") :]
     assert "retrieved neighbours of the sample" in shown

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+from model_configs import TWO_LAYERS
 from prepare_corpus import sotu_paragraphs
 
 from retro_jax.config import default_config, model_config_dict
@@ -50,23 +51,13 @@ def trained(tmp_path_factory):
     config.retrieval.align_neighbours = True
     config.retrieval.embed_batch_size = 64
     config.retrieval.bert_max_len = 40  # a 16-token chunk is ~ 20 WordPiece tokens
+    # Twice TWO_LAYERS' widths; CCA drawn, not silent: a silent CCA learns to copy later
+    # (benchmarks/results/retrieval_pays.md).
+    widths = dict(d_model=64, head_dim=32, d_ff=256, enc_d_model=64, enc_head_dim=32, enc_d_ff=256)
     config.model = model_config_dict(
-        "tiny",
-        vocab_size=512,
-        chunk_size=M,
-        num_layers=2,
-        cca_layers=(2,),
-        d_model=64,
-        num_heads=2,
-        head_dim=32,
-        d_ff=256,
-        enc_num_layers=1,
-        enc_d_model=64,
-        enc_num_heads=2,
-        enc_head_dim=32,
-        enc_d_ff=256,
-        cca_zero_init=False,  # a silent CCA learns to copy later (results/retrieval_pays.md)
+        "tiny", **{**TWO_LAYERS, **widths}, vocab_size=512, chunk_size=M, enc_num_layers=1
     )
+    assert not config.model.cca_zero_init
     config.train.update(
         dict(steps=150, batch_size=32, learning_rate=1e-2, warmup_steps=10, eval_every=0)
     )
