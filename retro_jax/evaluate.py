@@ -235,8 +235,16 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
             rows = slice(b * len(mask), (b + 1) * len(mask))
             for i in range(len(subset_ids) if subset_ids is not None else 0):
                 neighbours = database.entries(subset_ids[i, rows], batch["tokens"])
-                placed[i] = {**placed[None], "neighbours": shard_batch(neighbours, mesh)}
-            nll = {mode: scorer(placed[src], kk) for mode, (scorer, kk, src) in passes.items()}
+                if not np.array_equal(neighbours[:, :, :k], batch["neighbours"][:, :, :k]):
+                    placed[i] = {**placed[None], "neighbours": shard_batch(neighbours, mesh)}
+            # A subset that gives this batch the records' own neighbours (the whole database
+            # searched exactly, as prepare did) is scored by the retrieval pass already.
+            nll = {
+                mode: scorer(placed[src], kk)
+                for mode, (scorer, kk, src) in passes.items()
+                if src in placed
+            }
+            nll.update({mode: nll["retrieval"] for mode in passes if mode not in nll})
             nll = {mode: _host_local(v, mesh).astype(np.float64) for mode, v in nll.items()}
             histogram.add(overlap, mask, batch["target_bytes"], nll)
             nll_sums += [float(np.sum(nll[mode] * mask)) for mode in passes]
