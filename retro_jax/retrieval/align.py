@@ -4,8 +4,9 @@ best overlaps the query chunk (`retrieval.align_neighbours`, an option beyond th
 Why: chunked cross-attention learns to copy from a neighbour in a few hundred steps when the
 copy sits at a fixed offset (neighbour token m + j continues the query's token j), but a real
 near-duplicate starts anywhere inside a database chunk, and copying it then needs matching by
-content, which small models learn more slowly still (benchmarks/results/retrieval_pays.md). The database stores every document as consecutive
-chunks, so the text around a neighbour chunk p is at hand: the window of 4m tokens
+content, which small models learn more slowly still (benchmarks/results/retrieval_pays.md).
+The database stores every document as consecutive chunks, so the text around a neighbour chunk
+p is at hand: the window of 4m tokens
 
     chunk p-1 (m) | chunk p (m) | its continuation (m) | the continuation's continuation (m)
 
