@@ -40,7 +40,7 @@ from retro_jax.data import files
 from retro_jax.errors import RetroError
 from retro_jax.leakage import longest_common_run
 from retro_jax.model.decode import Decoder
-from retro_jax.retrieval.align import neighbour_entries, neighbour_windows, rerank
+from retro_jax.retrieval.align import pick_neighbours
 
 # ---------------------------------------------------------------- choosing the next token
 
@@ -248,13 +248,10 @@ class LiveRetriever:
             ids[text], distances[text] = self.index.search(keys, wanted)
             searched = time.perf_counter()
             self.queries += len(queries)
-        if self.rerank:
-            windows = neighbour_windows(self.database, ids)
-            pad = self.tokenizer.pad_id
-            ids, entries, order = rerank(ids, windows, chunks, self.k, pad, self.align)
-            distances = np.take_along_axis(distances, order, axis=1)
-        else:
-            entries = neighbour_entries(self.database, ids, chunks, self.align)  # [N, k, 2m]
+        ids, entries, order = pick_neighbours(  # [N, k], [N, k, 2m], [N, k]
+            self.database, ids, chunks, self.k, align=self.align, by_overlap=bool(self.rerank)
+        )
+        distances = np.take_along_axis(distances, order, axis=1)
         if not self.continuation:
             entries[..., m:] = self.tokenizer.pad_id
         done = time.perf_counter()

@@ -114,3 +114,18 @@ def neighbour_entries(database, ids: np.ndarray, queries: np.ndarray, align: boo
     if not align:
         return database.entries(ids)
     return align_entries(neighbour_windows(database, ids), queries, database.pad_id)
+
+
+def pick_neighbours(
+    database, candidates: np.ndarray, queries: np.ndarray, k: int, *, align: bool, by_overlap: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The k neighbours kept of nearest-first candidates [..., C] retrieved by queries [..., m]:
+    the k that overlap most (`by_overlap`: retrieval.rerank) or the first k -> (ids int64
+    [..., k], entries int32 [..., k, 2m], their places among the candidates [..., k]). Prepare
+    and live retrieval in `sample` keep their neighbours through this one function."""
+    if by_overlap:
+        windows = neighbour_windows(database, candidates)
+        return rerank(candidates, windows, queries, k, database.pad_id, align)
+    ids = candidates[..., :k]
+    order = np.broadcast_to(np.arange(ids.shape[-1]), ids.shape)
+    return ids, neighbour_entries(database, ids, queries, align), order

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from retro_jax.data import files
 from retro_jax.data.records import RecordSpec, write_records
 from retro_jax.data.sequences import read_sequence_shard
-from retro_jax.retrieval.align import neighbour_entries, neighbour_windows, rerank
+from retro_jax.retrieval.align import pick_neighbours
 from retro_jax.retrieval.chunks import ChunkDatabase
 
 
@@ -156,18 +156,10 @@ class NeighbourFinder:
             found, _ = self.index.search(plan["queries"], plan["ask"])
         ids = self.choose(plan, found, self.database.doc_ids(found))
         queries = query_chunks(sequences, ids)
-        if self.rerank:
-            windows = neighbour_windows(self.database, ids)
-            ids, entries, _ = rerank(
-                ids, windows, queries, self.k, self.database.pad_id, self.align
-            )
-        else:
-            entries = neighbour_entries(self.database, ids, queries, self.align)
+        ids, entries, _ = pick_neighbours(
+            self.database, ids, queries, self.k, align=self.align, by_overlap=bool(self.rerank)
+        )
         return shard_records(sequences, ids, entries)
-
-    def rerank_candidates(self, ids, windows, queries, k: int, align: bool):
-        """`retrieval.align.rerank` with this database's padding."""
-        return rerank(ids, windows, queries, k, self.database.pad_id, align)
 
 
 def query_chunks(sequences: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
