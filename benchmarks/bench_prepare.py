@@ -27,12 +27,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from retro_jax.prepare import STAGES  # noqa: E402
+from retro_jax.prepare.run import STAGES  # noqa: E402
 
 CHILD = """
 import json, sys
 sys.path.insert(0, {root!r})
-from retro_jax.prepare import run_prepare
+from retro_jax.prepare.run import run_prepare
 sys.path.insert(0, {corpus!r})
 from bench_config import get_config
 results = run_prepare(

@@ -23,7 +23,7 @@ from retro_jax.errors import RetroError
 # command -> (module, function, one-line help). Only commands that exist are listed.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare": (
-        "retro_jax.prepare",
+        "retro_jax.prepare.run",
         "main",
         "build tokenizer, chunk database, keys, index and neighbour shards",
     ),

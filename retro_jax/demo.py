@@ -51,7 +51,7 @@ def format_retrieved(chunks: list[dict]) -> str:
 def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
     """Run every stage; returns the summary written to W/demo.json."""
     from retro_jax.evaluate import evaluate, write_outputs
-    from retro_jax.prepare import run_prepare
+    from retro_jax.prepare.run import run_prepare
     from retro_jax.sample import Sampler
     from retro_jax.train.loop import train
 

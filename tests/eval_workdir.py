@@ -91,7 +91,7 @@ def save_random_checkpoint(config, workdir: str, *, seed: int = 0, vocab: int | 
 def tiny_workdir(base: str) -> tuple[str, str, str]:
     """(corpus root, RETRO workdir, baseline workdir), built on the first call."""
     if "w" not in _BUILT:
-        from retro_jax.prepare import run_prepare
+        from retro_jax.prepare.run import run_prepare
 
         root = os.path.join(base, "eval_sample_corpus")
         workdir = os.path.join(base, "eval_sample_workdir")

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from retro_jax.data.sources import sotu_speeches
-from retro_jax.prepare import KILL_ENV
+from retro_jax.prepare.run import KILL_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +53,7 @@ def load_config(path):
 
 def prepare_cli(config_path, workdir, *flags, kill: str = "", timeout: int = 600):
     """`retro-jax prepare` in a child process; `kill="STAGE:N"` SIGKILLs it after N new shards of
-    STAGE (see retro_jax.prepare.KILL_ENV)."""
+    STAGE (see retro_jax.prepare.run.KILL_ENV)."""
     env = dict(os.environ, PYTHONPATH=ROOT, **{KILL_ENV: kill})
     command = [sys.executable, "-m", "retro_jax.cli", "prepare", f"--config={config_path}"]
     command += [f"--workdir={workdir}", *flags]

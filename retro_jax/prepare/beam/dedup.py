@@ -14,8 +14,8 @@ import types
 
 import apache_beam as beam
 
-from retro_jax.beam.documents import collect, load_collected, read_documents
-from retro_jax.dedup import (
+from retro_jax.prepare.beam.documents import collect, load_collected, read_documents
+from retro_jax.prepare.dedup import (
     band_keys,
     best_twin,
     copy_verdicts,
@@ -57,7 +57,7 @@ class _Confirm(beam.DoFn):
 
 def build_dedup(options, config, sources: dict, eval_source, work: str) -> dict:
     """Run the filter of `sources` (role -> Source) against `eval_source` as one pipeline;
-    returns the report (as `retro_jax.dedup.filter_report` makes it)."""
+    returns the report (as `retro_jax.prepare.dedup.filter_report` makes it)."""
     c = config.dedup
     threshold, ngram, num_perm = float(c.threshold), int(c.ngram), int(c.num_perm)
     bands, rows = lsh_layout(threshold, num_perm)

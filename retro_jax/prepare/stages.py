@@ -1,9 +1,9 @@
 """The stages `retro-jax prepare` runs: their settings, outputs, builds and commits.
 
-`retro_jax.prepare` decides what to (re)build from the manifest; this module knows, per stage,
-which config keys it depends on (`settings`), what it leaves in W/prepare (`outputs`), how to
-build it into a `<stage>.partial/` folder (`build`, with the builds in
-`retro_jax.prepare_builds`) and how to move that into place (`commit`).
+`retro_jax.prepare.run` decides what to (re)build from the manifest; this module knows, per
+stage, which config keys it depends on (`settings`), what it leaves in W/prepare (`outputs`),
+how to build it into a `<stage>.partial/` folder (`build`, with the builds in
+`retro_jax.prepare.builds`) and how to move that into place (`commit`).
 The work itself lives in the stage modules (sources, dedup, tokenizer, chunks, sequences,
 neighbours); this is the glue that feeds each one the previous stages' outputs.
 """
@@ -17,7 +17,7 @@ from retro_jax.data import files
 from retro_jax.data.records import RECORDS_INFO, RecordSpec
 from retro_jax.data.sources import open_source
 from retro_jax.errors import RetroError
-from retro_jax.prepare_builds import BUILT_WITH, REPORT, StageBuilds
+from retro_jax.prepare.builds import BUILT_WITH, REPORT, StageBuilds
 
 log = logging.getLogger("retro_jax.prepare")
 
@@ -101,7 +101,7 @@ class StageContext(StageBuilds):
     def dropped_ids(self, role: str) -> set[int]:
         """Ids of the documents of a role the leakage filter removes: training documents always,
         retrieval documents unless dedup.filter_retrieval is False, evaluation documents never."""
-        from retro_jax.dedup import read_dropped_ids
+        from retro_jax.prepare.dedup import read_dropped_ids
 
         if role == "eval" or (role == "retrieval" and not self.filter_retrieval):
             return set()

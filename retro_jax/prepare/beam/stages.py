@@ -21,11 +21,11 @@ import re
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from retro_jax.beam.documents import read_documents
 from retro_jax.data import files
 from retro_jax.data.sources import open_source
 from retro_jax.errors import RetroError
-from retro_jax.prepare_stages import StageContext
+from retro_jax.prepare.beam.documents import read_documents
+from retro_jax.prepare.stages import StageContext
 
 log = logging.getLogger("retro_jax.prepare")
 
@@ -129,7 +129,7 @@ class BeamStageContext(StageContext):
         return docs, stats
 
     def dedup_report(self, sources: dict, eval_source, partial: str) -> dict:
-        from retro_jax.beam.dedup import build_dedup
+        from retro_jax.prepare.beam.dedup import build_dedup
 
         work = os.path.join(partial, "_beam")
         files.makedirs(work)
@@ -138,7 +138,7 @@ class BeamStageContext(StageContext):
         return report
 
     def _build_chunks(self, partial: str, _hook) -> dict:
-        from retro_jax.beam.database import build_chunks
+        from retro_jax.prepare.beam.database import build_chunks
 
         return build_chunks(
             self.options,
@@ -163,20 +163,20 @@ class BeamStageContext(StageContext):
         )
 
     def embed_keys(self, partial: str, hook) -> dict:
-        from retro_jax.beam.database import build_keys
+        from retro_jax.prepare.beam.database import build_keys
 
         pad_id = int(self.config.model.pad_id)
         return build_keys(self.options, self.dir, partial, pad_id=pad_id, bert=self._bert())
 
     def _build_index(self, partial: str, _hook) -> dict:
-        from retro_jax.beam.database import build_index
+        from retro_jax.prepare.beam.database import build_index
 
         settings = self.index_settings()
         summary = build_index(self.options, self.dir, partial, settings, self.bert_model_id())
         return self.write_built_with(partial, summary)
 
     def cut_sequences(self, partial: str) -> dict:
-        from retro_jax.beam.neighbours import build_sequences
+        from retro_jax.prepare.beam.neighbours import build_sequences
 
         d = self.config.data
         return build_sequences(
@@ -190,7 +190,7 @@ class BeamStageContext(StageContext):
         )
 
     def find_neighbours(self, partial: str, hook, sequences: dict) -> tuple[dict, dict]:
-        from retro_jax.beam.neighbours import build_neighbours
+        from retro_jax.prepare.beam.neighbours import build_neighbours
         from retro_jax.retrieval.neighbours import split_summary
 
         r, spec = self.config.retrieval, self.spec()

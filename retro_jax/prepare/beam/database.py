@@ -20,8 +20,8 @@ import numpy as np
 # worker runs several threads.
 from transformers import AutoTokenizer, BertTokenizerFast  # noqa: F401
 
-from retro_jax.beam.documents import SumCounts, collect, load_collected, ordered_shards
 from retro_jax.data import files
+from retro_jax.prepare.beam.documents import SumCounts, collect, load_collected, ordered_shards
 from retro_jax.retrieval.chunks import (
     ChunkDatabase,
     document_entries,

@@ -28,10 +28,10 @@ import numpy as np
 # worker runs several threads.
 from transformers import AutoTokenizer, BertTokenizerFast  # noqa: F401
 
-from retro_jax.beam.documents import SumCounts, collect, load_collected, ordered_shards
 from retro_jax.data import files
 from retro_jax.data.records import write_records
 from retro_jax.data.sequences import cut_document, read_sequence_shard, write_sequence_shard
+from retro_jax.prepare.beam.documents import SumCounts, collect, load_collected, ordered_shards
 from retro_jax.retrieval.align import align_entries, neighbour_windows, rerank
 from retro_jax.retrieval.chunks import ChunkDatabase, load_keys
 from retro_jax.retrieval.neighbours import (

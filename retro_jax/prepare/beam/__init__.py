@@ -6,5 +6,5 @@
     neighbours.py  sequences; queries fanned out to index shards, merged, written as records
     stages.py      BeamStageContext: the local driver's stages, built by these pipelines
 
-Needs the `beam` extra (`pip install -e '.[beam]'`); nothing else in retro_jax imports it.
+Needs the `beam` extra (`pip install -e '.[beam]'`); only `run_prepare` with a runner imports it.
 """

@@ -1,13 +1,6 @@
 """`retro-jax prepare`: raw text -> neighbour record shards, as resumable stages.
 
-    dedup       dedup_report.json      leakage filter of train/retrieval docs vs eval docs
-    tokenizer   tokenizer/             SentencePiece trained on the training docs (or a given one)
-    chunks      db/                    chunk database (chunk + continuation, doc ids), sharded
-    keys        keys/                  frozen-BERT key of every database chunk, per shard
-    index       index/                 NeighbourIndex over all keys
-    sequences   sequences/             train and eval documents cut into sequences
-    neighbours  {train,eval}-*.tfrecord, records.json   the records training and eval read
-
+The local driver of the stages (the graph and each stage's outputs: `retro_jax.prepare`).
 Each stage builds in `W/prepare/<stage>.partial/` and is renamed into place when complete.
 `W/prepare/manifest.json` records, per stage, a hash of the settings and upstream outputs it was
 built from, its output checksum, counts and package versions: a rerun skips stages whose hash
@@ -152,7 +145,7 @@ def run_prepare(
     pipelines with `beam_args` as pipeline options. Both give the same outputs, so a workdir
     prepared by one is up to date for the other.
     """
-    from retro_jax.prepare_stages import StageContext
+    from retro_jax.prepare.stages import StageContext
 
     if not workdir:
         raise RetroError("prepare: --workdir is required")
@@ -170,7 +163,7 @@ def run_prepare(
     prepare_dir = prepare_dir_of(config, workdir)
     if runner:
         try:
-            from retro_jax.beam.stages import BeamStageContext, pipeline_options
+            from retro_jax.prepare.beam.stages import BeamStageContext, pipeline_options
         except ImportError as e:
             raise RetroError(
                 f"prepare --runner={runner} needs Apache Beam: pip install -e '.[beam]' ({e})"
