@@ -179,7 +179,7 @@ def search_ms(size: int, k: int, dim: int = 384, repeats: int = 50) -> dict:
 def workdir_run(config_path: str, workdir: str, tokens: int) -> dict:
     import importlib.util
 
-    from retro_jax.sample import Sampler
+    from retro_jax.sample.sampler import Sampler
 
     spec = importlib.util.spec_from_file_location("bench_config", config_path)
     module = importlib.util.module_from_spec(spec)

@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "bits-per-byte with/without retrieval, leakage curve",
     ),
-    "sample": ("retro_jax.sample", "main", "generate with live retrieval"),
+    "sample": ("retro_jax.sample.command", "main", "generate with live retrieval"),
     "demo": ("retro_jax.demo", "main", "everything end to end on a real corpus, one table"),
 }
 

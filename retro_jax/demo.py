@@ -42,7 +42,7 @@ def _variant(config, **sections):
 
 def format_retrieved(chunks: list[dict]) -> str:
     """`retro-jax sample --show-neighbours`'s view of the neighbours stored in demo.json."""
-    from retro_jax.sample import RetrievedChunk, format_neighbours
+    from retro_jax.sample.live import RetrievedChunk, format_neighbours
 
     shown = format_neighbours([RetrievedChunk.from_json(c) for c in chunks])
     return shown or "(no chunk was completed: nothing retrieved)"
@@ -52,7 +52,7 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
     """Run every stage; returns the summary written to W/demo.json."""
     from retro_jax.evaluate import evaluate, write_outputs
     from retro_jax.prepare.run import run_prepare
-    from retro_jax.sample import Sampler
+    from retro_jax.sample.sampler import Sampler
     from retro_jax.train.loop import train
 
     if not config.model.cca_layers:

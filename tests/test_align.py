@@ -115,7 +115,7 @@ def test_live_retrieval_aligns_and_reranks_as_prepare(tmp_path):
     """`retro-jax sample`'s LiveRetriever keeps, of the index's candidates, the ones `rerank`
     keeps (with their distances) and aligns them as prepare's records are aligned."""
     from retro_jax.retrieval.align import rerank
-    from retro_jax.sample import LiveRetriever
+    from retro_jax.sample.live import LiveRetriever
 
     rng = np.random.default_rng(3)
     docs = [rng.integers(2, 1000, 5 * M) for _ in range(4)]

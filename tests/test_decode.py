@@ -13,7 +13,7 @@ from model_configs import SMALL as CONFIG
 from retro_jax.errors import RetroError
 from retro_jax.model import Retro, decode
 from retro_jax.model.decode import Decoder
-from retro_jax.sample import Sampler
+from retro_jax.sample.sampler import Sampler
 
 M = 4
 

@@ -15,14 +15,9 @@ from eval_workdir import SMALL_MODEL, save_random_checkpoint, small_config, tiny
 from retro_jax.config import model_config_dict
 from retro_jax.errors import RetroError
 from retro_jax.model.create import create_model
-from retro_jax.sample import (
-    RetrievedChunk,
-    Sampler,
-    copied_tokens,
-    format_neighbours,
-    nucleus_mask,
-    sample_tokens,
-)
+from retro_jax.sample.live import RetrievedChunk, copied_tokens, format_neighbours
+from retro_jax.sample.sampler import Sampler
+from retro_jax.sample.tokens import nucleus_mask, sample_tokens
 
 # ---------------------------------------------------------------- choosing tokens
 
@@ -277,7 +272,7 @@ def test_the_sample_shows_where_it_copies_from(sampler, monkeypatch):
     chunk's neighbours record a run of m copied tokens (shown, with the neighbour's document),
     the next retrieval the 3 tokens generated after it; the prompt's chunk 1, although it is the
     continuation of chunk 0's neighbour, is not generated and counts for nothing."""
-    import retro_jax.sample as sample
+    import retro_jax.sample.sampler as sample
 
     retriever, tok = sampler.retriever, sampler.tokenizer
     database, m = retriever.database, retriever.database.chunk_size
@@ -376,7 +371,7 @@ def test_a_batch_of_prompts_decodes_each_as_alone(sampler):
 def test_a_row_that_stops_leaves_the_others_as_they_were(sampler, monkeypatch):
     """Row 0 draws EOS at its second token (forced): it stops there and retrieves nothing more;
     row 1 goes on exactly as alone."""
-    import retro_jax.sample as sample
+    import retro_jax.sample.sampler as sample
 
     alone = sampler.generate(PROMPTS[2], max_new_tokens=20, temperature=0)
     draws, real = [], sample.sample_tokens
@@ -400,7 +395,7 @@ def test_a_row_that_stops_leaves_the_others_as_they_were(sampler, monkeypatch):
 def test_sampling_to_a_file_resumes_where_it_stopped(sampler, tmp_path, monkeypatch):
     """Killed after its first batch, a rerun keeps that batch, samples the rest and writes
     exactly the lines of an uninterrupted run; other settings are refused, not mixed in."""
-    from retro_jax.sample import write_samples
+    from retro_jax.sample.command import write_samples
 
     args = dict(batch_size=1, seed=3, max_new_tokens=6, temperature=1.0, top_p=1.0)
     whole = tmp_path / "whole.jsonl"
@@ -448,7 +443,7 @@ def test_prompt_longer_than_the_model(sampler):
     with pytest.raises(RetroError, match="too long for the model's maximum length 64"):
         sampler.generate("the people of the United States " * 20)
     # In a file of prompts, every one is checked before any is sampled; the bad one is named.
-    from retro_jax.sample import check_prompts
+    from retro_jax.sample.command import check_prompts
 
     prompts = ["We the people", "the people of the United States " * 20, "Tonight"]
     check_prompts(sampler, prompts[::2], "--prompts F")
@@ -577,7 +572,7 @@ def test_sample_command_with_a_file_of_prompts(workdirs, tmp_path, capsys):
 
 
 def test_prompt_files_and_their_errors(tmp_path):
-    from retro_jax.sample import read_prompts
+    from retro_jax.sample.command import read_prompts
 
     lines = tmp_path / "prompts.txt"
     lines.write_text("first prompt\n\n  second one\n")
