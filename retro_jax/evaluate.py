@@ -40,8 +40,8 @@ from retro_jax.errors import RetroError
 from retro_jax.eval_database import DatabaseSweep, check_fractions
 from retro_jax.eval_plots import LEAKAGE_MODES, plot_database, plot_leakage, plot_neighbours
 from retro_jax.leakage import ALPHAS, LeakageHistogram, chunk_overlap
+from retro_jax.model.load import find_checkpoints, load_model
 from retro_jax.sharding import BATCH_AXES, check_batch_divides, make_mesh, shard_batch
-from retro_jax.train.checkpoint import load_model
 
 _INPUTS = ("tokens", "targets", "neighbours")  # what the scorers read of a batch
 
@@ -149,8 +149,6 @@ def checkpoint_source(config, workdir: str) -> str:
     """Where the evaluated checkpoint comes from: eval.checkpoint_workdir (one trained model
     scored against the database prepared in `workdir`), else `workdir` itself. A RetroError
     naming the setting when it holds no checkpoint."""
-    from retro_jax.train.checkpoint import find_checkpoints
-
     source = str(config.eval.get("checkpoint_workdir", "") or "")
     if not source:
         return workdir
@@ -168,7 +166,6 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     """Score the eval records of `workdir` (see the module docstring) with the checkpoint of
     `workdir`, or of eval.checkpoint_workdir when set; returns the metrics."""
     from retro_jax.data.pipeline import EvalBatches, keep_continuation
-    from retro_jax.train.checkpoint import find_checkpoints
 
     prepare_dir = prepare_dir_of(config, workdir)
     spec, info = load_records_info(prepare_dir)

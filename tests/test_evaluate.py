@@ -51,7 +51,7 @@ def _records(workdir):
 
 def _direct_bpb(path, records, k):
     """bits per byte from the model's forward pass over every record, no eval machinery."""
-    from retro_jax.train.checkpoint import load_model
+    from retro_jax.model.load import load_model
 
     model, _ = load_model(path)
     tokens = records["tokens"]

@@ -16,8 +16,8 @@ from prepare_corpus import sotu_paragraphs
 
 from retro_jax.config import default_config, model_config_dict
 from retro_jax.data.records import load_records_info, read_records
+from retro_jax.model.load import load_model
 from retro_jax.prepare.run import run_prepare
-from retro_jax.train.checkpoint import load_model
 from retro_jax.train.loop import train
 
 M, N = 16, 64

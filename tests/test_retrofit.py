@@ -9,7 +9,7 @@ from test_train_step import small_config
 from retro_jax.config import model_config
 from retro_jax.errors import RetroError
 from retro_jax.model.create import create_model
-from retro_jax.train.checkpoint import load_model
+from retro_jax.model.load import load_model
 from retro_jax.train.loop import train
 from retro_jax.train.retrofit import retrofit_schedule
 from retro_jax.train.state import split_model

@@ -315,16 +315,6 @@ class Sampler:
 # ---------------------------------------------------------------- loading a workdir
 
 
-def _read_meta(checkpoints_dir: str, step: int) -> dict:
-    from retro_jax.train.checkpoint import Checkpoints
-
-    manager = Checkpoints(checkpoints_dir, asynchronous=False)
-    try:
-        return manager.read_meta(step)
-    finally:
-        manager.close()
-
-
 def sampling_mesh(mesh_config) -> jax.sharding.Mesh | None:
     """The devices one sequence is decoded on: with mesh.fsdp x mesh.tensor > 1 (a model too
     large for one device), a (1, fsdp, tensor) mesh whose weights split as in training; else
@@ -344,13 +334,13 @@ def load_parts(config, workdir: str, *, step: int | None = None):
     """(model, tokenizer, LiveRetriever or None for a baseline, max_len, checkpoint step) of a
     workdir; a RetroError naming what is missing or inconsistent."""
     from retro_jax.data.tokenizer import load_tokenizer
-    from retro_jax.train.checkpoint import find_checkpoints, load_model
+    from retro_jax.model.load import find_checkpoints, load_model, read_meta
 
     if not files.isdir(workdir):
         raise RetroError(f"sample: workdir {workdir} does not exist")
     checkpoints_dir, _ = find_checkpoints(workdir)  # RetroError when there is none
     model, step = load_model(workdir, step=step, mesh=sampling_mesh(config.mesh))
-    meta = _read_meta(checkpoints_dir, step)
+    meta = read_meta(checkpoints_dir, step)
     model_cfg = model.config
     prepare_dir = prepare_dir_of(config, workdir)
     tokenizer_dir = os.path.join(prepare_dir, "tokenizer")

@@ -7,13 +7,13 @@ Each step folder holds three items, so tools that only need weights restore only
             size), retrofit source
 Saving is asynchronous (training continues while the arrays are written); Orbax writes each step
 to a temporary folder and renames it when complete, so a killed run leaves only whole
-checkpoints. Paths may be local or gs://.
+checkpoints. Paths may be local or gs://. Reading a trained model back (evaluation, sampling,
+retro-fitting) is retro_jax/model/load.py, which imports nothing of training.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -21,9 +21,8 @@ from etils import epath
 
 from retro_jax.errors import RetroError
 from retro_jax.model.config import COMPUTE_ONLY, RetroConfig
+from retro_jax.model.load import ITEMS, MODEL_CONFIG
 from retro_jax.train.state import TrainState, merge_dicts, pick
-
-MODEL_CONFIG = "model_config.json"
 
 
 class Checkpoints:
@@ -34,9 +33,7 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("params", "train", "meta")
-        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -106,13 +103,6 @@ def write_model_config(directory: str, config: RetroConfig) -> None:
     tmp.replace(path)
 
 
-def read_model_config(directory: str) -> RetroConfig:
-    path = epath.Path(directory) / MODEL_CONFIG
-    if not path.exists():
-        raise RetroError(f"{path} not found: not a retro-jax checkpoint folder")
-    return RetroConfig.from_dict(json.loads(path.read_text()))
-
-
 def config_differences(saved: dict, current: dict, prefix: str) -> list[str]:
     """'prefix.key: checkpoint X, config Y' for every key whose value differs."""
     out = []
@@ -152,70 +142,3 @@ def check_resumable(directory: str, step: int, meta: dict, current: dict[str, di
             f"config does not match the checkpoint {epath.Path(directory) / str(step)} it would "
             f"resume: {'; '.join(problems)} (use a new --workdir, or the checkpoint's settings)"
         )
-
-
-# ---------------------------------------------------------------- weights for other tools
-
-
-def find_checkpoints(path: str) -> tuple[str, int | None]:
-    """(Orbax root, step or None = latest) of a workdir, a checkpoints folder or a step folder."""
-    p = epath.Path(path)
-    if (p / "checkpoints" / MODEL_CONFIG).exists():
-        return str(p / "checkpoints"), None
-    if (p / MODEL_CONFIG).exists():
-        return str(p), None
-    if p.name.isdigit() and (p.parent / MODEL_CONFIG).exists():
-        return str(p.parent), int(p.name)
-    raise RetroError(f"{path}: no retro-jax checkpoints here (looked for {MODEL_CONFIG})")
-
-
-def load_params(path: str, target: dict, step: int | None = None) -> tuple[dict, int]:
-    """(parameters of the whole model, step) from a workdir / checkpoints folder / step folder.
-
-    `target` gives the tree, shapes, dtypes and shardings (arrays or ShapeDtypeStructs).
-    """
-    directory, found_step = find_checkpoints(path)
-    manager = ocp.CheckpointManager(directory, item_names=("params", "train", "meta"))
-    step = step if step is not None else found_step
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise RetroError(f"{directory}: no finished checkpoint")
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        target,
-    )
-    restored = manager.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
-    )
-    manager.close()
-    return restored["params"], step
-
-
-def load_model(
-    path: str, *, mesh: jax.sharding.Mesh | None = None, step: int | None = None
-) -> tuple[Any, int]:
-    """(Retro with trained weights, step) of a checkpoint, built from its model_config.json.
-
-    Nothing is initialised: the weights are read straight into their shardings on `mesh` (or
-    onto the default device).
-    """
-    from flax import nnx
-
-    from retro_jax.model.create import abstract_model
-    from retro_jax.sharding import state_shardings
-
-    directory, _ = find_checkpoints(path)
-    graphdef, state = nnx.split(abstract_model(read_model_config(directory)))
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, state.to_pure_dict())
-    else:
-        shardings = state_shardings(state, mesh).to_pure_dict()
-    target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        state.to_pure_dict(),
-        shardings,
-    )
-    params, step = load_params(path, target, step)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state), step

@@ -24,15 +24,10 @@ from retro_jax.config import prepare_dir as prepare_dir_of
 from retro_jax.errors import RetroError
 from retro_jax.model.create import create_model
 from retro_jax.model.info import flops_per_token
+from retro_jax.model.load import find_checkpoints, read_model_config
 from retro_jax.sharding import check_batch_divides, make_mesh, shard_batch
 from retro_jax.train import metrics as metrics_lib
-from retro_jax.train.checkpoint import (
-    Checkpoints,
-    check_resumable,
-    find_checkpoints,
-    read_model_config,
-    write_model_config,
-)
+from retro_jax.train.checkpoint import Checkpoints, check_resumable, write_model_config
 from retro_jax.train.retrofit import check_baseline, load_baseline, retrofit_schedule
 from retro_jax.train.state import ALL_PARAMS, RETROFIT_TRAINABLE, abstract_state, init_state
 from retro_jax.train.step import (

@@ -20,12 +20,8 @@ import ml_collections
 
 from retro_jax.errors import RetroError
 from retro_jax.model.config import COMPUTE_ONLY, RetroConfig
-from retro_jax.train.checkpoint import (
-    config_differences,
-    find_checkpoints,
-    load_params,
-    read_model_config,
-)
+from retro_jax.model.load import find_checkpoints, load_params, read_model_config
+from retro_jax.train.checkpoint import config_differences
 from retro_jax.train.state import TrainState
 
 
