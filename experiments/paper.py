@@ -24,7 +24,8 @@ import ml_collections
 
 from retro_jax.config import default_config, model_config_dict
 from retro_jax.errors import RetroError
-from retro_jax.model.memory import memory_plan, parse_topology
+from retro_jax.model.memory import parse_topology
+from retro_jax.model_info import memory_plan_of
 from retro_jax.sweep import Run
 
 TRAIN_TOKENS = 419_400_000_000
@@ -47,7 +48,7 @@ class PaperSize:
     remat: bool
 
 
-# Each slice is chosen so that memory_plan fits with room to spare (tests/test_experiment_configs
+# Each slice is chosen so that memory_plan_of fits with room to spare (tests/test_experiment_configs
 # checks it); fsdp shards parameters and optimizer state (the paper's ZeRO-style sharding).
 SIZES: dict[str, PaperSize] = {
     "172m": PaperSize("172m", 256, 2e-4, "v5e-256", (16, 16, 1), 1, False),
@@ -167,7 +168,7 @@ def fit_to_topology(config: ml_collections.ConfigDict, topology: str) -> None:
         accum = 1
         while accum <= batch // shards:
             config.train.grad_accum = accum
-            plan = memory_plan(config)
+            plan = memory_plan_of(config)
             if plan["fits"] or plan["fits"] is None:
                 return
             tried.append(f"tensor={tensor} grad_accum={accum}")

@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "build tokenizer, chunk database, keys, index and neighbour shards",
     ),
     "train": ("retro_jax.train.loop", "main", "train RETRO or its baseline twin"),
-    "model-info": ("retro_jax.model.info", "main", "parameters, FLOPs and memory of a config"),
+    "model-info": ("retro_jax.model_info", "main", "parameters, FLOPs and memory of a config"),
     "sweep": ("retro_jax.sweep", "main", "expand and run a sweep of configs"),
     "eval": (
         "retro_jax.evaluate",

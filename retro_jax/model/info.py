@@ -1,4 +1,4 @@
-"""Parameter counts and analytic FLOPs of a RetroConfig, and `retro-jax model-info`.
+"""Parameter counts and analytic FLOPs of a RetroConfig (printed by `retro-jax model-info`).
 
 Counts come from `jax.eval_shape` of the real model (nothing is allocated), split into the groups
 the paper reports: Table 2 counts non-embedding parameters, and RETRO's extra parameters are the
@@ -107,27 +107,3 @@ def paper_preset_of(config: RetroConfig) -> str | None:
         return {k: v for k, v in c.to_dict().items() if k not in _NOT_SIZE}
 
     return next((p for p in PAPER_PARAMS if shapes(RetroConfig.preset(p)) == shapes(config)), None)
-
-
-def main(config, workdir: str | None = None) -> None:
-    """`retro-jax model-info --config CFG`: parameter counts, FLOPs per token, and the
-    per-device training memory on the config's `mesh.topology` (`memory_plan`)."""
-    from retro_jax.config import model_config
-    from retro_jax.model.memory import format_plan, memory_plan
-
-    c = model_config(config)
-    preset = paper_preset_of(c)
-    seq_len, k = int(config.data.seq_len), int(config.train.num_neighbours)
-    rows = describe(c, preset)
-    flops = flops_per_token(c, seq_len, k)
-    rows.append((f"train FLOPs/token (n={seq_len}, k={k})", f"{flops:.4g}"))
-    if c.cca_layers:
-        base = flops_per_token(c.baseline(), seq_len, 0)
-        rows.append(("  baseline twin FLOPs/token", f"{base:.4g}"))
-    width = max(len(name) for name, _ in rows)
-    print(f"model: {'baseline twin' if c.is_baseline else 'RETRO'} {preset or ''}".rstrip())
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value:>16}")
-    plan = memory_plan(config)
-    print("training memory per device (parameters, AdamW state, activations):")
-    print("  " + format_plan(plan).replace("\n", "\n  "))

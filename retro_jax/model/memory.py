@@ -1,10 +1,12 @@
 """Per-device memory of a training run, planned without allocating anything.
 
-`memory_plan(config, topology="v5p-128")` builds the model and its AdamW state with
-`jax.eval_shape`, shards every array by its logical axis names (`retro_jax.sharding.RULES`) on a
-`jax.sharding.AbstractMesh` of the topology's device count, and adds an analytic estimate of the
-activations that the backward pass keeps for the config's batch, sequence length, number of
-neighbours and remat policy. Used by `retro-jax model-info`, the experiment configs and their tests.
+`memory_plan(config, mesh, topology="v5p-128", batch_size=..., ...)` builds the model and its
+AdamW state with `jax.eval_shape`, shards every array by its logical axis names
+(`retro_jax.sharding.RULES`) on a `jax.sharding.AbstractMesh` of the topology's device count,
+and adds an analytic estimate of the activations that the backward pass keeps for the batch,
+sequence length, number of neighbours and the model's remat policy. It takes a RetroConfig and
+the training shape, not an experiment config: `retro_jax.model_info.memory_plan_of` reads those
+from one for `retro-jax model-info`, the experiment configs and their tests.
 
 Topology names: `v4-N` and `v5p-N` count TensorCores (2 per chip, one JAX device per chip), so
 `v4-256` is 128 devices; `v5e-N` (alias `v5litepod-N`) and `v6e-N` count chips; `h100-N`,
@@ -16,15 +18,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
+from collections.abc import Mapping
 
 import jax
-import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 
-from retro_jax.config import model_config
 from retro_jax.errors import RetroError
 from retro_jax.model.config import RetroConfig
 from retro_jax.model.create import abstract_model
@@ -83,7 +83,7 @@ def parse_topology(name: str) -> Topology:
     return Topology(name, chip, devices, hbm, min(per_host, devices))
 
 
-def resolve_mesh(mesh: Any, devices: int) -> dict[str, int]:
+def resolve_mesh(mesh: Mapping[str, int], devices: int) -> dict[str, int]:
     """Sizes of the (data, fsdp, tensor) axes for `devices`; one axis may be -1 (the rest)."""
     sizes = {axis: int(mesh[axis]) for axis in MESH_AXES}
     free = [axis for axis, size in sizes.items() if size == -1]
@@ -184,11 +184,23 @@ def activation_bytes(
     return out
 
 
-def memory_plan(config: ml_collections.ConfigDict, *, topology: str | None = None) -> dict:
-    """Parameters and per-device training memory of an experiment config on a topology.
+def memory_plan(
+    config: RetroConfig,
+    mesh: Mapping[str, int],
+    *,
+    batch_size: int,
+    seq_len: int,
+    num_neighbours: int,
+    grad_accum: int = 1,
+    retrofit: bool = False,
+    topology: str | None = None,
+) -> dict:
+    """Parameters and per-device memory of training `config` on a topology.
 
-    topology: a name such as "v5p-128" (see `parse_topology`); None takes `config.mesh.topology`
-    when the config names one, else a CPU host with as many devices as the mesh's fixed axes.
+    mesh: the sizes of the data, fsdp and tensor axes (one may be -1: the remaining devices).
+    batch_size: the global batch in sequences, split into `grad_accum` microbatches; retrofit:
+    only the encoder and the CCA layers train. topology: a name such as "v5p-128" (see
+    `parse_topology`); None: a CPU host with as many devices as the mesh's fixed axes.
 
     Returns a dict with: topology, chip, devices, hosts, mesh {data, fsdp, tensor}, params
     (count), trainable_params, batch_per_device, microbatch_per_device, grad_accum, bytes
@@ -197,25 +209,21 @@ def memory_plan(config: ml_collections.ConfigDict, *, topology: str | None = Non
     activation_breakdown, total_bytes, hbm_bytes (None if unknown), usable_bytes, fits (None if
     the HBM is unknown), problems (shardings that do not divide, a batch that does not split).
     """
-    c = model_config(config)
     if topology is None:
-        topology = config.mesh.get("topology", None) or None
-    if topology is None:
-        fixed = math.prod(max(1, int(config.mesh[a])) for a in MESH_AXES)
+        fixed = math.prod(max(1, int(mesh[a])) for a in MESH_AXES)
         topology = f"cpu-{fixed}"
     topo = parse_topology(topology)
-    sizes = resolve_mesh(config.mesh, topo.devices)
-    mesh = AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+    sizes = resolve_mesh(mesh, topo.devices)
+    abstract_mesh = AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
     problems: list[str] = []
 
-    model = abstract_model(c)
+    model = abstract_model(config)
     variables = nnx.state(model, nnx.Param)
     flat = jax.tree_util.tree_flatten_with_path(
         variables, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )[0]
     specs = {path: variable_spec(v) for path, v in flat}
     params = nnx.to_pure_dict(variables)
-    retrofit = bool(config.train.get("retrofit_from", ""))
     trainable = {
         path: leaf
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
@@ -228,12 +236,11 @@ def memory_plan(config: ml_collections.ConfigDict, *, topology: str | None = Non
     # The optimizer state exactly as optax builds it: AdamW keeps two float32 moments.
     opt_state = jax.eval_shape(optax.adamw(1e-4, b1=0.9, b2=0.95).init, trainable_tree)
 
-    param_bytes = _sharded_bytes(params, specs, mesh, problems)
-    grad_bytes = _sharded_bytes(trainable_tree, trainable_specs, mesh, [])
-    opt_bytes = _sharded_bytes(opt_state, trainable_specs, mesh, [])
+    param_bytes = _sharded_bytes(params, specs, abstract_mesh, problems)
+    grad_bytes = _sharded_bytes(trainable_tree, trainable_specs, abstract_mesh, [])
+    opt_bytes = _sharded_bytes(opt_state, trainable_specs, abstract_mesh, [])
 
-    batch = int(config.train.batch_size)
-    accum = int(config.train.get("grad_accum", 1))
+    batch, accum = int(batch_size), int(grad_accum)
     shards = sizes["data"] * sizes["fsdp"]
     if batch % (shards * accum):
         problems.append(
@@ -243,10 +250,10 @@ def memory_plan(config: ml_collections.ConfigDict, *, topology: str | None = Non
     per_device = max(1, batch // shards)
     micro = max(1, per_device // accum)
     acts = activation_bytes(
-        c,
+        config,
         batch=micro,
-        seq_len=int(config.data.seq_len),
-        neighbours=int(config.train.num_neighbours),
+        seq_len=int(seq_len),
+        neighbours=int(num_neighbours),
         tensor=sizes["tensor"],
     )
     # FSDP all-gathers a layer's weights before using them: the largest stacked layer slice
@@ -256,7 +263,7 @@ def memory_plan(config: ml_collections.ConfigDict, *, topology: str | None = Non
         for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
         if p[0].key == "decoder"
     ]
-    head = c.d_model * math.ceil(c.vocab_size / sizes["tensor"]) * 4
+    head = config.d_model * math.ceil(config.vocab_size / sizes["tensor"]) * 4
     gathered = max(2 * sum(layer_slices), head)
 
     out_bytes = {
