@@ -1,11 +1,11 @@
 """The paper's training setup for its four model sizes, on a named TPU slice, and its ablations.
 
 Shared by experiments/retro_172m.py ... retro_7_5b.py. Hyperparameters are those of Borgeaud et
-al. (2021), section 3 and Table 2 (see RETRO.md): sequences of 2048 tokens in chunks of 64,
-419.4B training tokens, batch 256 (1024 for 7.5B), AdamW with weight decay 0.1 and betas
-0.9/0.95, a linear warmup from 1e-7 over 750 steps then a cosine decay to 0.1x the peak
-learning rate of 2e-4 (1e-4 for 7.5B), k = 2 neighbours in training, bfloat16 compute, scanned
-decoder layers.
+al. (2021), the sizes of Table 2 and the training setup of appendix C: 2048-token sequences in
+chunks of 64 (section 2.2), 419.4B training tokens, batch 256 (1024 for 7.5B), AdamW with weight
+decay 0.1 and betas 0.9/0.95, a linear warmup from 1e-7 over 750 steps then a cosine decay to
+0.1x the peak learning rate of 2e-4 (1e-4 for 7.5B), k = 2 neighbours in training, bfloat16
+compute, scanned decoder layers.
 
 The config argument is a comma-separated list of options:
   baseline            the baseline twin (the same decoder without encoder and CCA)
@@ -99,7 +99,7 @@ def paper_config(size: str, arg: str = "") -> ml_collections.ConfigDict:
     c.data.eval_source = "tfds:c4/en:validation:text"
     c.data.retrieval_source = ""  # the training source, as the paper's training database
     c.data.seq_len = SEQ_LEN
-    c.data.vocab_size = c.model.vocab_size  # SentencePiece, 128k (paper 3)
+    c.data.vocab_size = c.model.vocab_size  # SentencePiece, 128k (paper section 2.1)
     c.data.num_neighbours_stored = NEIGHBOURS_STORED
     c.data.records_per_shard = 4096
     c.data.chunks_per_shard = 1 << 20
@@ -179,7 +179,7 @@ def fit_to_topology(config: ml_collections.ConfigDict, topology: str) -> None:
     )
 
 
-# -- the paper's ablations (section 4 and appendix; RETRO.md 1-2, 5) ---------------------------
+# -- the paper's ablations (appendix D; database sizes: section 4.1; retro-fitting: 4.2) --------
 
 
 def cca_placements(num_layers: int) -> dict[str, tuple[int, ...]]:

@@ -93,7 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.records_per_shard = 1024
     c.data.chunks_per_shard = 65536
 
-    # Leakage filter (paper section 3: 13-gram Jaccard >= 0.8 vs evaluation documents).
+    # Leakage filter (paper section 2.1: 13-gram Jaccard >= 0.8 vs evaluation documents).
     c.dedup = ml_collections.ConfigDict()
     c.dedup.threshold = 0.8
     c.dedup.ngram = 13
@@ -133,7 +133,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.learning_rate = 1e-3
     c.train.min_lr_ratio = 0.1  # cosine decays to this fraction of the peak
     c.train.warmup_steps = 20
-    c.train.warmup_from = 1e-7  # learning rate at step 0, rising linearly to the peak (paper 3)
+    c.train.warmup_from = 1e-7  # learning rate at step 0, rising linearly to the peak (appx. C)
     c.train.weight_decay = 0.1
     c.train.b1 = 0.9
     c.train.b2 = 0.95

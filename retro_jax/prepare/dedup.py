@@ -1,4 +1,4 @@
-"""Leakage filter (paper section 3): drop training and database documents whose 13-gram Jaccard
+"""Leakage filter (paper section 2.1): drop training and database documents whose 13-gram Jaccard
 similarity to any evaluation document is 0.8 or more, found with MinHash LSH (datasketch).
 
 Shingles are 13-grams of lower-cased whitespace-separated words; a text shorter than 13 words
