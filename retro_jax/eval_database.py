@@ -104,17 +104,6 @@ def exact_neighbours(keys: np.ndarray, subset: Subset, queries: np.ndarray, k: i
     return np.where(rows >= 0, subset.ids[np.maximum(rows, 0)], -1)
 
 
-def _keys_settings(prepare_dir: str, retrieval_config) -> tuple[int, str]:
-    """(BERT max_len, compute dtype) the keys stage used (manifest), else the config's."""
-    r = retrieval_config
-    try:
-        keys = files.read_json(os.path.join(prepare_dir, "manifest.json"))["stages"]["keys"]
-        settings = keys["settings"]
-        return int(settings["max_len"]), str(settings.get("dtype", "float32"))
-    except (OSError, KeyError, ValueError, TypeError):
-        return int(r.bert_max_len), str(r.get("embed_dtype", "float32"))
-
-
 class DatabaseSweep:
     """Neighbours of the evaluation chunks in each subset of the database (module docstring).
 
@@ -150,6 +139,7 @@ class DatabaseSweep:
             return None
         from retro_jax.data.pipeline import keep_continuation
         from retro_jax.data.tokenizer import load_tokenizer
+        from retro_jax.prepare.run import keys_embedding
         from retro_jax.retrieval.chunks import ChunkDatabase, load_keys
         from retro_jax.retrieval.embed import ChunkEmbedder, local_mesh
 
@@ -167,7 +157,7 @@ class DatabaseSweep:
                 f"{len(database)} database chunks (rerun retro-jax prepare)"
             )
         r = config.retrieval
-        max_len, dtype = _keys_settings(prepare_dir, r)
+        max_len, dtype = keys_embedding(prepare_dir)  # the queries as the keys were embedded
         batch = int(r.embed_batch_size)
         embedder = ChunkEmbedder.from_pretrained(
             str(r.bert_path) or None,

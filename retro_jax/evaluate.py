@@ -23,7 +23,6 @@ neighbours are laid out like the records' [B, l, K, 2m], so it reuses RETRO's co
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -39,7 +38,7 @@ from retro_jax.data.records import load_records_info
 from retro_jax.errors import RetroError
 from retro_jax.eval_database import DatabaseSweep, check_fractions
 from retro_jax.eval_plots import LEAKAGE_MODES, plot_database, plot_leakage, plot_neighbours
-from retro_jax.leakage import ALPHAS, LeakageHistogram, chunk_overlap
+from retro_jax.leakage import ALPHAS, LeakageHistogram, bits_per_byte, chunk_overlap
 from retro_jax.model.load import find_checkpoints, load_model
 from retro_jax.sharding import BATCH_AXES, check_batch_divides, make_mesh, shard_batch
 
@@ -97,7 +96,7 @@ def _sum_over_hosts(x: np.ndarray) -> np.ndarray:
 def summary(nll_nats: float, tokens: float, scored_bytes: float) -> dict:
     """{bpb, loss (nats per token), tokens, bytes} of summed losses."""
     return {
-        "bpb": nll_nats / math.log(2) / scored_bytes if scored_bytes > 0 else None,
+        "bpb": bits_per_byte(nll_nats, scored_bytes),
         "loss": nll_nats / tokens if tokens > 0 else None,
         "tokens": int(round(tokens)),
         "bytes": int(round(scored_bytes)),

@@ -31,16 +31,13 @@ ALPHAS: tuple[float, ...] = tuple(i / 8 for i in range(9))
 _CHUNK_PAD, _NEIGHBOUR_PAD = -1, -2
 
 
-def bits_per_byte(nll_nats, mask, target_bytes) -> float:
-    """sum(nll * mask) in bits / sum(bytes * mask); NaN when no byte is scored.
-
-    nll_nats, mask, target_bytes: arrays of one shape (e.g. [batch, n]).
-    """
-    mask = np.asarray(mask, np.float64)
-    scored_bytes = float(np.sum(np.asarray(target_bytes, np.float64) * mask))
+def bits_per_byte(nll_nats: float, scored_bytes: float) -> float | None:
+    """The summed negative log-likelihood (nats) of the scored tokens, in bits per UTF-8 byte of
+    the text they encode; None when no byte is scored. Every bpb `retro-jax eval` reports (its
+    totals, `evaluate.summary`, and each point of the leakage curve) is this function's."""
     if scored_bytes <= 0:
-        return float("nan")
-    return float(np.sum(np.asarray(nll_nats, np.float64) * mask)) / math.log(2) / scored_bytes
+        return None
+    return nll_nats / math.log(2) / scored_bytes
 
 
 def longest_common_run(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -158,7 +155,6 @@ class LeakageHistogram:
                 "bytes": int(round(scored_bytes)),
             }
             for mode in self.modes:
-                bits = float(self.nll[mode][keep].sum()) / math.log(2)
-                row[f"{mode}_bpb"] = bits / scored_bytes if scored_bytes > 0 else None
+                row[f"{mode}_bpb"] = bits_per_byte(float(self.nll[mode][keep].sum()), scored_bytes)
             rows.append(row)
         return rows

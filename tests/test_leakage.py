@@ -33,16 +33,25 @@ def brute_force_run(a, b, pad=None):
     return best
 
 
+def brute_force_bpb(nll, mask, nbytes):
+    """Bits per byte token by token: each scored token's nats in bits, over the scored bytes."""
+    scored = [(i, j) for i in range(nll.shape[0]) for j in range(nll.shape[1]) if mask[i, j]]
+    total_bytes = sum(int(nbytes[i, j]) for i, j in scored)
+    if not total_bytes:
+        return None
+    return sum(nll[i, j] / math.log(2) for i, j in scored) / total_bytes
+
+
 def test_bits_per_byte_is_nats_over_ln2_over_scored_bytes():
+    """Evaluation sums the scored tokens' nats and bytes, then calls bits_per_byte."""
     rng = np.random.default_rng(0)
     nll = rng.random((3, 10)) * 5
     mask = (rng.random((3, 10)) < 0.7).astype(np.float32)
     nbytes = rng.integers(0, 5, (3, 10))
-    expected = sum(
-        nll[i, j] / math.log(2) for i in range(3) for j in range(10) if mask[i, j]
-    ) / sum(int(nbytes[i, j]) for i in range(3) for j in range(10) if mask[i, j])
-    assert bits_per_byte(nll, mask, nbytes) == pytest.approx(expected, rel=1e-12)
-    assert math.isnan(bits_per_byte(nll, np.zeros_like(mask), nbytes))
+    expected = brute_force_bpb(nll, mask, nbytes)
+    got = bits_per_byte(float(np.sum(nll * mask)), float(np.sum(nbytes * mask)))
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert bits_per_byte(float(np.sum(nll)), 0.0) is None
 
 
 @pytest.mark.parametrize("alphabet", [2, 4, 30])
@@ -80,14 +89,13 @@ def test_chunk_overlap_matches_brute_force_per_neighbour():
 
 
 def test_chunk_overlap_padding_and_boundaries_do_not_count():
-    m, pad = 4, 0
-    tokens = np.array([[7, 8, 0, 0]])  # a chunk cut short by its document's end
+    pad = 0
+    tokens = np.array([[7, 8, 0, 0]])  # m = 4: a chunk cut short by its document's end
     neighbours = np.array([[[[1, 1, 1, 7, 0, 0, 0, 0], [8, 0, 0, 0, 0, 0, 0, 0]]]])
     # "7 | 8" only across the boundary between neighbours 0 and 1; pads match no pads.
     assert chunk_overlap(tokens, neighbours, pad)[0, 0] == 1
     neighbours[0, 0, 1, :2] = [7, 8]
     assert chunk_overlap(tokens, neighbours, pad)[0, 0] == 2
-    assert m == tokens.shape[1]
 
 
 def test_leakage_curve_equals_filtering_chunks_directly():
@@ -110,11 +118,11 @@ def test_leakage_curve_equals_filtering_chunks_directly():
         token_keep = np.repeat(keep, m, axis=1) * mask
         assert row["chunks"] == keep.sum()
         for mode in ("a", "b"):
-            expected = bits_per_byte(nll[mode], token_keep, nbytes)
+            expected = brute_force_bpb(nll[mode], token_keep, nbytes)
             got = row[f"{mode}_bpb"]
-            assert (got is None and math.isnan(expected)) or got == pytest.approx(expected)
+            assert (got is None and expected is None) or got == pytest.approx(expected)
     assert rows[-1]["chunks"] == chunk_mask.sum()
-    assert rows[-1]["a_bpb"] == pytest.approx(bits_per_byte(nll["a"], mask, nbytes))
+    assert rows[-1]["a_bpb"] == pytest.approx(brute_force_bpb(nll["a"], mask, nbytes))
 
 
 def test_histogram_arrays_round_trip_and_sum_like_hosts():

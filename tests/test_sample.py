@@ -474,6 +474,12 @@ def test_workdir_without_checkpoint_or_index(workdirs, tmp_path):
         Sampler.from_workdir(config, str(no_index))
     with pytest.raises(RetroError, match="does not exist"):
         Sampler.from_workdir(config, str(tmp_path / "nowhere"))
+    # Live queries must be embedded as the keys were: without the manifest's record of it, an
+    # error naming the settings rather than the config's values.
+    unrecorded = _linked_workdir(workdir, tmp_path / "no_manifest", skip=("manifest.json",))
+    os.symlink(os.path.join(workdir, "checkpoints"), unrecorded / "checkpoints")
+    with pytest.raises(RetroError, match=r"manifest.json: no record of how the database keys"):
+        Sampler.from_workdir(config, str(unrecorded))
 
 
 def test_checkpoint_vocabulary_must_match_the_tokenizer(workdirs, tmp_path):

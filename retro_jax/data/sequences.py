@@ -15,7 +15,7 @@ target_bytes [S, n], doc_id [S], offset [S]) so later stages stream them shard b
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -176,11 +176,6 @@ def write_sequences(
 def read_sequence_shard(path: str) -> dict[str, np.ndarray]:
     with files.load_npy(path, mmap=False) as data:
         return {k: data[k] for k in FIELDS}
-
-
-def iter_sequence_shards(directory: str, summary: dict) -> Iterator[tuple[str, dict]]:
-    for shard in summary["shards"]:
-        yield shard["name"], read_sequence_shard(os.path.join(directory, shard["name"]))
 
 
 def write_summary(directory: str, name: str, summary: dict) -> None:

@@ -56,9 +56,3 @@ def create_model(
     with jax.set_mesh(mesh):
         state = init()
     return nnx.merge(graphdef, state)
-
-
-def count_params(tree) -> int:
-    """Number of parameters of a model (abstract or real) or of a state."""
-    state = nnx.state(tree, nnx.Param) if isinstance(tree, nnx.Module) else tree
-    return sum(int(x.size) for x in jax.tree.leaves(state))

@@ -113,6 +113,23 @@ class Manifest:
         files.write_json(self.path, {"stages": self.stages}, indent=1, sort_keys=True)
 
 
+def keys_embedding(prepare_dir: str) -> tuple[int, str]:
+    """(BERT max_len, compute dtype) with which the keys stage embedded the database, from the
+    manifest: live retrieval (sample) and the eval database sweep embed their queries the same
+    way. A RetroError when the manifest does not say (rather than the config's settings, which
+    may differ from those the keys were built with)."""
+    path = os.path.join(prepare_dir, MANIFEST)
+    try:
+        settings = files.read_json(path)["stages"]["keys"]["settings"]
+        return int(settings["max_len"]), str(settings.get("dtype", "float32"))
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise RetroError(
+            f"{path}: no record of how the database keys were embedded ({type(e).__name__}: "
+            f"{e}), so queries cannot be embedded like them (retrieval.bert_max_len, "
+            "retrieval.embed_dtype); run `retro-jax prepare` on this workdir"
+        ) from e
+
+
 class _KillHook:
     """Counts finished shards; SIGKILLs the process when KILL_ENV says so (tests only)."""
 
@@ -246,4 +263,4 @@ def main(config, workdir: str, *, runner: str | None = None, beam_args=()) -> No
     )
 
 
-__all__ = ["run_prepare", "main", "Manifest", "STAGES", "DEPENDS"]
+__all__ = ["run_prepare", "main", "Manifest", "keys_embedding", "STAGES", "DEPENDS"]

@@ -359,6 +359,7 @@ def load_parts(config, workdir: str, *, step: int | None = None):
     if model_cfg.is_baseline:
         return model, tokenizer, None, max_len, step
 
+    from retro_jax.prepare.run import keys_embedding
     from retro_jax.retrieval.chunks import ChunkDatabase
     from retro_jax.retrieval.embed import ChunkEmbedder
     from retro_jax.retrieval.index import NeighbourIndex
@@ -377,12 +378,12 @@ def load_parts(config, workdir: str, *, step: int | None = None):
     k = int(config.sample.num_neighbours)
     if k < 1:
         raise RetroError(f"sample.num_neighbours={k} must be at least 1")
-    r = config.retrieval
+    bert_max_len, dtype = keys_embedding(prepare_dir)  # the queries as the keys were embedded
     embedder = ChunkEmbedder.from_pretrained(
-        str(r.bert_path) or None,
-        max_len=_bert_max_len(prepare_dir, r),
+        str(config.retrieval.bert_path) or None,
+        max_len=bert_max_len,
         batch_size=max(1, int(config.sample.batch_size)),  # one chunk end of every row at once
-        dtype=str(r.get("embed_dtype", "float32")),  # the queries as the keys were embedded
+        dtype=dtype,
     )
     if index.model_id and embedder.model_id != index.model_id:
         raise RetroError(
@@ -402,12 +403,3 @@ def load_parts(config, workdir: str, *, step: int | None = None):
         rerank=int(config.retrieval.get("rerank", 0)),
     )
     return model, tokenizer, retriever, max_len, step
-
-
-def _bert_max_len(prepare_dir: str, retrieval_config) -> int:
-    """The BERT truncation length prepare used for the keys (manifest), else the config's."""
-    try:
-        keys = files.read_json(os.path.join(prepare_dir, "manifest.json"))["stages"]["keys"]
-        return int(keys["settings"]["max_len"])
-    except (OSError, KeyError, ValueError, TypeError):
-        return int(retrieval_config.bert_max_len)

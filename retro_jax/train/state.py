@@ -127,7 +127,3 @@ def abstract_state(state: TrainState) -> TrainState:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
         state,
     )
-
-
-def num_params(tree: dict) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(tree))
