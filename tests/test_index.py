@@ -46,6 +46,18 @@ def test_exact_search_equals_numpy_argsort():
     assert len(index) == 700 and index.shards[0].kind == "exact"
 
 
+def test_exact_search_breaks_ties_by_the_lower_id():
+    """Duplicate database chunks have identical keys: of tied keys the lower id comes first,
+    whatever order the shortlist found them in, as a stable argsort gives (so prepare and the
+    eval database sweep, whose queries differ in the last bits, agree on tied neighbours)."""
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(60, 8)).astype(np.float32)
+    keys = np.concatenate([base, base[::-1], base])  # every key three times
+    queries = base[:20] + rng.normal(size=(20, 8)).astype(np.float32) * 0.01
+    ids, _ = NeighbourIndex.build(keys, progress=False).search(queries, 3)
+    np.testing.assert_array_equal(ids, exact_neighbours(keys, queries, 3)[0])
+
+
 def test_sharded_exact_search_equals_unsharded():
     keys = clustered(1000, dim=8, seed=2)
     queries = clustered(30, dim=8, seed=3)

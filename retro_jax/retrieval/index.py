@@ -81,7 +81,9 @@ def _exact_search(
         q = queries[start : start + block]
         partial = key_sq[None, :] - 2.0 * (q @ keys.T)
         if shortlist < n:
-            cand = np.argpartition(partial, shortlist - 1, axis=1)[:, :shortlist]
+            # (sorted: argpartition leaves them in no particular order, and the stable argsort
+            # below must see tied keys in id order, as a plain argsort does)
+            cand = np.sort(np.argpartition(partial, shortlist - 1, axis=1)[:, :shortlist], axis=1)
         else:
             cand = np.broadcast_to(np.arange(n), (len(q), n))
         diff = keys[cand] - q[:, None, :]  # [block, shortlist, D]
