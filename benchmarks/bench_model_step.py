@@ -4,6 +4,8 @@
     # on a GPU (no TensorFlow needed): the 172m and 425m presets at the paper's length
     python benchmarks/bench_model_step.py --presets 172m,425m --seq-len 2048 --batch 8 \
         --dtype bfloat16 --peak-size 8192 --check
+    # the shapes at which RETRO-pytorch is measured side by side (benchmarks/results/model.md)
+    python benchmarks/bench_model_step.py --peer-shapes --presets small,172m
 
 What is timed is the training step itself (`retro_jax.train.step.make_train_step`: forward,
 backward, global-norm clipping and AdamW, with the train state donated), on synthetic batches,
@@ -43,6 +45,7 @@ from types import SimpleNamespace  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from retro_jax.host_memory import keep_freed_memory  # noqa: E402
 from retro_jax.model import RetroConfig  # noqa: E402
 from retro_jax.model.create import create_model  # noqa: E402
 from retro_jax.model.info import flops_per_token  # noqa: E402
@@ -50,6 +53,24 @@ from retro_jax.sharding import make_mesh, shard_batch  # noqa: E402
 from retro_jax.train.metrics import PEAK_FLOPS, measure_matmul_flops  # noqa: E402
 from retro_jax.train.state import init_state  # noqa: E402
 from retro_jax.train.step import batch_shardings, make_optimizer, make_train_step  # noqa: E402
+
+# lucidrains/RETRO-pytorch's model at the shapes its side-by-side harness times: vocabulary 32k,
+# chunks of 64, neighbour encoder of 2 layers with 8 heads of 64 that both attend to the chunk,
+# CCA every 3rd decoder layer from the 3rd (small) or 6th (the paper's 172M decoder).
+_PEER_COMMON = dict(
+    vocab_size=32_000, chunk_size=64, head_dim=64, enc_num_layers=2, enc_num_heads=8,
+    enc_head_dim=64, enc_cross_layers=(1, 2),
+)  # fmt: skip
+PEER_SHAPES = {
+    "small": dict(
+        _PEER_COMMON, d_model=256, num_layers=6, num_heads=4, d_ff=1024, cca_layers=(3, 6),
+        enc_d_model=256, enc_d_ff=1024,
+    ),
+    "172m": dict(
+        _PEER_COMMON, d_model=896, num_layers=12, num_heads=16, d_ff=3584, cca_layers=(6, 9, 12),
+        enc_d_model=896, enc_d_ff=3584,
+    ),
+}  # fmt: skip
 
 # The paper's optimizer (AdamW, clipping at 1); the schedule does not change the step's cost.
 HYPER = SimpleNamespace(
@@ -180,7 +201,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
     parser.add_argument("--peak-size", type=int, default=2048, help="8192 on a GPU/TPU")
     parser.add_argument("--check", action="store_true", help="also sharded == single device")
+    parser.add_argument(
+        "--peer-shapes",
+        action="store_true",
+        help="RETRO-pytorch's shapes (presets small, 172m; sequence 512, batch 2, vocab 32k)",
+    )
     args = parser.parse_args()
+    if args.peer_shapes:
+        args.seq_len, args.batch = 512, args.batch or 2
+    keep_freed_memory()  # as the retro-jax command does (retro_jax/host_memory.py)
 
     device = jax.devices()[0]
     on_cpu = jax.default_backend() == "cpu"
@@ -203,11 +232,13 @@ def main() -> None:
         "dtype": args.dtype,
         "seq_len": args.seq_len,
         "neighbours": args.neighbours,
+        "shapes": "RETRO-pytorch's" if args.peer_shapes else "presets",
         "step": "train step (forward, backward, clipping, AdamW)",
         "models": {},
     }
     for preset in args.presets.split(","):
-        retro = RetroConfig.preset(preset).replace(dtype=args.dtype)
+        shape = PEER_SHAPES[preset] if args.peer_shapes else RetroConfig.preset(preset).to_dict()
+        retro = RetroConfig(**{**shape, "dtype": args.dtype})
         batch = args.batch or (8 if preset == "tiny" else 2)
         row = {"batch": batch}
         for name, config in (("baseline", retro.baseline()), ("retro", retro)):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from retro_jax.model.layers import rope
+from retro_jax.model.layers import dense, rope
 
 _MASKED = -1e30
 
@@ -30,7 +30,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
 
 def project(x: jax.Array, w: jax.Array) -> jax.Array:
     """[..., T, d] x [d, H, D] -> [..., T, H, D]."""
-    return jnp.einsum("...td,dhk->...thk", x, w.astype(x.dtype))
+    return dense(x, w)
 
 
 def project_qkv(p: dict, x: jax.Array, ctx: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -38,7 +38,7 @@ def project_qkv(p: dict, x: jax.Array, ctx: jax.Array) -> tuple[jax.Array, jax.A
 
 
 def output(p: dict, y: jax.Array) -> jax.Array:
-    return jnp.einsum("...thk,hkd->...td", y, p["o"].astype(y.dtype))
+    return dense(y, p["o"], contract=2)
 
 
 def self_attention(

@@ -6,6 +6,7 @@ stacked layers can be scanned, rematerialised and decoded step by step with the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -62,13 +63,28 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (y * scale).astype(x.dtype)
 
 
+def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+    """x [..., *K] times a weight w [*K, *N] (K its first `contract` axes) -> [..., *N] in x's
+    dtype, computed as one [rows, K] x [K, N] matrix product.
+
+    The reshapes are free (the axes are contiguous), and they decide the backward pass on a CPU:
+    the weight gradient of a flat product is one matmul of the operands as they lie, where the
+    same product written as an einsum over [batch, length, ...] makes XLA:CPU copy a transposed
+    activation first and fall back to a slower matmul kernel (benchmarks/results/model.md).
+    """
+    k_shape, n_shape = w.shape[:contract], w.shape[contract:]
+    rows = x.shape[: x.ndim - contract]
+    k, n = math.prod(k_shape), math.prod(n_shape)
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, n).astype(x.dtype))
+    return y.reshape(*rows, *n_shape)
+
+
 ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu}
 
 
 def feed_forward(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: str) -> jax.Array:
     """The GPT-2-like FFW: two matrices and a nonlinearity. x [..., d] -> [..., d]."""
-    h = ACTIVATIONS[activation](jnp.einsum("...d,df->...f", x, w_in.astype(x.dtype)))
-    return jnp.einsum("...f,fd->...d", h, w_out.astype(x.dtype))
+    return dense(ACTIVATIONS[activation](dense(x, w_in)), w_out)
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
