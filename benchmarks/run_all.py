@@ -32,6 +32,12 @@ BEAM = [
 # name -> (script, full arguments, --quick arguments); "{workdir}" is filled in.
 BENCHMARKS = {
     "model_step": ("bench_model_step.py", ["--presets", "tiny,172m"], ["--presets", "tiny"]),
+    # RETRO-pytorch's shapes: ours of the side-by-side table in benchmarks/results/model.md.
+    "model_step_peer": (
+        "bench_model_step.py",
+        ["--peer-shapes", "--presets", "small,172m"],
+        ["--peer-shapes", "--presets", "small"],
+    ),
     "compile": ("bench_compile.py", [], ["--presets", "172m", "--seq-len", "256"]),
     "compile_decode": ("bench_compile.py", ["--decode"], ["--decode", "--presets", "172m"]),
     "embed": ("bench_embed.py", ["--chunks", "2048"], ["--chunks", "256", "--no_baseline"]),
