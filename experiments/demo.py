@@ -79,9 +79,9 @@ def get_config(arg: str = ""):
         config.retrieval.rerank = 16
         config.retrieval.index.brute_force_below = 100_000  # exact search, as the sweep's
         config.eval.database_fractions = (0.125, 0.25, 0.5, 1.0)
-        config.train.steps = 400  # copying from neighbours is learned late
+        config.train.steps = 800  # copying from neighbours is learned late
         config.train.learning_rate = 3e-3
-        config.demo.retrofit_steps = 200
+        config.demo.retrofit_steps = 400
         config.demo.prompt = "class LlamaAttention(nn.Module):"
     if "linux-doc" in options:
         config.data.train_source = "linux-doc"
