@@ -19,7 +19,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from retro_jax.errors import RetroError
-from retro_jax.host_memory import keep_freed_memory
 
 # command -> (module, function, one-line help). Only commands that exist are listed.
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -264,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
         extra = dict(runner=runner, beam_args=beam_args) if runner or beam_args else {}
 
     def _absl_main(args):
+        from retro_jax.host_memory import keep_freed_memory  # not imported by --help
+
         keep_freed_memory()  # before JAX starts its threads: see retro_jax/host_memory.py
         if not FLAGS.verbose:  # Orbax and TensorFlow log every step at INFO
             logging.set_verbosity(logging.WARNING)
