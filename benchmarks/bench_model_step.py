@@ -54,22 +54,19 @@ from retro_jax.train.metrics import PEAK_FLOPS, measure_matmul_flops  # noqa: E4
 from retro_jax.train.state import init_state  # noqa: E402
 from retro_jax.train.step import batch_shardings, make_optimizer, make_train_step  # noqa: E402
 
-# lucidrains/RETRO-pytorch's model at the shapes its side-by-side harness times: vocabulary 32k,
-# chunks of 64, neighbour encoder of 2 layers with 8 heads of 64 that both attend to the chunk,
-# CCA every 3rd decoder layer from the 3rd (small) or 6th (the paper's 172M decoder).
-_PEER_COMMON = dict(
-    vocab_size=32_000, chunk_size=64, head_dim=64, enc_num_layers=2, enc_num_heads=8,
-    enc_head_dim=64, enc_cross_layers=(1, 2),
-)  # fmt: skip
+# lucidrains/RETRO-pytorch's model at the shapes its side-by-side harness times: the 172m preset
+# (the paper's 172M decoder, CCA at 6, 9, 12) with a 32k vocabulary and RETRO-pytorch's encoder
+# (8 heads of 64, both layers attending to the chunk); `small` narrows it to d 256, 6 layers, 4
+# heads, CCA at 3 and 6.
+_PEER_172M = RetroConfig.preset("172m").replace(
+    vocab_size=32_000, enc_num_heads=8, enc_cross_layers=(1, 2)
+)
 PEER_SHAPES = {
-    "small": dict(
-        _PEER_COMMON, d_model=256, num_layers=6, num_heads=4, d_ff=1024, cca_layers=(3, 6),
-        enc_d_model=256, enc_d_ff=1024,
-    ),
-    "172m": dict(
-        _PEER_COMMON, d_model=896, num_layers=12, num_heads=16, d_ff=3584, cca_layers=(6, 9, 12),
-        enc_d_model=896, enc_d_ff=3584,
-    ),
+    "small": _PEER_172M.replace(
+        d_model=256, num_layers=6, num_heads=4, d_ff=1024, cca_layers=(3, 6), enc_d_model=256,
+        enc_d_ff=1024,
+    ).to_dict(),
+    "172m": _PEER_172M.to_dict(),
 }  # fmt: skip
 
 # The paper's optimizer (AdamW, clipping at 1); the schedule does not change the step's cost.
