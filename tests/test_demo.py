@@ -49,6 +49,10 @@ def test_demo_smallest_prints_a_table_of_finite_numbers(tmp_path):
     shown = out.stdout[out.stdout.index("sample: ") :]
     assert "retrieved neighbours of the sample" in shown
     assert all(f"chunk {c['chunk']} ({c['source']})" in shown for c in chunks)
+    # On 2+ cores the two training chains ran at once, each process's lines marked with its name.
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert set(summary["parallel_seconds"]) == {"train baseline", "train RETRO", "retro-fit"}
+        assert "[RETRO] step" in out.stdout and "[baseline] step" in out.stdout
     # The retro-fitted model with retrieval off is exactly the baseline it was built from.
     assert summary["bpb"]["retrofit_off"] == pytest.approx(summary["bpb"]["baseline"], abs=1e-6)
     # A rerun finds every stage done and gives the same table.
@@ -108,3 +112,35 @@ def test_linux_doc_corpus_end_to_end(tmp_path):
     metrics = evaluate(config, workdir, progress=False)
     assert metrics["retrieval"]["tokens"] > 0
     assert _finite([metrics["retrieval"]["bpb"], metrics["no_retrieval"]["bpb"]])
+
+
+def test_prefixed_stream_writes_whole_marked_lines():
+    import io
+
+    from retro_jax.demo import _Prefixed
+
+    out = io.StringIO()
+    stream = _Prefixed(out, "[x] ")
+    stream.write("step 1\nstep")
+    assert out.getvalue() == "[x] step 1\n"  # the unfinished line waits for its end
+    stream.write(" 2\n\nbar\r")
+    stream.write("bar done\n")
+    stream.write("last")
+    stream.close()
+    assert out.getvalue() == "[x] step 1\n[x] step 2\n[x] \n[x] bar\r[x] bar done\n[x] last\n"
+
+
+def test_parallel_training_names_the_failing_stage(tmp_path):
+    """A chain that fails in its worker process fails the demo with the stage and the cause."""
+    from retro_jax.demo import parallel_cpus, train_in_parallel
+    from retro_jax.errors import RetroError
+
+    config = _demo_config("smallest")
+    halves = parallel_cpus() or [set(os.sched_getaffinity(0))] * 2
+    assert not set.intersection(*halves) or len(os.sched_getaffinity(0)) < 2
+    chains = {
+        "first": [("train nothing", config, str(tmp_path / "nowhere"))],
+        "second": [("train nothing either", config, str(tmp_path / "nowhere2"))],
+    }
+    with pytest.raises(RetroError, match=r"chain 'first' failed at train nothing: RetroError: "):
+        train_in_parallel(chains, halves)
