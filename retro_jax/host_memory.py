@@ -11,8 +11,10 @@ that was 30% of the 172m train step, all of it in the kernel.
 for a block and never hand freed memory back: after the first step the heap holds the program's
 peak and later steps reuse it with no page faults. The price is that the process keeps its peak
 resident until it exits, which a training or evaluation process does anyway. It must run before
-JAX starts its threads (before the first computation); the `retro-jax` command, the test suite
-and the benchmarks call it first thing. Set RETRO_JAX_KEEP_FREED_MEMORY=0 to leave malloc alone.
+JAX starts its threads (before the first computation); the `retro-jax` command and the
+benchmarks call it first thing. It slows XLA's compiles (by about a third in the compile-bound
+tests, benchmarks/results/model.md), so the test suite does not apply it in its own process.
+Set RETRO_JAX_KEEP_FREED_MEMORY=0 to leave malloc alone.
 On anything but Linux with glibc it does nothing.
 """
 

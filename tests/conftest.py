@@ -10,6 +10,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from retro_jax.host_memory import keep_freed_memory  # noqa: E402
-
-keep_freed_memory()  # the suite's train steps reuse their memory, as the CLI's do
+# No `retro_jax.host_memory.keep_freed_memory()` here, unlike the CLI: the suite is bound by XLA
+# compiles, which it slows (tests/test_model_config.py: 105-108 s with it, 72-73 s without, on
+# 2 cores); tests/test_host_memory.py checks it in processes of its own.
