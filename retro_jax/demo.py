@@ -12,14 +12,13 @@ work on it directly. Rerunning resumes: finished stages return at once.
 
 On a CPU with two or more cores (`demo.parallel_training`), the two chains of training, baseline
 then its retro-fit, and RETRO, run at the same time in two processes, each pinned to half of the
-cores. At the demo's size (d 128) XLA:CPU keeps two cores busy only about 60% of the time in one
-step, so two one-core processes do about 1.3x the work of one two-core process (measured,
-benchmarks/results/retrieval_pays.md). Every model is trained exactly as it would be alone.
+cores. At the demo's size (d 128) one step keeps XLA:CPU's two threads busy only part of the
+time: two one-core processes did 1.26x the work of one two-core process (measured on 2 cores,
+benchmarks/results/retrieval_pays.md, a6). Every model is trained exactly as it would be alone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -154,17 +153,14 @@ def _collect_reports(processes, results) -> dict[str, tuple[dict, str | None]]:
             name, stage_seconds, error = results.get(timeout=2.0)
             reports[name] = (stage_seconds, error)
         except queue.Empty:
-            for process in processes:
-                if process.name not in reports and process.exitcode is not None:
-                    # its report may have landed just before it exited
-                    with contextlib.suppress(queue.Empty):
-                        name, stage_seconds, error = results.get(timeout=1.0)
-                        reports[name] = (stage_seconds, error)
-                        continue
-                    raise RetroError(
-                        f"demo: training process {process.name!r} exited {process.exitcode}"
-                        " without finishing (killed, or out of memory?)"
-                    ) from None
+            # A process's report is in the queue before the process exits, so one that has
+            # exited with the queue empty died without one.
+            dead = [p for p in processes if p.exitcode is not None and p.name not in reports]
+            if dead and results.empty():
+                raise RetroError(
+                    f"demo: training process {dead[0].name!r} exited {dead[0].exitcode}"
+                    " without finishing (killed, or out of memory?)"
+                ) from None
     return reports
 
 
