@@ -10,23 +10,28 @@ Layout of the demo's workdir W:
 Each model folder links `prepare -> ../prepare`, so `retro-jax eval/sample --workdir W/retro`
 work on it directly. Rerunning resumes: finished stages return at once.
 
-On a CPU with two or more cores (`demo.parallel_training`), the two chains of training, baseline
-then its retro-fit, and RETRO, run at the same time in two processes, each pinned to half of the
-cores. At the demo's size (d 128) one step keeps XLA:CPU's two threads busy only part of the
-time: two one-core processes did 1.26x the work of one two-core process (measured on 2 cores,
-benchmarks/results/retrieval_pays.md, a6). Every model is trained exactly as it would be alone.
+On a CPU with two or more cores (`demo.parallel_training`), the two chains, baseline -> its
+retro-fit -> the retro-fit's evaluation, and RETRO -> RETRO's evaluation (with the baseline's, once
+that is trained, and the database-size sweep), run at the same time in two processes, each pinned
+to half of the cores. At the demo's size (d 128) one step keeps XLA:CPU's two threads busy only
+part of the time: two one-core processes did 1.26x the work of one two-core process (measured on
+2 cores, benchmarks/results/retrieval_pays.md, a6). Every model is trained and scored exactly as
+it would be alone; a worker whose demo process is killed exits too.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import multiprocessing
 import os
 import queue
 import sys
+import threading
 import time
+from typing import Any
 
 from retro_jax.errors import RetroError
 
@@ -78,31 +83,83 @@ class _Prefixed:
         return False
 
 
-def _train_chain(name: str, cpus: set[int], jobs: list, results) -> None:
-    """Worker process: train `jobs` [(stage, config, workdir)] in order on `cpus`; puts
-    (name, {stage: seconds}, error or None) on `results`."""
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One stage of a chain: train a model, or evaluate one (its metrics come back to the demo).
+    `after` names a stage of another chain that must have finished before this one starts."""
+
+    stage: str
+    kind: str  # "train" | "eval"
+    config: Any
+    workdir: str
+    after: str = ""
+
+
+def run_job(job: Job, *, progress: bool = True) -> dict | None:
+    """Train (returns None) or evaluate (writes W/eval, returns the metrics) as `job` says."""
+    if job.kind == "train":
+        from retro_jax.train.loop import train
+
+        train(job.config, job.workdir)
+        return None
+    from retro_jax.evaluate import evaluate, write_outputs
+
+    metrics = evaluate(job.config, job.workdir, progress=progress)
+    write_outputs(metrics, os.path.join(job.workdir, "eval"))
+    return metrics
+
+
+def _exit_with_parent() -> None:
+    """A worker whose parent is gone (killed, even by SIGKILL) exits instead of training on as
+    an orphan: a daemon thread polls the parent's pid."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def _run_chain(name: str, cpus: set[int], jobs: list[Job], done: dict, results) -> None:
+    """Worker process: run `jobs` in order on `cpus`; puts (name, {stage: seconds},
+    {stage: metrics}, error or None) on `results`. Sets done[stage] (an Event) after each stage
+    that another chain waits for; waits for done[job.after] before a job, or gives up (no
+    error) once done["failed"] says another chain failed."""
     os.sched_setaffinity(0, cpus)  # before JAX starts: XLA:CPU sizes its thread pool by it
+    _exit_with_parent()
     from retro_jax.host_memory import keep_freed_memory
 
     keep_freed_memory()
     sys.stdout = _Prefixed(sys.stdout, f"[{name}] ")
     sys.stderr = _Prefixed(sys.stderr, f"[{name}] ")
-    from retro_jax.train.loop import train
-
     seconds: dict[str, float] = {}
+    outputs: dict[str, dict] = {}
     try:
-        for stage, config, workdir in jobs:
-            print(f"=== demo: {stage} (cores {sorted(cpus)}) ===", flush=True)
+        for job in jobs:
+            if job.after:
+                print(f"=== demo: {job.stage} waits for {job.after} ===", flush=True)
+                while not done[job.after].wait(timeout=1.0):
+                    if done["failed"].is_set():
+                        results.put((name, seconds, outputs, None))
+                        return
+            print(f"=== demo: {job.stage} (cores {sorted(cpus)}) ===", flush=True)
             start = time.perf_counter()
-            train(config, workdir)
-            seconds[stage] = time.perf_counter() - start
+            metrics = run_job(job)
+            seconds[job.stage] = time.perf_counter() - start
+            if metrics is not None:
+                outputs[job.stage] = metrics
+            if job.stage in done:
+                done[job.stage].set()
     except BaseException as e:  # reported by the parent, which exits non-zero
-        results.put((name, seconds, f"{stage}: {type(e).__name__}: {e}"))
+        done["failed"].set()
+        results.put((name, seconds, outputs, f"{job.stage}: {type(e).__name__}: {e}"))
         raise
     finally:
         sys.stdout.close()
         sys.stderr.close()
-    results.put((name, seconds, None))
+    results.put((name, seconds, outputs, None))
 
 
 def parallel_cpus() -> list[set[int]] | None:
@@ -117,13 +174,17 @@ def parallel_cpus() -> list[set[int]] | None:
     return [set(cpus[:half]), set(cpus[half:])]
 
 
-def train_in_parallel(chains: dict[str, list], cpus: list[set[int]]) -> dict[str, float]:
-    """Run each chain {name: [(stage, config, workdir), ...]} in its own process on its own
-    cores; returns {stage: seconds}. RetroError naming the stage if any chain fails."""
+def run_in_parallel(
+    chains: dict[str, list[Job]], cpus: list[set[int]]
+) -> tuple[dict[str, float], dict[str, dict]]:
+    """Run each chain {name: [Job, ...]} in its own process on its own cores; returns
+    ({stage: seconds}, {eval stage: metrics}). RetroError naming the stage if any chain fails."""
     context = multiprocessing.get_context("spawn")  # a fresh JAX in each: no forked threads
     results = context.Queue()
+    waited = {job.after for jobs in chains.values() for job in jobs if job.after}
+    done = {stage: context.Event() for stage in waited | {"failed"}}
     processes = [
-        context.Process(target=_train_chain, args=(name, cores, jobs, results), name=name)
+        context.Process(target=_run_chain, args=(name, cores, jobs, done, results), name=name)
         for (name, jobs), cores in zip(chains.items(), cpus)
     ]
     for process in processes:
@@ -136,22 +197,24 @@ def train_in_parallel(chains: dict[str, list], cpus: list[set[int]]) -> dict[str
                 process.terminate()
             process.join()
     seconds: dict[str, float] = {}
+    outputs: dict[str, dict] = {}
     for name in chains:  # the first failing chain in the given order, whichever failed first
-        stage_seconds, error = reports[name]
+        stage_seconds, stage_outputs, error = reports[name]
         if error:
             raise RetroError(f"demo: training chain {name!r} failed at {error}")
         seconds.update(stage_seconds)
-    return seconds
+        outputs.update(stage_outputs)
+    return seconds, outputs
 
 
-def _collect_reports(processes, results) -> dict[str, tuple[dict, str | None]]:
-    """{chain: (stage seconds, error)} from every process; a process that dies without a
-    report (killed, out of memory) fails the demo instead of hanging it."""
-    reports: dict[str, tuple[dict, str | None]] = {}
+def _collect_reports(processes, results) -> dict[str, tuple[dict, dict, str | None]]:
+    """{chain: (stage seconds, eval metrics, error)} from every process; a process that dies
+    without a report (killed, out of memory) fails the demo instead of hanging it."""
+    reports: dict[str, tuple[dict, dict, str | None]] = {}
     while len(reports) < len(processes):
         try:
-            name, stage_seconds, error = results.get(timeout=2.0)
-            reports[name] = (stage_seconds, error)
+            name, stage_seconds, outputs, error = results.get(timeout=2.0)
+            reports[name] = (stage_seconds, outputs, error)
         except queue.Empty:
             # A process's report is in the queue before the process exits, so one that has
             # exited with the queue empty died without one.
@@ -174,10 +237,8 @@ def format_retrieved(chunks: list[dict]) -> str:
 
 def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
     """Run every stage; returns the summary written to W/demo.json."""
-    from retro_jax.evaluate import evaluate, write_outputs
     from retro_jax.prepare.run import run_prepare
     from retro_jax.sample.sampler import Sampler
-    from retro_jax.train.loop import train
 
     if not config.model.cca_layers:
         raise RetroError("demo: model.cca_layers is empty; the demo needs a RETRO model")
@@ -210,31 +271,30 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
             ),
         },
     )
+    # RETRO's evaluation scores the baseline too, and sweeps the database size (RETRO's alone).
+    retro_eval_cfg = _variant(config, eval={"baseline_workdir": baseline_dir})
+    retrofit_eval_cfg = _variant(config, eval={"database_fractions": ()})
     chains = {  # each chain's stages in order: the retro-fit starts from the trained baseline
         "baseline": [
-            ("train baseline", baseline_cfg, baseline_dir),
-            ("retro-fit", retrofit_cfg, retrofit_dir),
+            Job("train baseline", "train", baseline_cfg, baseline_dir),
+            Job("retro-fit", "train", retrofit_cfg, retrofit_dir),
+            Job("eval retro-fit", "eval", retrofit_eval_cfg, retrofit_dir),
         ],
-        "RETRO": [("train RETRO", config, retro_dir)],
+        "RETRO": [
+            Job("train RETRO", "train", config, retro_dir),
+            Job("eval RETRO", "eval", retro_eval_cfg, retro_dir, after="train baseline"),
+        ],
     }
     cpus = parallel_cpus() if config.demo.get("parallel_training", True) else None
-    if cpus:
-        summary_parallel = timed("train (in parallel)", train_in_parallel, chains, cpus)
-    else:
-        summary_parallel = {}
-        for jobs in chains.values():
-            for stage, stage_config, stage_dir in jobs:
-                timed(stage, train, stage_config, stage_dir)
-
-    eval_cfg = _variant(config, eval={"baseline_workdir": baseline_dir})
-    retro_eval = timed("eval RETRO", evaluate, eval_cfg, retro_dir, progress=progress)
-    # (the database-size sweep is RETRO's alone)
-    retrofit_eval_cfg = _variant(config, eval={"database_fractions": ()})
-    retrofit_eval = timed(
-        "eval retro-fit", evaluate, retrofit_eval_cfg, retrofit_dir, progress=progress
-    )
-    for folder, metrics in ((retro_dir, retro_eval), (retrofit_dir, retrofit_eval)):
-        write_outputs(metrics, os.path.join(folder, "eval"))
+    if cpus:  # each chain in its own process; the evaluations run in there too
+        summary_parallel, metrics = timed(
+            "train and eval (in parallel)", run_in_parallel, chains, cpus
+        )
+    else:  # one after the other; the order above meets every job's `after`
+        summary_parallel, metrics = {}, {}
+        for job in (job for jobs in chains.values() for job in jobs):
+            metrics[job.stage] = timed(job.stage, run_job, job, progress=progress)
+    retro_eval, retrofit_eval = metrics["eval RETRO"], metrics["eval retro-fit"]
 
     sampler = Sampler.from_workdir(config, retro_dir)
     result = timed(
@@ -339,7 +399,9 @@ def format_summary(summary: dict) -> str:
     ]
     for stage, sec in summary["seconds"].items():
         lines.append(f"  {stage:<28}{sec:>10.1f} s")
-        if stage == "train (in parallel)":  # what each of its stages took, inside that time
+        if (
+            stage == "train and eval (in parallel)"
+        ):  # what each of its stages took, inside that time
             parallel = summary.get("parallel_seconds", {})
             lines += [f"    {name:<24}({s:>8.1f} s)" for name, s in parallel.items()]
     lines.append(f"  {'total':<28}{sum(summary['seconds'].values()):>10.1f} s")

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -51,7 +52,8 @@ def test_demo_smallest_prints_a_table_of_finite_numbers(tmp_path):
     assert all(f"chunk {c['chunk']} ({c['source']})" in shown for c in chunks)
     # On 2+ cores the two training chains ran at once, each process's lines marked with its name.
     if len(os.sched_getaffinity(0)) >= 2:
-        assert set(summary["parallel_seconds"]) == {"train baseline", "train RETRO", "retro-fit"}
+        stages = {"train baseline", "train RETRO", "retro-fit", "eval RETRO", "eval retro-fit"}
+        assert set(summary["parallel_seconds"]) == stages
         assert "[RETRO] step" in out.stdout and "[baseline] step" in out.stdout
     # The retro-fitted model with retrieval off is exactly the baseline it was built from.
     assert summary["bpb"]["retrofit_off"] == pytest.approx(summary["bpb"]["baseline"], abs=1e-6)
@@ -131,16 +133,54 @@ def test_prefixed_stream_writes_whole_marked_lines():
 
 
 def test_parallel_training_names_the_failing_stage(tmp_path):
-    """A chain that fails in its worker process fails the demo with the stage and the cause."""
-    from retro_jax.demo import parallel_cpus, train_in_parallel
+    """A chain that fails in its worker process fails the demo with the stage and the cause; a
+    chain waiting for a stage of the failed one gives up instead of waiting forever."""
+    from retro_jax.demo import Job, parallel_cpus, run_in_parallel
     from retro_jax.errors import RetroError
 
     config = _demo_config("smallest")
     halves = parallel_cpus() or [set(os.sched_getaffinity(0))] * 2
     assert not set.intersection(*halves) or len(os.sched_getaffinity(0)) < 2
     chains = {
-        "first": [("train nothing", config, str(tmp_path / "nowhere"))],
-        "second": [("train nothing either", config, str(tmp_path / "nowhere2"))],
+        "first": [
+            Job("train nothing", "train", config, str(tmp_path / "nowhere")),
+            Job("never reached", "train", config, str(tmp_path / "nowhere")),
+        ],
+        "second": [Job("eval nothing", "eval", config, str(tmp_path / "x"), after="never reached")],
     }
     with pytest.raises(RetroError, match=r"chain 'first' failed at train nothing: RetroError: "):
-        train_in_parallel(chains, halves)
+        run_in_parallel(chains, halves)
+
+
+def test_worker_exits_when_its_demo_process_is_killed():
+    """_exit_with_parent: a demo worker does not outlive a SIGKILLed demo process."""
+    script = (
+        "import os, sys, time\n"
+        "from retro_jax.demo import _exit_with_parent\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    _exit_with_parent()\n"
+        "    time.sleep(120)\n"
+        "    os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "time.sleep(0.5)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    ps = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert ps.returncode == -9, ps.stderr
+    worker = int(ps.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running(worker), f"worker {worker} outlived its parent"
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
