@@ -122,7 +122,9 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
-def _run_chain(name: str, cpus: set[int], jobs: list[Job], done: dict, results) -> None:
+def _run_chain(
+    name: str, cpus: set[int], jobs: list[Job], done: dict, results, progress: bool
+) -> None:
     """Worker process: run `jobs` in order on `cpus`; puts (name, {stage: seconds},
     {stage: metrics}, error or None) on `results`. Sets done[stage] (an Event) after each stage
     that another chain waits for; waits for done[job.after] before a job, or gives up (no
@@ -146,7 +148,7 @@ def _run_chain(name: str, cpus: set[int], jobs: list[Job], done: dict, results) 
                         return
             print(f"=== demo: {job.stage} (cores {sorted(cpus)}) ===", flush=True)
             start = time.perf_counter()
-            metrics = run_job(job)
+            metrics = run_job(job, progress=progress)
             seconds[job.stage] = time.perf_counter() - start
             if metrics is not None:
                 outputs[job.stage] = metrics
@@ -175,7 +177,7 @@ def parallel_cpus() -> list[set[int]] | None:
 
 
 def run_in_parallel(
-    chains: dict[str, list[Job]], cpus: list[set[int]]
+    chains: dict[str, list[Job]], cpus: list[set[int]], *, progress: bool = True
 ) -> tuple[dict[str, float], dict[str, dict]]:
     """Run each chain {name: [Job, ...]} in its own process on its own cores; returns
     ({stage: seconds}, {eval stage: metrics}). RetroError naming the stage if any chain fails."""
@@ -184,7 +186,9 @@ def run_in_parallel(
     waited = {job.after for jobs in chains.values() for job in jobs if job.after}
     done = {stage: context.Event() for stage in waited | {"failed"}}
     processes = [
-        context.Process(target=_run_chain, args=(name, cores, jobs, done, results), name=name)
+        context.Process(
+            target=_run_chain, args=(name, cores, jobs, done, results, progress), name=name
+        )
         for (name, jobs), cores in zip(chains.items(), cpus)
     ]
     for process in processes:
@@ -288,7 +292,7 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
     cpus = parallel_cpus() if config.demo.get("parallel_training", True) else None
     if cpus:  # each chain in its own process; the evaluations run in there too
         summary_parallel, metrics = timed(
-            "train and eval (in parallel)", run_in_parallel, chains, cpus
+            "train and eval (in parallel)", run_in_parallel, chains, cpus, progress=progress
         )
     else:  # one after the other; the order above meets every job's `after`
         summary_parallel, metrics = {}, {}
