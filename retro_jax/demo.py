@@ -123,12 +123,12 @@ def _exit_with_parent() -> None:
 
 
 def _run_chain(
-    name: str, cpus: set[int], jobs: list[Job], done: dict, results, progress: bool
+    name: str, cpus: set[int], jobs: list[Job], done: dict, failed, results, progress: bool
 ) -> None:
     """Worker process: run `jobs` in order on `cpus`; puts (name, {stage: seconds},
     {stage: metrics}, error or None) on `results`. Sets done[stage] (an Event) after each stage
     that another chain waits for; waits for done[job.after] before a job, or gives up (no
-    error) once done["failed"] says another chain failed."""
+    error) once the Event `failed` says another chain failed."""
     os.sched_setaffinity(0, cpus)  # before JAX starts: XLA:CPU sizes its thread pool by it
     _exit_with_parent()
     from retro_jax.host_memory import keep_freed_memory
@@ -143,7 +143,7 @@ def _run_chain(
             if job.after:
                 print(f"=== demo: {job.stage} waits for {job.after} ===", flush=True)
                 while not done[job.after].wait(timeout=1.0):
-                    if done["failed"].is_set():
+                    if failed.is_set():
                         results.put((name, seconds, outputs, None))
                         return
             print(f"=== demo: {job.stage} (cores {sorted(cpus)}) ===", flush=True)
@@ -155,7 +155,7 @@ def _run_chain(
             if job.stage in done:
                 done[job.stage].set()
     except BaseException as e:  # reported by the parent, which exits non-zero
-        done["failed"].set()
+        failed.set()
         results.put((name, seconds, outputs, f"{job.stage}: {type(e).__name__}: {e}"))
         raise
     finally:
@@ -184,10 +184,11 @@ def run_in_parallel(
     context = multiprocessing.get_context("spawn")  # a fresh JAX in each: no forked threads
     results = context.Queue()
     waited = {job.after for jobs in chains.values() for job in jobs if job.after}
-    done = {stage: context.Event() for stage in waited | {"failed"}}
+    done = {stage: context.Event() for stage in waited}
+    failed = context.Event()
     processes = [
         context.Process(
-            target=_run_chain, args=(name, cores, jobs, done, results, progress), name=name
+            target=_run_chain, args=(name, cores, jobs, done, failed, results, progress), name=name
         )
         for (name, jobs), cores in zip(chains.items(), cpus)
     ]
@@ -205,7 +206,7 @@ def run_in_parallel(
     for name in chains:  # the first failing chain in the given order, whichever failed first
         stage_seconds, stage_outputs, error = reports[name]
         if error:
-            raise RetroError(f"demo: training chain {name!r} failed at {error}")
+            raise RetroError(f"demo: chain {name!r} failed at {error}")
         seconds.update(stage_seconds)
         outputs.update(stage_outputs)
     return seconds, outputs

@@ -148,7 +148,9 @@ def test_parallel_training_names_the_failing_stage(tmp_path):
         ],
         "second": [Job("eval nothing", "eval", config, str(tmp_path / "x"), after="never reached")],
     }
-    with pytest.raises(RetroError, match=r"chain 'first' failed at train nothing: RetroError: "):
+    with pytest.raises(
+        RetroError, match=r"demo: chain 'first' failed at train nothing: RetroError: "
+    ):
         run_in_parallel(chains, halves)
 
 
