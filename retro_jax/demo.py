@@ -122,6 +122,17 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
+def start_worker(cpus: set[int]) -> None:
+    """A chain's process, first thing: pinned to `cpus` (XLA:CPU sizes its thread pool by them),
+    malloc kept (retro_jax/host_memory.py: before any other thread starts, or it does not hold),
+    then the watch on its parent."""
+    os.sched_setaffinity(0, cpus)
+    from retro_jax.host_memory import keep_freed_memory
+
+    keep_freed_memory()
+    _exit_with_parent()
+
+
 def _run_chain(
     name: str, cpus: set[int], jobs: list[Job], done: dict, failed, results, progress: bool
 ) -> None:
@@ -129,11 +140,7 @@ def _run_chain(
     {stage: metrics}, error or None) on `results`. Sets done[stage] (an Event) after each stage
     that another chain waits for; waits for done[job.after] before a job, or gives up (no
     error) once the Event `failed` says another chain failed."""
-    os.sched_setaffinity(0, cpus)  # before JAX starts: XLA:CPU sizes its thread pool by it
-    _exit_with_parent()
-    from retro_jax.host_memory import keep_freed_memory
-
-    keep_freed_memory()
+    start_worker(cpus)
     sys.stdout = _Prefixed(sys.stdout, f"[{name}] ")
     sys.stderr = _Prefixed(sys.stderr, f"[{name}] ")
     seconds: dict[str, float] = {}

@@ -11,9 +11,15 @@ that was 30% of the 172m train step, all of it in the kernel.
 for a block and never hand freed memory back: after the first step the heap holds the program's
 peak and later steps reuse it with no page faults. The price is that the process keeps its peak
 resident until it exits, which a training or evaluation process does anyway. It must run before
-JAX starts its threads (before the first computation); the `retro-jax` command and the
-benchmarks call it first thing. It slows XLA's compiles (by about a third in the compile-bound
-tests, benchmarks/results/model.md), so the test suite does not apply it in its own process.
+JAX starts its threads (before the first computation), and before any other thread: a thread
+that has already allocated holds an arena of its own, which glibc then hands to the threads JAX
+starts, and their temporaries fault in again every step as before (measured in a demo training
+process whose watcher thread started first: 122,000 faults and 0.27 s of system time per RETRO
+step against 15,000 and 0.04 s, the step 1.06 s against 0.92 s). It warns when other Python
+threads already run (idle native ones, such as OpenBLAS's, measured harmless). The `retro-jax`
+command and the benchmarks call it first thing. It slows XLA's compiles (by about a third in the
+compile-bound tests, benchmarks/results/model.md), so the test suite does not apply it in its
+own process.
 Set RETRO_JAX_KEEP_FREED_MEMORY=0 to leave malloc alone.
 On anything but Linux with glibc it does nothing.
 """
@@ -23,6 +29,8 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import threading
+import warnings
 
 ENV = "RETRO_JAX_KEEP_FREED_MEMORY"
 
@@ -40,6 +48,13 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
+    if threading.active_count() > 1:
+        warnings.warn(
+            f"keep_freed_memory: {threading.active_count() - 1} Python thread(s) already run; "
+            "their malloc arenas stay in use, so freed memory may still go back to the kernel "
+            "(call it before starting threads)",
+            stacklevel=2,
+        )
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # A trim threshold of -1 becomes SIZE_MAX inside glibc: the heap is never trimmed.
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
