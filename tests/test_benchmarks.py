@@ -26,3 +26,39 @@ def test_model_step_benchmark_and_its_sharded_check_run():
         assert tiny[name]["step_s"] > 0 and 0 < tiny[name]["mfu"] < 1, tiny[name]
     assert tiny["retro"]["flops_per_token"] > tiny["baseline"]["flops_per_token"]
     assert result["sharded_check"]["equal"] is True, result["sharded_check"]
+
+
+def test_matmul_benchmark_times_the_products_it_names():
+    """benchmarks/bench_matmul.py (#19's XLA-against-PyTorch reproduction): each product, as JAX
+    runs it and as the PyTorch side's views would, is the same product, with the FLOPs counted."""
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_matmul import flops, matmul_operands, products
+
+    rng = np.random.default_rng(0)
+    plist = products(scale=16)
+    assert len(plist) == 5 * 3 + 6 and len({p["name"] for p in plist}) == len(plist)
+    for p in plist:
+        a = rng.standard_normal(p["a"]).astype(np.float32)
+        b = rng.standard_normal(p["b"]).astype(np.float32)
+        batch = ((0,), (0,)) if p["batch"] else ((), ())
+        contract = ((p["contract"][0],), (p["contract"][1],))
+        want = np.asarray(jax.lax.dot_general(a, b, (contract, batch)))
+        left, right = matmul_operands(a, b, p["contract"], lambda x: np.swapaxes(x, -1, -2))
+        np.testing.assert_allclose(left @ right, want, rtol=1e-4, atol=1e-3, err_msg=p["name"])
+        assert flops(p) == 2 * want.size * a.shape[p["contract"][0]], p["name"]
+    script = os.path.join(ROOT, "benchmarks", "bench_matmul.py")
+    quick = [sys.executable, script, "--scale", "16", "--rounds", "1", "--repeats", "1"]
+    env = dict(os.environ, PYTHONPATH=ROOT, RETRO_JAX_TORCH_PYTHON="")
+    done = subprocess.run(quick, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout[done.stdout.index("{") :])
+    assert [r["name"] for r in result["products"]] == [p["name"] for p in plist]
+    assert all(r["jax_gflops"] > 0 for r in result["products"])
+    assert result["jax_step_products_s"] > 0 and "torch_step_products_s" not in result
+    bad = subprocess.run(
+        [*quick, "--torch-python", "/nowhere/python"], env=env, capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "--torch-python /nowhere/python" in bad.stderr
