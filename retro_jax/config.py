@@ -146,6 +146,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.eval_batches = 4
     c.train.shuffle_seed = 0
     c.train.shuffle_buffer = 1024  # records in tf.data's shuffle buffer (per host)
+    # Beyond the paper: the share of training sequences whose neighbours are all dropped, so
+    # that RETRO also learns to predict without retrieval (RETRO[OFF] stays near the baseline).
+    c.train.retrieval_dropout = 0.0
     c.train.retrofit_from = ""  # a baseline twin's workdir or checkpoint folder
     # With retrofit_from: train ceil(this / batch_size) steps, the paper's 6M sequences (3% of
     # pre-training); 0 = train.steps as set.

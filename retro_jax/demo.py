@@ -276,6 +276,8 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
             "retrofit_from": baseline_dir,
             "steps": int(config.demo.retrofit_steps),
             "retrofit_sequences": 0,  # the demo's own length, not the paper's 6M sequences
+            # its decoder is frozen: with retrieval off it is the baseline whatever it trains on
+            "retrieval_dropout": 0.0,
             "warmup_steps": min(int(config.train.warmup_steps), int(config.demo.retrofit_steps)),
             # only the new encoder and CCA train: they take a higher rate than the whole model
             "learning_rate": float(

@@ -13,9 +13,11 @@ from retro_jax.train.state import init_state
 from retro_jax.train.step import (
     batch_shardings,
     decay_mask,
+    drop_retrieval,
     lr_schedule,
     make_optimizer,
     make_train_step,
+    token_losses,
 )
 
 # A small RETRO: 2 decoder layers, CCA at layer 2, chunks of 8, sequences of 32.
@@ -168,3 +170,33 @@ def test_schedule_and_decay_mask():
         "embed": True,
         "bias": False,
     }
+
+
+def test_retrieval_dropout_trains_dropped_sequences_exactly_as_retro_off_scores_them():
+    batch = fake_batch(5, batch=64)
+    assert drop_retrieval(batch, jax.random.key(0), 0.0, 0) is batch
+    dropped = drop_retrieval(batch, jax.random.key(0), 0.5, 0)
+    off = np.all(np.asarray(dropped["neighbours"]) == 0, axis=(1, 2, 3))
+    kept = np.all(np.asarray(dropped["neighbours"]) == batch["neighbours"], axis=(1, 2, 3))
+    assert np.all(off ^ kept) and 16 < off.sum() < 48  # whole sequences, about half of them
+    assert all(np.array_equal(dropped[f], batch[f]) for f in batch if f != "neighbours")
+
+    # A dropped sequence's loss is its loss with retrieval off; a kept one's is not.
+    model = create_model(model_config(small_config()), seed=0)
+    with_dropped = model.token_nll(batch["tokens"], dropped["neighbours"], batch["targets"])
+    retro_off = model.token_nll(batch["tokens"], None, batch["targets"])
+    np.testing.assert_allclose(with_dropped[off], retro_off[off], rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(with_dropped - retro_off)[kept]).max() > 1e-3
+
+    # The step draws the dropped sequences from the state's rng (a resumed run draws the same).
+    config = small_config()
+    tx, schedule = make_optimizer(config.train)
+    model_def, state, _ = init_state(model, tx)
+    expected, count = token_losses(
+        model,
+        drop_retrieval(batch, jax.random.split(jax.random.wrap_key_data(state.rng))[1], 0.5, 0),
+        retrieval=True,
+    )
+    step = make_train_step(model_def, tx, schedule, retrieval=True, retrieval_dropout=0.5)
+    _, metrics = step(jax.tree.map(jnp.copy, state), batch)
+    np.testing.assert_allclose(metrics["loss"], expected / count, rtol=1e-5)

@@ -245,6 +245,9 @@ def _run(config, workdir, prepare_dir, ckpts, current, spec, info, model_cfg, me
     ckpt_dir = os.path.join(workdir, "checkpoints")
     k = 0 if model_cfg.is_baseline else int(t.num_neighbours)
     retrieval = not model_cfg.is_baseline and k > 0
+    dropout = float(t.get("retrieval_dropout", 0.0))
+    if not 0.0 <= dropout < 1.0:
+        raise RetroError(f"train.retrieval_dropout={dropout} must be in [0, 1)")
     latest = ckpts.latest_step()
     if latest is not None:
         check_resumable(ckpt_dir, latest, ckpts.read_meta(latest), current)
@@ -294,6 +297,8 @@ def _run(config, workdir, prepare_dir, ckpts, current, spec, info, model_cfg, me
         schedule,
         retrieval=retrieval,
         grad_accum=int(t.grad_accum),
+        retrieval_dropout=dropout,
+        pad_id=model_cfg.pad_id,
         state_shardings=shardings,
         batch_shardings=batch_shardings(first, mesh),
     )

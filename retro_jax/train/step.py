@@ -77,6 +77,21 @@ def token_losses(model, batch: dict, retrieval: bool):
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
+def drop_retrieval(batch: dict, key: jax.Array, rate: float, pad_id: int) -> dict:
+    """Retrieval dropout (beyond the paper; `train.retrieval_dropout`): each sequence of the
+    batch loses all its neighbours with probability `rate`. Its CCA then attends to nothing and
+    adds nothing, so the sequence is trained exactly as RETRO[OFF] scores it."""
+    if rate <= 0.0 or "neighbours" not in batch:
+        return batch
+    neighbours = batch["neighbours"]
+    off = jax.random.bernoulli(key, rate, (neighbours.shape[0],))
+    off = off.reshape(-1, *([1] * (neighbours.ndim - 1)))
+    return {
+        **batch,
+        "neighbours": jnp.where(off, jnp.asarray(pad_id, neighbours.dtype), neighbours),
+    }
+
+
 def _micro_batches(batch: dict, accum: int) -> dict:
     """[B, ...] -> [accum, B/accum, ...]; micro-batch a takes rows a, a+accum, ... so each one
     is spread over every device that holds a slice of the batch (no data movement)."""
@@ -97,10 +112,14 @@ def make_train_step(
     *,
     retrieval: bool,
     grad_accum: int = 1,
+    retrieval_dropout: float = 0.0,
+    pad_id: int = 0,
     state_shardings: TrainState | None = None,
     batch_shardings: dict | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted step (state, batch) -> (new state, metrics); the old state is donated.
+    `retrieval_dropout` > 0 switches retrieval off for that share of the sequences, drawn from
+    the state's rng (so a resumed run draws the same ones).
 
     metrics: loss (mean nll over scored tokens), grad_norm (before clipping), lr, tokens
     (scored), params_finite, finite (loss, gradient norm and new parameters all finite: False
@@ -113,6 +132,9 @@ def make_train_step(
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
     def step(state: TrainState, batch: dict):
+        rng, drop_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+        if retrieval and retrieval_dropout > 0.0:
+            batch = drop_retrieval(batch, drop_key, retrieval_dropout, pad_id)
         if grad_accum == 1:
             (loss_sum, count), grads = grad_fn(state.params, state.frozen, batch)
         else:
@@ -140,7 +162,6 @@ def make_train_step(
             jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
         )
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
-        rng, _ = jax.random.split(jax.random.wrap_key_data(state.rng))
         new_state = TrainState(
             state.step + 1, params, state.frozen, opt_state, jax.random.key_data(rng)
         )
