@@ -200,6 +200,8 @@ def train(config, workdir: str) -> dict:
     t = config.train
     if int(t.steps) <= 0:
         raise RetroError(f"train.steps={t.steps} must be > 0 (the step to train up to)")
+    if not 0.0 <= float(t.get("retrieval_dropout", 0.0)) < 1.0:
+        raise RetroError(f"train.retrieval_dropout={t.retrieval_dropout} must be in [0, 1)")
     model_cfg = model_config(config)
     prepare_dir = prepare_dir_of(config, workdir)
     from retro_jax.data.pipeline import load_info  # TensorFlow only for gs:// paths
@@ -246,8 +248,6 @@ def _run(config, workdir, prepare_dir, ckpts, current, spec, info, model_cfg, me
     k = 0 if model_cfg.is_baseline else int(t.num_neighbours)
     retrieval = not model_cfg.is_baseline and k > 0
     dropout = float(t.get("retrieval_dropout", 0.0))
-    if not 0.0 <= dropout < 1.0:
-        raise RetroError(f"train.retrieval_dropout={dropout} must be in [0, 1)")
     latest = ckpts.latest_step()
     if latest is not None:
         check_resumable(ckpt_dir, latest, ckpts.read_meta(latest), current)
