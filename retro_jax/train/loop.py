@@ -200,7 +200,7 @@ def train(config, workdir: str) -> dict:
     t = config.train
     if int(t.steps) <= 0:
         raise RetroError(f"train.steps={t.steps} must be > 0 (the step to train up to)")
-    if not 0.0 <= float(t.get("retrieval_dropout", 0.0)) < 1.0:
+    if not 0.0 <= float(t.retrieval_dropout) < 1.0:
         raise RetroError(f"train.retrieval_dropout={t.retrieval_dropout} must be in [0, 1)")
     model_cfg = model_config(config)
     prepare_dir = prepare_dir_of(config, workdir)
@@ -247,7 +247,6 @@ def _run(config, workdir, prepare_dir, ckpts, current, spec, info, model_cfg, me
     ckpt_dir = os.path.join(workdir, "checkpoints")
     k = 0 if model_cfg.is_baseline else int(t.num_neighbours)
     retrieval = not model_cfg.is_baseline and k > 0
-    dropout = float(t.get("retrieval_dropout", 0.0))
     latest = ckpts.latest_step()
     if latest is not None:
         check_resumable(ckpt_dir, latest, ckpts.read_meta(latest), current)
@@ -297,7 +296,7 @@ def _run(config, workdir, prepare_dir, ckpts, current, spec, info, model_cfg, me
         schedule,
         retrieval=retrieval,
         grad_accum=int(t.grad_accum),
-        retrieval_dropout=dropout,
+        retrieval_dropout=float(t.retrieval_dropout),  # checked in train()
         pad_id=model_cfg.pad_id,
         state_shardings=shardings,
         batch_shardings=batch_shardings(first, mesh),

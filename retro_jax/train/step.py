@@ -133,7 +133,7 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict):
         rng, drop_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-        if retrieval and retrieval_dropout > 0.0:
+        if retrieval:  # unchanged at rate 0
             batch = drop_retrieval(batch, drop_key, retrieval_dropout, pad_id)
         if grad_accum == 1:
             (loss_sum, count), grads = grad_fn(state.params, state.frozen, batch)
