@@ -8,7 +8,8 @@ Layout of the demo's workdir W:
     W/demo.json    every number of the final table, and the sample with what each of its chunks
                    retrieved
 Each model folder links `prepare -> ../prepare`, so `retro-jax eval/sample --workdir W/retro`
-work on it directly. Rerunning resumes: finished stages return at once.
+work on it directly. Rerunning resumes: finished stages return at once (an evaluation is
+reused while W/<model>/eval/demo_inputs.json matches its config and checkpoints).
 
 On a CPU with two or more cores (`demo.parallel_training`), the two chains, baseline -> its
 retro-fit -> the retro-fit's evaluation, and RETRO -> RETRO's evaluation (with the baseline's, once
@@ -96,17 +97,43 @@ class Job:
 
 
 def run_job(job: Job, *, progress: bool = True) -> dict | None:
-    """Train (returns None) or evaluate (writes W/eval, returns the metrics) as `job` says."""
+    """Train (returns None) or evaluate (writes W/eval, returns the metrics) as `job` says. An
+    evaluation already done with this config on these checkpoints returns its metrics at once."""
     if job.kind == "train":
         from retro_jax.train.loop import train
 
         train(job.config, job.workdir)
         return None
+    from retro_jax.data import files
     from retro_jax.evaluate import evaluate, write_outputs
 
+    eval_dir = os.path.join(job.workdir, "eval")
+    done_path, inputs = os.path.join(eval_dir, "demo_inputs.json"), _eval_inputs(job)
+    if os.path.exists(done_path) and files.read_json(done_path) == inputs:
+        print(f"demo: {job.stage} already done ({eval_dir}/metrics.json)", flush=True)
+        return files.read_json(os.path.join(eval_dir, "metrics.json"))
     metrics = evaluate(job.config, job.workdir, progress=progress)
-    write_outputs(metrics, os.path.join(job.workdir, "eval"))
+    write_outputs(metrics, eval_dir)
+    files.write_json(done_path, inputs)  # last: only a finished evaluation is ever reused
     return metrics
+
+
+def _eval_inputs(job: Job) -> dict:
+    """What an evaluation's result depends on: its whole config and the checkpoint steps of the
+    model (and of the baseline it also scores)."""
+    import hashlib
+
+    def steps(workdir: str) -> list[int]:
+        folder = os.path.join(workdir, "checkpoints") if workdir else ""
+        names = os.listdir(folder) if folder and os.path.isdir(folder) else []
+        return sorted(int(name) for name in names if name.isdigit())
+
+    config = job.config.to_json_best_effort(sort_keys=True)
+    return {
+        "config": hashlib.sha256(config.encode()).hexdigest(),
+        "checkpoints": steps(job.workdir),
+        "baseline_checkpoints": steps(str(job.config.eval.get("baseline_workdir", "") or "")),
+    }
 
 
 def _exit_with_parent() -> None:

@@ -57,10 +57,12 @@ def test_demo_smallest_prints_a_table_of_finite_numbers(tmp_path):
         assert "[RETRO] step" in out.stdout and "[baseline] step" in out.stdout
     # The retro-fitted model with retrieval off is exactly the baseline it was built from.
     assert summary["bpb"]["retrofit_off"] == pytest.approx(summary["bpb"]["baseline"], abs=1e-6)
-    # A rerun finds every stage done and gives the same table.
+    # A rerun finds every stage done, the evaluations included, and gives the same table.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((workdir / "demo.json").read_text())["bpb"] == summary["bpb"]
+    for stage in ("eval RETRO", "eval retro-fit"):
+        assert f"demo: {stage} already done" in again.stdout
 
 
 def test_linux_doc_source_splits_deterministically():
@@ -130,6 +132,32 @@ def test_prefixed_stream_writes_whole_marked_lines():
     stream.write("last")
     stream.close()
     assert out.getvalue() == "[x] step 1\n[x] step 2\n[x] \n[x] bar\r[x] bar done\n[x] last\n"
+
+
+def test_a_finished_evaluation_is_reused_only_for_its_config_and_checkpoints(tmp_path):
+    """run_job's resume key: an evaluation is redone when its config, the model's checkpoints or
+    the scored baseline's checkpoints change, and only then."""
+    from retro_jax.demo import Job, _eval_inputs
+
+    config = _demo_config("smallest")
+    model, baseline = tmp_path / "retro", tmp_path / "baseline"
+    for folder in (model / "checkpoints" / "6", baseline / "checkpoints" / "6"):
+        folder.mkdir(parents=True)
+    config.eval.baseline_workdir = str(baseline)
+    job = Job("eval RETRO", "eval", config, str(model))
+    first = _eval_inputs(job)
+    assert first["checkpoints"] == [6] and first["baseline_checkpoints"] == [6]
+    assert (
+        _eval_inputs(Job("eval RETRO", "eval", config.copy_and_resolve_references(), str(model)))
+        == first
+    )
+    changed = config.copy_and_resolve_references()
+    changed.eval.database_fractions = (1.0,)
+    assert _eval_inputs(Job("eval RETRO", "eval", changed, str(model)))["config"] != first["config"]
+    (baseline / "checkpoints" / "12").mkdir()
+    assert _eval_inputs(job)["baseline_checkpoints"] == [6, 12]
+    (model / "checkpoints" / "12").mkdir()
+    assert _eval_inputs(job)["checkpoints"] == [6, 12]
 
 
 def test_parallel_training_names_the_failing_stage(tmp_path):
