@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
@@ -13,3 +15,44 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # No `retro_jax.host_memory.keep_freed_memory()` here, unlike the CLI: the suite is bound by XLA
 # compiles, which it slows (tests/test_model_config.py: 105-108 s with it, 72-73 s without, on
 # 2 cores); tests/test_host_memory.py checks it in processes of its own.
+
+# One persistent XLA compilation cache for the whole run. pytest-xdist's workers and every process
+# a test starts (the CLI, the demo's chains, Beam's workers) inherit the variable, so a program
+# compiled in one process (BERT at each padded length, a small model's train step) is read back
+# in the others instead of compiled again. The process that creates it (the xdist controller, or
+# pytest without xdist) removes it at the end; a cache the caller set is left alone.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _OWN_CACHE = tempfile.mkdtemp(prefix="retro_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and "PYTEST_XDIST_WORKER" not in os.environ:
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+# Test files bound by XLA's compiles rather than by what their programs compute mark themselves
+# `pytestmark = pytest.mark.fast_compile`: their programs compile with most optimizations off
+# (`jax_disable_most_optimizations`: LLVM at -O0), which halves the compiles of tests/
+# test_model_config.py and tests/test_decode.py and doubles the run time of a train step. JAX's
+# in-memory caches are cleared when the setting changes, so no program compiled under one setting
+# runs under the other (the persistent cache keys on it). The processes such a file starts get
+# FAST_COMPILE_ENV.
+FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(request):
+    import jax
+    import jax._src.compiler  # noqa: F401  (defines the option)
+
+    wanted = request.node.get_closest_marker("fast_compile") is not None
+    if jax.config.values["jax_disable_most_optimizations"] != wanted:
+        jax.clear_caches()
+        jax.config.update("jax_disable_most_optimizations", wanted)
+    yield

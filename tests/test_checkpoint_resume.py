@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from conftest import FAST_COMPILE_ENV
 from test_pipeline import write_fake_prepare
 from test_train_step import small_config
 
@@ -35,6 +36,7 @@ def launch(config_path, workdir, cache):
         JAX_COMPILATION_CACHE_DIR=cache,  # the three runs compile the same programs once
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        **FAST_COMPILE_ENV,  # 24 small steps a run: the compiles cost more than the steps
     )
     command = [
         sys.executable,

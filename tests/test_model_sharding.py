@@ -7,12 +7,15 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE_ENV
 from flax import nnx
 
 from retro_jax.errors import RetroError
 from retro_jax.model import RetroConfig
 from retro_jax.model.create import create_model
 from retro_jax.sharding import MESH_AXES, batch_sharding, logical_to_spec, make_mesh
+
+pytestmark = pytest.mark.fast_compile  # bound by XLA's compiles: see conftest.py
 
 CONFIG = RetroConfig(
     vocab_size=64,
@@ -96,7 +99,7 @@ def test_sharded_train_step_replicates_no_activation():
     """XLA warns when a resharding forces it to replicate a whole array first ("involuntary full
     rematerialization"): the embedding lookups did, for the whole global batch. No such warning
     may come from the sharded train step."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", JAX_PLATFORMS="cpu", **FAST_COMPILE_ENV)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     run = subprocess.run(
         [sys.executable, "-c", TRAIN_STEP_SCRIPT], env=env, capture_output=True, text=True

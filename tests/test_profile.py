@@ -6,10 +6,13 @@ import gzip
 import json
 import os
 
+import pytest
 from test_pipeline import write_fake_prepare
 from test_train_step import small_config
 
 from retro_jax.train.loop import train
+
+pytestmark = pytest.mark.fast_compile  # bound by XLA's compiles: see conftest.py
 
 
 def test_profile_traces_the_chosen_steps(tmp_path, capsys):

@@ -13,6 +13,8 @@ from retro_jax.train.loop import train
 from retro_jax.train.retrofit import retrofit_schedule
 from retro_jax.train.state import split_model
 
+pytestmark = pytest.mark.fast_compile  # bound by XLA's compiles: see conftest.py
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

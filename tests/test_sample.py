@@ -19,6 +19,8 @@ from retro_jax.sample.live import RetrievedChunk, copied_tokens, format_neighbou
 from retro_jax.sample.sampler import Sampler
 from retro_jax.sample.tokens import nucleus_mask, sample_tokens
 
+pytestmark = pytest.mark.fast_compile  # bound by XLA's compiles: see conftest.py
+
 # ---------------------------------------------------------------- choosing tokens
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])

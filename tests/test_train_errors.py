@@ -12,6 +12,8 @@ from test_train_step import small_config
 from retro_jax.errors import RetroError
 from retro_jax.train.loop import train
 
+pytestmark = pytest.mark.fast_compile  # bound by XLA's compiles: see conftest.py
+
 
 @pytest.fixture(scope="module")
 def diverged(tmp_path_factory):

@@ -20,6 +20,8 @@ from retro_jax.train.step import (
     token_losses,
 )
 
+pytestmark = pytest.mark.fast_compile  # bound by XLA's compiles: see conftest.py
+
 # A small RETRO: 2 decoder layers, CCA at layer 2, chunks of 8, sequences of 32.
 SMALL_MODEL = dict(TWO_LAYERS, vocab_size=64, chunk_size=8)
 
