@@ -109,7 +109,7 @@ def run_job(job: Job, *, progress: bool = True) -> dict | None:
 
     eval_dir = os.path.join(job.workdir, "eval")
     done_path, inputs = os.path.join(eval_dir, "demo_inputs.json"), _eval_inputs(job)
-    if os.path.exists(done_path) and files.read_json(done_path) == inputs:
+    if files.exists(done_path) and files.read_json(done_path) == inputs:
         print(f"demo: {job.stage} already done ({eval_dir}/metrics.json)", flush=True)
         return files.read_json(os.path.join(eval_dir, "metrics.json"))
     metrics = evaluate(job.config, job.workdir, progress=progress)
@@ -123,9 +123,11 @@ def _eval_inputs(job: Job) -> dict:
     model (and of the baseline it also scores)."""
     import hashlib
 
+    from retro_jax.data import files
+
     def steps(workdir: str) -> list[int]:
         folder = os.path.join(workdir, "checkpoints") if workdir else ""
-        names = os.listdir(folder) if folder and os.path.isdir(folder) else []
+        names = files.listdir(folder) if folder and files.isdir(folder) else []
         return sorted(int(name) for name in names if name.isdigit())
 
     config = job.config.to_json_best_effort(sort_keys=True)
