@@ -120,21 +120,18 @@ def run_job(job: Job, *, progress: bool = True) -> dict | None:
 
 def _eval_inputs(job: Job) -> dict:
     """What an evaluation's result depends on: its whole config and the checkpoint steps of the
-    model (and of the baseline it also scores)."""
+    model it scores (evaluate's checkpoint_source) and of the baseline it also scores."""
     import hashlib
 
-    from retro_jax.data import files
-
-    def steps(workdir: str) -> list[int]:
-        folder = os.path.join(workdir, "checkpoints") if workdir else ""
-        names = files.listdir(folder) if folder and files.isdir(folder) else []
-        return sorted(int(name) for name in names if name.isdigit())
+    from retro_jax.evaluate import checkpoint_source
+    from retro_jax.model.load import checkpoint_steps
 
     config = job.config.to_json_best_effort(sort_keys=True)
+    baseline = str(job.config.eval.get("baseline_workdir", "") or "")
     return {
         "config": hashlib.sha256(config.encode()).hexdigest(),
-        "checkpoints": steps(job.workdir),
-        "baseline_checkpoints": steps(str(job.config.eval.get("baseline_workdir", "") or "")),
+        "checkpoints": checkpoint_steps(checkpoint_source(job.config, job.workdir)),
+        "baseline_checkpoints": checkpoint_steps(baseline) if baseline else [],
     }
 
 

@@ -138,11 +138,13 @@ def test_a_finished_evaluation_is_reused_only_for_its_config_and_checkpoints(tmp
     """run_job's resume key: an evaluation is redone when its config, the model's checkpoints or
     the scored baseline's checkpoints change, and only then."""
     from retro_jax.demo import Job, _eval_inputs
+    from retro_jax.model.load import MODEL_CONFIG
 
     config = _demo_config("smallest")
     model, baseline = tmp_path / "retro", tmp_path / "baseline"
     for folder in (model / "checkpoints" / "6", baseline / "checkpoints" / "6"):
         folder.mkdir(parents=True)
+        (folder.parent / MODEL_CONFIG).write_text("{}")
     config.eval.baseline_workdir = str(baseline)
     job = Job("eval RETRO", "eval", config, str(model))
     first = _eval_inputs(job)

@@ -34,6 +34,16 @@ def find_checkpoints(path: str) -> tuple[str, int | None]:
     raise RetroError(f"{path}: no retro-jax checkpoints here (looked for {MODEL_CONFIG})")
 
 
+def checkpoint_steps(path: str) -> list[int]:
+    """The saved steps of the checkpoints that find_checkpoints(path) finds, as Orbax lists them."""
+    root, _ = find_checkpoints(path)
+    manager = ocp.CheckpointManager(root, item_names=ITEMS)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
 def read_model_config(directory: str) -> RetroConfig:
     path = epath.Path(directory) / MODEL_CONFIG
     if not path.exists():
