@@ -110,9 +110,11 @@ def get_config(arg: str = ""):
         config.model.update(dict(enc_num_layers=1, enc_d_model=64, enc_num_heads=2, enc_d_ff=256))
         config.model.vocab_size = 1024
         config.data.vocab_size = 1024
-        config.data.max_docs = 6 if code else 12
+        # BERT's keys are most of this size's prepare: fewer, shorter chunks to embed.
+        config.data.max_docs = 3 if code else 12
         config.data.eval_max_docs = 1 if code else 0
-        config.data.retrieval_max_docs = 8 if code else 0
+        config.data.retrieval_max_docs = 4 if code else 0
+        config.retrieval.bert_max_len = 32
         config.data.sotu_eval_docs = 2
         config.data.seq_len = 128
         config.eval.database_fractions = (0.5, 1.0) if code else ()

@@ -1,5 +1,7 @@
 """Small RETRO shapes shared by the tests."""
 
+from flax import nnx
+
 from retro_jax.model import RetroConfig
 
 SMALL = RetroConfig(
@@ -32,3 +34,12 @@ TWO_LAYERS = dict(
     enc_d_ff=64,
     cca_zero_init=False,
 )
+
+
+def token_nll(model, tokens, neighbours, targets):
+    """model.token_nll, jitted: run op by op, a forward pass compiles hundreds of small programs
+    (several seconds each time a test calls it eagerly)."""
+    return _token_nll(model, tokens, neighbours, targets)
+
+
+_token_nll = nnx.jit(lambda model, *args: model.token_nll(*args))

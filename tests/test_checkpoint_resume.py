@@ -1,4 +1,4 @@
-"""A run killed with SIGKILL after a checkpoint resumes to the same losses, step by step."""
+"""A run killed, preempted or interrupted after a checkpoint resumes to the same losses."""
 
 import os
 import signal
@@ -64,14 +64,17 @@ def finish(process, timeout=300):
 
 
 @pytest.mark.slow
-def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path):
+def test_killed_preempted_and_interrupted_runs_resume_to_the_uninterrupted_losses(tmp_path):
+    """One run stopped three ways, each after a checkpoint, and rerun each time: SIGKILL (no
+    warning), SIGTERM (preemption: a checkpoint at the step reached, a clean exit) and SIGINT
+    (Ctrl-C: the same, with a message first). Its losses and gradient norms are the uninterrupted
+    run's at every step."""
     steps, every = 24, 4
     config_path = tmp_path / "config.py"
     config_path.write_text(CONFIG.format(tests=TESTS, steps=steps, every=every))
     cache = str(tmp_path / "jax_cache")
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    preempted = tmp_path / "preempted"
-    for workdir in (reference, interrupted, preempted):
+    for workdir in (reference, interrupted):
         write_fake_prepare(workdir, train_files=3, records_per_file=12)
 
     finish(launch(config_path, reference, cache))
@@ -86,10 +89,30 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path
     killed_rows = read_metrics(str(interrupted))
     assert killed_rows and killed_rows[-1]["step"] < steps
 
-    out = finish(launch(config_path, interrupted, cache))
+    # SIGTERM (preemption) in the resumed run, after its first new checkpoint.
+    process = launch(config_path, interrupted, cache)
+    wait_for(interrupted / "checkpoints" / str(2 * every), process)
+    process.send_signal(signal.SIGTERM)
+    out = finish(process)
     assert "resuming from step" in out
+    stopped = int(out.split("SIGTERM at step ")[1].split(":")[0])
+    assert stopped < steps and (interrupted / "checkpoints" / str(stopped)).exists()
+    assert read_metrics(str(interrupted))[-1]["step"] == stopped
+
+    # Ctrl-C (SIGINT) in the next one.
+    later = (stopped // every + 1) * every
+    assert later < steps
+    process = launch(config_path, interrupted, cache)
+    wait_for(interrupted / "checkpoints" / str(later), process)
+    process.send_signal(signal.SIGINT)
+    out = finish(process)
+    assert "Ctrl-C: saving a checkpoint after this step" in out
+    stopped = int(out.split("SIGINT at step ")[1].split(":")[0])
+    assert stopped < steps and (interrupted / "checkpoints" / str(stopped)).exists()
+
+    finish(launch(config_path, interrupted, cache))
     resumed = {row["step"]: row for row in read_metrics(str(interrupted))}
-    assert sorted(resumed) == list(range(1, steps + 1))  # rows after the checkpoint rewritten
+    assert sorted(resumed) == list(range(1, steps + 1))  # rows after each checkpoint rewritten
     for step in range(1, steps + 1):
         assert resumed[step]["loss"] == expected[step]["loss"], step
         assert resumed[step]["grad_norm"] == expected[step]["grad_norm"], step
@@ -100,30 +123,6 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path
     assert again["finished"] and again["step"] == steps
     kept = sorted(int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit())
     assert kept[-1] == steps and len(kept) == 2  # keep_checkpoints=2
-
-    # SIGTERM (preemption): a checkpoint at the step reached, a clean exit, a message.
-    process = launch(config_path, preempted, cache)
-    wait_for(preempted / "checkpoints" / str(every), process)
-    process.send_signal(signal.SIGTERM)
-    out = finish(process)
-    stopped = int(out.split("SIGTERM at step ")[1].split(":")[0])
-    assert stopped < steps and (preempted / "checkpoints" / str(stopped)).exists()
-    assert read_metrics(str(preempted))[-1]["step"] == stopped
-
-    # Ctrl-C (SIGINT) in the resumed run: the same (a message first), then a rerun finishes the
-    # run with the uninterrupted run's losses.
-    later = (stopped // every + 1) * every
-    assert later < steps
-    process = launch(config_path, preempted, cache)
-    wait_for(preempted / "checkpoints" / str(later), process)
-    process.send_signal(signal.SIGINT)
-    out = finish(process)
-    assert "Ctrl-C: saving a checkpoint after this step" in out
-    stopped = int(out.split("SIGINT at step ")[1].split(":")[0])
-    assert stopped < steps and (preempted / "checkpoints" / str(stopped)).exists()
-    finish(launch(config_path, preempted, cache))
-    resumed = {row["step"]: row for row in read_metrics(str(preempted))}
-    assert [resumed[s]["loss"] for s in expected] == [expected[s]["loss"] for s in expected]
 
 
 def test_resume_allows_changes_of_compute_and_init_only_fields():

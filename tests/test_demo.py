@@ -9,8 +9,14 @@ import sys
 import time
 
 import pytest
+from conftest import FAST_COMPILE_ENV
 
 from retro_jax.data import sources
+
+# Compiles outweigh what the programs compute here (a few steps of small models; BERT at a few
+# padded lengths): this file's programs and the demo's processes compile with most
+# optimizations off (tests/conftest.py).
+pytestmark = pytest.mark.fast_compile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LINUX_DOC = bool(glob.glob(sources.LINUX_DOC_GLOB))
@@ -25,7 +31,8 @@ def test_demo_smallest_prints_a_table_of_finite_numbers(tmp_path):
     workdir = tmp_path / "demo"
     cmd = [sys.executable, "-m", "retro_jax.cli", "demo", "--workdir", str(workdir)]
     cmd += [f"--config={ROOT}/experiments/demo.py:smallest"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    env = dict(os.environ, **FAST_COMPILE_ENV)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     for row in ("baseline", "RETRO", "RETRO[OFF]", "retro-fitted baseline", "leakage plot"):
         assert row in out.stdout
@@ -58,7 +65,7 @@ def test_demo_smallest_prints_a_table_of_finite_numbers(tmp_path):
     # The retro-fitted model with retrieval off is exactly the baseline it was built from.
     assert summary["bpb"]["retrofit_off"] == pytest.approx(summary["bpb"]["baseline"], abs=1e-6)
     # A rerun finds every stage done, the evaluations included, and gives the same table.
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((workdir / "demo.json").read_text())["bpb"] == summary["bpb"]
     for stage in ("eval RETRO", "eval retro-fit"):
@@ -106,6 +113,7 @@ def test_linux_doc_corpus_end_to_end(tmp_path):
 
     config = _demo_config("smallest,linux-doc")
     config.data.max_docs = 16
+    config.data.eval_max_docs = 4  # (eval.max_batches scores 4 batches of them)
     config.train.steps = 3
     workdir = str(tmp_path / "linux-doc")
     stages = run_prepare(config, workdir, progress=False)

@@ -130,7 +130,7 @@ def test_trained_retro_copies_its_neighbours_only_where_causality_allows():
     0..m-2 may not see chunk 0's neighbours (they hold those positions' own futures), so
     their loss must stay at chance, log(V-1). A CCA shifted by m-2 (the known pitfall) lets
     position m-2 copy its label; a shift by m leaves position m-1 at chance; both fail here."""
-    from model_configs import TWO_LAYERS
+    from model_configs import TWO_LAYERS, token_nll
 
     from retro_jax.config import default_config, model_config, model_config_dict
     from retro_jax.model.create import create_model
@@ -166,10 +166,10 @@ def test_trained_retro_copies_its_neighbours_only_where_causality_allows():
     trained = model_def.merge(state.params, state.frozen)
     held_out = copy_task(np.random.default_rng(1), 256)
     nll = np.asarray(
-        trained.token_nll(held_out["tokens"], held_out["neighbours"], held_out["targets"])
+        token_nll(trained, held_out["tokens"], held_out["neighbours"], held_out["targets"])
     ).mean(axis=0)  # [n]
     chance = np.log(vocab - 1)
     assert np.all(np.abs(nll[: m - 1] - chance) < 0.1), nll  # no own future through retrieval
     assert np.all(nll[m - 1 :] < chance - 1.0), nll  # every later position copies
-    unretrieved = np.asarray(trained.token_nll(held_out["tokens"], None, held_out["targets"]))
+    unretrieved = np.asarray(token_nll(trained, held_out["tokens"], None, held_out["targets"]))
     assert np.all(np.abs(unretrieved.mean(axis=0) - chance) < 0.1)  # the gain is retrieval's

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 import pytest
-from model_configs import TWO_LAYERS
+from model_configs import TWO_LAYERS, token_nll
 from prepare_corpus import sotu_paragraphs
 
 from retro_jax.config import default_config, model_config_dict
@@ -108,8 +108,8 @@ def test_trained_retro_predicts_held_out_text_from_its_neighbours(trained):
     neighbours = np.stack([r["neighbours"] for r in records]).astype(np.int32)
     mask = np.stack([r["loss_mask"] for r in records]).astype(bool)
     mask[:, : M - 1] = False  # no neighbour reaches these positions
-    on = np.asarray(retro.token_nll(tokens, neighbours, targets))[mask].mean()
-    off = np.asarray(retro.token_nll(tokens, None, targets))[mask].mean()
-    base = np.asarray(baseline.token_nll(tokens, None, targets))[mask].mean()
+    on = np.asarray(token_nll(retro, tokens, neighbours, targets))[mask].mean()
+    off = np.asarray(token_nll(retro, tokens, None, targets))[mask].mean()
+    base = np.asarray(token_nll(baseline, tokens, None, targets))[mask].mean()
     assert on < 0.6 * base, (on, off, base)  # measured: 0.42 of it
     assert off > 0.8 * base, (on, off, base)
