@@ -36,10 +36,7 @@ TWO_LAYERS = dict(
 )
 
 
-def token_nll(model, tokens, neighbours, targets):
-    """model.token_nll, jitted: run op by op, a forward pass compiles hundreds of small programs
-    (several seconds each time a test calls it eagerly)."""
-    return _token_nll(model, tokens, neighbours, targets)
-
-
-_token_nll = nnx.jit(lambda model, *args: model.token_nll(*args))
+# Jitted forward passes of a model (logits, or token_nll's losses). Run op by op, one forward pass
+# compiles hundreds of small programs: several seconds each time a test calls it eagerly.
+forward = nnx.jit(lambda model, *args: model(*args))
+token_nll = nnx.jit(lambda model, *args: model.token_nll(*args))

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 from eval_workdir import save_random_checkpoint, small_config, tiny_workdir
-from flax import nnx
+from model_configs import forward
 
 from retro_jax.data.records import load_records_info, read_records
 from retro_jax.errors import RetroError
@@ -58,8 +58,7 @@ def _direct_bpb(path, records, k):
     model, _ = load_model(path)
     tokens = records["tokens"]
     neighbours = None if k == 0 else records["neighbours"][:, :, :k]
-    logits = np.asarray(nnx.jit(lambda m, t, n: m(t, n))(model, tokens[:, :-1], neighbours))
-    logits = logits.astype(np.float64)
+    logits = np.asarray(forward(model, tokens[:, :-1], neighbours), np.float64)
     shifted = logits - logits.max(-1, keepdims=True)
     logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from model_configs import SMALL
+from model_configs import SMALL, forward
 
 from retro_jax.config import default_config, model_config
 from retro_jax.errors import RetroError
@@ -15,8 +15,6 @@ from retro_jax.model import PAPER_PARAMS, Retro, RetroConfig, default_cca_layers
 from retro_jax.model.info import baseline_formula, flops_per_token, param_breakdown
 
 pytestmark = pytest.mark.fast_compile  # bound by XLA's compiles: see conftest.py
-
-forward = nnx.jit(lambda model, *args: model(*args))
 
 
 def inputs(seed=0):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import FAST_COMPILE_ENV
 from flax import nnx
+from model_configs import forward
 
 from retro_jax.errors import RetroError
 from retro_jax.model import RetroConfig
@@ -44,8 +45,7 @@ def inputs():
 
 @pytest.fixture(scope="module")
 def reference(inputs):
-    # Jitted: run op by op, the forward pass compiles hundreds of small programs (~40 s here).
-    return np.asarray(nnx.jit(lambda m, t, n: m(t, n))(create_model(CONFIG), *inputs))
+    return np.asarray(forward(create_model(CONFIG), *inputs))
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
