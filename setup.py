@@ -18,6 +18,7 @@ CORE = [
     "sentencepiece",
     "transformers>=5,<6",
     "etils[epath]",
+    "google-crc32c",  # TFRecord checksums without TensorFlow (retro_jax/data/records.py)
 ]
 PIPELINE = [
     "tensorflow-cpu==2.20.*",

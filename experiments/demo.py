@@ -19,6 +19,7 @@ from retro_jax.config import default_config, model_config_dict
 from retro_jax.errors import RetroError
 
 CODE = "python:transformers/models/*/modeling_*.py"
+CODE_SMALL = "python:transformers/models/*/configuration_*.py"
 
 
 def get_config(arg: str = ""):
@@ -108,12 +109,14 @@ def get_config(arg: str = ""):
     if "smallest" in options:  # the end-to-end test: a couple of minutes
         config.model.update(dict(num_layers=2, d_model=64, num_heads=2, d_ff=256, cca_layers=(2,)))
         config.model.update(dict(enc_num_layers=1, enc_d_model=64, enc_num_heads=2, enc_d_ff=256))
-        config.model.vocab_size = 1024
-        config.data.vocab_size = 1024
-        # BERT's keys are most of this size's prepare: fewer, shorter chunks to embed.
-        config.data.max_docs = 3 if code else 12
-        config.data.eval_max_docs = 1 if code else 0
-        config.data.retrieval_max_docs = 4 if code else 0
+        config.model.vocab_size = config.data.vocab_size = 512 if code else 1024
+        # BERT's keys are most of this size's prepare: fewer, shorter chunks to embed. Code: the
+        # packages' configuration files, a twentieth of the length of its model files.
+        if code:
+            config.data.train_source = config.data.eval_source = CODE_SMALL
+        config.data.max_docs = 8 if code else 12
+        config.data.eval_max_docs = 2 if code else 0
+        config.data.retrieval_max_docs = 12 if code else 0
         config.retrieval.bert_max_len = 32
         config.data.sotu_eval_docs = 2
         config.data.seq_len = 128

@@ -9,7 +9,8 @@ Layout of the demo's workdir W:
                    retrieved
 Each model folder links `prepare -> ../prepare`, so `retro-jax eval/sample --workdir W/retro`
 work on it directly. Rerunning resumes: finished stages return at once (an evaluation is
-reused while W/<model>/eval/demo_inputs.json matches its config and checkpoints).
+reused while W/<model>/eval/demo_inputs.json matches its config and checkpoints, the sample while
+W/retro/sample/demo_sample.json does), and no training process starts when every stage is done.
 
 On a CPU with two or more cores (`demo.parallel_training`), the two chains, baseline -> its
 retro-fit -> the retro-fit's evaluation, and RETRO -> RETRO's evaluation (with the baseline's, once
@@ -108,7 +109,7 @@ def run_job(job: Job, *, progress: bool = True) -> dict | None:
     from retro_jax.evaluate import evaluate, write_outputs
 
     eval_dir = os.path.join(job.workdir, "eval")
-    done_path, inputs = os.path.join(eval_dir, "demo_inputs.json"), _eval_inputs(job)
+    done_path, inputs = os.path.join(eval_dir, "demo_inputs.json"), _job_inputs(job)
     if files.exists(done_path) and files.read_json(done_path) == inputs:
         print(f"demo: {job.stage} already done ({eval_dir}/metrics.json)", flush=True)
         return files.read_json(os.path.join(eval_dir, "metrics.json"))
@@ -118,9 +119,33 @@ def run_job(job: Job, *, progress: bool = True) -> dict | None:
     return metrics
 
 
-def _eval_inputs(job: Job) -> dict:
-    """What an evaluation's result depends on: its whole config and the checkpoint steps of the
-    model it scores (evaluate's checkpoint_source) and of the baseline it also scores."""
+def _job_done(job: Job) -> bool:
+    """True when run_job(job) would do nothing: a training's last checkpoint is at its
+    train.steps, an evaluation's demo_inputs.json matches. (Whether a finished training's
+    checkpoint fits the config is train's own check; a changed config changes every evaluation's
+    inputs, so its chain runs and train makes that check.)"""
+    from retro_jax.data import files
+    from retro_jax.model.load import checkpoint_steps
+
+    if job.kind == "train":
+        if not files.exists(os.path.join(job.workdir, "checkpoints")):
+            return False
+        try:
+            steps = checkpoint_steps(job.workdir)
+        except RetroError:
+            return False
+        return bool(steps) and steps[-1] >= int(job.config.train.steps)
+    done_path = os.path.join(job.workdir, "eval", "demo_inputs.json")
+    try:
+        return files.exists(done_path) and files.read_json(done_path) == _job_inputs(job)
+    except RetroError:  # a checkpoint it depends on is missing
+        return False
+
+
+def _job_inputs(job: Job) -> dict:
+    """What an evaluation's (or the sample's) result depends on: its whole config and the
+    checkpoint steps of the model it uses (evaluate's checkpoint_source) and of the baseline an
+    evaluation also scores."""
     import hashlib
 
     from retro_jax.evaluate import checkpoint_source
@@ -276,7 +301,6 @@ def format_retrieved(chunks: list[dict]) -> str:
 def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
     """Run every stage; returns the summary written to W/demo.json."""
     from retro_jax.prepare.run import run_prepare
-    from retro_jax.sample.sampler import Sampler
 
     if not config.model.cca_layers:
         raise RetroError("demo: model.cca_layers is empty; the demo needs a RETRO model")
@@ -326,6 +350,8 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
         ],
     }
     cpus = parallel_cpus() if config.demo.get("parallel_training", True) else None
+    if cpus and all(_job_done(job) for jobs in chains.values() for job in jobs):
+        cpus = None  # a rerun with every stage done: no worker processes to start
     if cpus:  # each chain in its own process; the evaluations run in there too
         summary_parallel, metrics = timed(
             "train and eval (in parallel)", run_in_parallel, chains, cpus, progress=progress
@@ -336,14 +362,7 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
             metrics[job.stage] = timed(job.stage, run_job, job, progress=progress)
     retro_eval, retrofit_eval = metrics["eval RETRO"], metrics["eval retro-fit"]
 
-    sampler = Sampler.from_workdir(config, retro_dir)
-    result = timed(
-        "sample",
-        sampler.generate,
-        str(config.demo.prompt),
-        max_new_tokens=int(config.demo.max_new_tokens),
-        seed=int(config.demo.seed),
-    )
+    sample = timed("sample", _sample, config, retro_dir)
     leakage = {row["alpha"]: row for row in retro_eval["leakage"]}
     eighth = leakage.get(0.125, {})
     summary = {
@@ -367,11 +386,7 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
         "leakage_plot": os.path.join(retro_dir, "eval", "leakage.png"),
         "database_sweep": retro_eval.get("database_sweep", []),
         "database_plot": os.path.join(retro_dir, "eval", "database.png"),
-        "sample": {
-            "prompt": result.prompt,
-            "text": result.text,
-            "neighbours": [chunk.to_json() for chunk in result.chunks],
-        },
+        "sample": sample,
         "seconds": seconds,
         "parallel_seconds": summary_parallel,
     }
@@ -379,6 +394,32 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
         json.dump(summary, f, indent=2)
     os.replace(os.path.join(workdir, "demo.json.tmp"), os.path.join(workdir, "demo.json"))
     return summary
+
+
+def _sample(config, retro_dir: str) -> dict:
+    """The demo's sample from RETRO (prompt, text, what each chunk retrieved), or the one stored
+    in W/retro/sample/demo_sample.json when its config and RETRO's checkpoints are the same."""
+    from retro_jax.data import files
+    from retro_jax.sample.sampler import Sampler
+
+    path = os.path.join(retro_dir, "sample", "demo_sample.json")
+    inputs = _job_inputs(Job("sample", "sample", config, retro_dir))
+    if files.exists(path) and (stored := files.read_json(path))["inputs"] == inputs:
+        print(f"demo: sample already done ({path})", flush=True)
+        return stored["sample"]
+    result = Sampler.from_workdir(config, retro_dir).generate(
+        str(config.demo.prompt),
+        max_new_tokens=int(config.demo.max_new_tokens),
+        seed=int(config.demo.seed),
+    )
+    sample = {
+        "prompt": result.prompt,
+        "text": result.text,
+        "neighbours": [chunk.to_json() for chunk in result.chunks],
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.write_json(path, {"inputs": inputs, "sample": sample})
+    return sample
 
 
 def format_summary(summary: dict) -> str:

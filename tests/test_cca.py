@@ -12,6 +12,8 @@ from retro_jax.model.attention import cross_attention
 from retro_jax.model.cca import chunked_cross_attention
 from retro_jax.model.encoder import attention_params, values
 
+pytestmark = pytest.mark.fast_compile  # bound by XLA's compiles: see conftest.py
+
 M, D, DE, K = 4, 16, 12, 3  # chunk size, decoder width, encoder width, neighbours
 R = 2 * M
 

@@ -68,8 +68,9 @@ def test_demo_smallest_prints_a_table_of_finite_numbers(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((workdir / "demo.json").read_text())["bpb"] == summary["bpb"]
-    for stage in ("eval RETRO", "eval retro-fit"):
+    for stage in ("eval RETRO", "eval retro-fit", "sample"):
         assert f"demo: {stage} already done" in again.stdout
+    assert "[RETRO]" not in again.stdout  # nothing left to do: no training processes started
 
 
 def test_linux_doc_source_splits_deterministically():
@@ -145,7 +146,7 @@ def test_prefixed_stream_writes_whole_marked_lines():
 def test_a_finished_evaluation_is_reused_only_for_its_config_and_checkpoints(tmp_path):
     """run_job's resume key: an evaluation is redone when its config, the model's checkpoints or
     the scored baseline's checkpoints change, and only then."""
-    from retro_jax.demo import Job, _eval_inputs
+    from retro_jax.demo import Job, _job_inputs
     from retro_jax.model.load import MODEL_CONFIG
 
     config = _demo_config("smallest")
@@ -155,19 +156,19 @@ def test_a_finished_evaluation_is_reused_only_for_its_config_and_checkpoints(tmp
         (folder.parent / MODEL_CONFIG).write_text("{}")
     config.eval.baseline_workdir = str(baseline)
     job = Job("eval RETRO", "eval", config, str(model))
-    first = _eval_inputs(job)
+    first = _job_inputs(job)
     assert first["checkpoints"] == [6] and first["baseline_checkpoints"] == [6]
     assert (
-        _eval_inputs(Job("eval RETRO", "eval", config.copy_and_resolve_references(), str(model)))
+        _job_inputs(Job("eval RETRO", "eval", config.copy_and_resolve_references(), str(model)))
         == first
     )
     changed = config.copy_and_resolve_references()
     changed.eval.database_fractions = (1.0,)
-    assert _eval_inputs(Job("eval RETRO", "eval", changed, str(model)))["config"] != first["config"]
+    assert _job_inputs(Job("eval RETRO", "eval", changed, str(model)))["config"] != first["config"]
     (baseline / "checkpoints" / "12").mkdir()
-    assert _eval_inputs(job)["baseline_checkpoints"] == [6, 12]
+    assert _job_inputs(job)["baseline_checkpoints"] == [6, 12]
     (model / "checkpoints" / "12").mkdir()
-    assert _eval_inputs(job)["checkpoints"] == [6, 12]
+    assert _job_inputs(job)["checkpoints"] == [6, 12]
 
 
 def test_parallel_training_names_the_failing_stage(tmp_path):

@@ -7,6 +7,8 @@ import pytest
 
 from retro_jax.model.layers import dense
 
+pytestmark = pytest.mark.fast_compile  # bound by XLA's compiles: see conftest.py
+
 CASES = [  # x shape, w shape, contract, the einsum it stands for
     ((2, 5, 6), (6, 3, 4), 1, "btd,dhk->bthk"),
     ((2, 5, 3, 4), (3, 4, 6), 2, "bthk,hkd->btd"),

@@ -7,6 +7,8 @@ from flax import nnx
 
 from retro_jax.model import Retro, RetroConfig
 
+pytestmark = pytest.mark.fast_compile  # bound by XLA's compiles: see conftest.py
+
 M = 4  # chunk size
 N = 16  # sequence length: 4 chunks
 K = 2

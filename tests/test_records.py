@@ -58,10 +58,25 @@ def test_write_read_roundtrip_and_pure_python_framing(tmp_path):
         np.testing.assert_array_equal(b["neighbours"], a["neighbours"].reshape(4, 3, 16))
         np.testing.assert_array_equal(b["neighbour_ids"], a["neighbour_ids"].reshape(4, 3))
         np.testing.assert_array_equal(b["tokens"], a["tokens"])
-    # The framing without TensorFlow gives the very same bytes (CRC32C included).
-    framed = b"".join(records._frame(records.encode_example(e)) for e in examples)
-    with open(path, "rb") as f:
-        assert f.read() == framed
+
+
+def test_framing_is_tensorflows_byte_for_byte(tmp_path):
+    """write_records frames records itself (no TensorFlow import): TensorFlow's TFRecordWriter
+    writes the same bytes, and the CRC32C table (the fallback without google_crc32c) agrees."""
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(4)
+    examples = [_example(rng) for _ in range(5)]
+    ours, theirs = str(tmp_path / "ours.tfrecord"), str(tmp_path / "theirs.tfrecord")
+    records.write_records(ours, examples)
+    with tf.io.TFRecordWriter(theirs) as writer:
+        for example in examples:
+            writer.write(records.encode_example(example))
+    with open(ours, "rb") as a, open(theirs, "rb") as b:
+        assert a.read() == b.read()
+    assert records._crc32c(b"123456789") == records._crc32c_table(b"123456789") == 0xE3069283
+    for n in (0, 1, 7, 1000):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert records._crc32c(data) == records._crc32c_table(data)
 
 
 def test_tf_data_parser(tmp_path):
