@@ -28,8 +28,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWN_CACHE = tempfile.mkdtemp(prefix="retro_jax_test_xla_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 # Every program, not only those that took a second or more to compile (JAX's default): most of
-# the suite's programs are small, and under `fast_compile` most compile in under a second. With
-# it the suite used 1,565 s of CPU instead of 1,992 s (one run each, 2026-12-03, README).
+# the suite's programs are small, and under `fast_compile` most compile in under a second. Its
+# effect on the suite's time is within the noise of the 2-core machines (README).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
