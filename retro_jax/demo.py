@@ -109,13 +109,14 @@ def run_job(job: Job, *, progress: bool = True) -> dict | None:
     from retro_jax.evaluate import evaluate, write_outputs
 
     eval_dir = os.path.join(job.workdir, "eval")
-    done_path, inputs = os.path.join(eval_dir, "demo_inputs.json"), _job_inputs(job)
-    if files.exists(done_path) and files.read_json(done_path) == inputs:
+    if _job_done(job):
         print(f"demo: {job.stage} already done ({eval_dir}/metrics.json)", flush=True)
         return files.read_json(os.path.join(eval_dir, "metrics.json"))
+    inputs = _job_inputs(job)
     metrics = evaluate(job.config, job.workdir, progress=progress)
     write_outputs(metrics, eval_dir)
-    files.write_json(done_path, inputs)  # last: only a finished evaluation is ever reused
+    # last: only a finished evaluation is ever reused
+    files.write_json(os.path.join(eval_dir, "demo_inputs.json"), inputs)
     return metrics
 
 
@@ -128,8 +129,6 @@ def _job_done(job: Job) -> bool:
     from retro_jax.model.load import checkpoint_steps
 
     if job.kind == "train":
-        if not files.exists(os.path.join(job.workdir, "checkpoints")):
-            return False
         try:
             steps = checkpoint_steps(job.workdir)
         except RetroError:
