@@ -229,13 +229,14 @@ def shape_example(flat: dict[str, np.ndarray], spec: RecordSpec) -> dict[str, np
 
 _CRC_TABLE = None
 
+try:  # C (a dependency, 2 ms to import); the table below is its fallback and reference
+    from google_crc32c import value as _crc32c_c
+except ImportError:
+    _crc32c_c = None
+
 
 def _crc32c(data: bytes) -> int:
-    try:
-        import google_crc32c  # C (a dependency); the table below is its fallback and reference
-    except ImportError:
-        return _crc32c_table(data)
-    return google_crc32c.value(data)
+    return _crc32c_c(data) if _crc32c_c is not None else _crc32c_table(data)
 
 
 def _crc32c_table(data: bytes) -> int:
