@@ -111,6 +111,16 @@ def test_batches_are_a_function_of_seed_and_position(prepare_dir):
     assert not np.array_equal(epoch0[:4], np.concatenate([b["doc_id"] for b in first[8:]])[:4])
 
 
+def test_training_stream_runs_without_tf_data_autotuning(prepare_dir):
+    """Autotuning off (pipeline._options): with it on, dropping a used iterator stalls seconds."""
+    stream = TrainBatches(
+        prepare_dir, global_batch=8, num_neighbours=2, seed=3, process_index=0, process_count=1
+    )
+    options = stream.dataset(0).options()
+    assert options.autotune.enabled is False
+    assert options.deterministic is True
+
+
 def test_batch_fields_match_the_records(prepare_dir):
     spec, _ = records.load_records_info(prepare_dir)
     stored = {}
