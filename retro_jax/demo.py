@@ -100,9 +100,6 @@ class Job:
 def run_job(job: Job, *, progress: bool = True) -> dict | None:
     """Train (returns None) or evaluate (writes W/eval, returns the metrics) as `job` says. An
     evaluation already done with this config on these checkpoints returns its metrics at once."""
-    from retro_jax.host_memory import freeze_leftovers
-
-    freeze_leftovers()  # what earlier jobs of this process left is never collected during this one
     if job.kind == "train":
         from retro_jax.train.loop import train
 

@@ -20,10 +20,6 @@ threads already run (idle native ones, such as OpenBLAS's, measured harmless). T
 command and the benchmarks call it first thing. It slows XLA's compiles (by about a third in the
 compile-bound tests, benchmarks/results/model.md), so the test suite does not apply it in its
 own process.
-`freeze_leftovers()` is for a process that runs one stage after another (a demo chain: a
-training, then a retro-fit or an evaluation): it keeps Python's cyclic collector away from what
-the stages before left behind. See its docstring.
-
 Set RETRO_JAX_KEEP_FREED_MEMORY=0 to leave malloc alone.
 On anything but Linux with glibc it does nothing.
 """
@@ -31,7 +27,6 @@ On anything but Linux with glibc it does nothing.
 from __future__ import annotations
 
 import ctypes
-import gc
 import os
 import platform
 import threading
@@ -64,20 +59,3 @@ def keep_freed_memory() -> bool:
     # A trim threshold of -1 becomes SIZE_MAX inside glibc: the heap is never trimmed.
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
     return all(mallopt(param, value) == 1 for param, value in settings)
-
-
-def freeze_leftovers() -> None:
-    """Exempt every object alive now from Python's cyclic collector (`gc.freeze`), so that the
-    next stage of this process never collects them.
-
-    A finished training leaves its tf.data pipeline behind in reference cycles. When the collector
-    finds it during the next stage, tearing it down stalls that stage, mostly waiting rather than
-    computing: measured in the demo's baseline chain (one core, 30 baseline steps, then the
-    retro-fit in the same process), the retro-fit's first step took 42-46 s against 17-21 s with
-    this call between the two, and 20-21 s after an explicit `gc.collect()` that itself took 7-14
-    s. Frozen objects are never collected: the leftovers stay until the process exits, which a
-    demo chain does after two or three stages. The stall itself came from tf.data's autotuner,
-    now off (retro_jax/data/pipeline._options: dropping that iterator took 0.0 s without it);
-    this call stays as the guard for whatever else a stage leaves in cycles.
-    """
-    gc.freeze()

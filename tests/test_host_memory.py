@@ -95,33 +95,3 @@ def test_it_must_come_before_other_threads_and_demo_workers_apply_it_so():
     # malloc first.
     assert sorted(worker["faults"])[1] < 0.05 * pages, worker
     assert "already run" not in worker["stderr"]
-
-
-def test_freeze_leftovers_keeps_earlier_cycles_from_the_collector():
-    """What is alive at the call is never collected later, even once it is garbage; what is made
-    after it is collected as usual."""
-    import gc
-    import weakref
-
-    from retro_jax.host_memory import freeze_leftovers
-
-    class Node:
-        pass
-
-    def cycle():
-        a, b = Node(), Node()
-        a.other, b.other = b, a
-        return weakref.ref(a)
-
-    gc.collect()
-    before = cycle()
-    try:
-        freeze_leftovers()
-        after = cycle()
-        gc.collect()
-        assert before() is not None  # frozen: a garbage cycle the collector does not see
-        assert after() is None  # made after the call: collected
-    finally:
-        gc.unfreeze()
-    gc.collect()
-    assert before() is None
