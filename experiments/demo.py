@@ -75,6 +75,9 @@ def get_config(arg: str = ""):
     # On a CPU with 2+ cores: baseline -> retro-fit and RETRO train at once, each on half the
     # cores (retro_jax/demo.py); False trains them one after the other on all of them.
     config.demo.parallel_training = True
+    # Compiled programs shared by the demo's processes and reruns, in W/jax_cache
+    # (retro_jax/demo.py: share_compiles).
+    config.demo.share_compiles = True
 
     code = not options & {"sotu", "linux-doc"}
     if code:  # the default: model code that copies code from other files (RETRO's best case)

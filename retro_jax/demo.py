@@ -7,6 +7,7 @@ Layout of the demo's workdir W:
     W/retrofit/    the baseline retro-fitted: frozen decoder, trained encoder + CCA
     W/demo.json    every number of the final table, and the sample with what each of its chunks
                    retrieved
+    W/jax_cache/   compiled programs shared by the demo's processes (`share_compiles`)
 Each model folder links `prepare -> ../prepare`, so `retro-jax eval/sample --workdir W/retro`
 work on it directly. Rerunning resumes: finished stages return at once (an evaluation is
 reused while W/<model>/eval/demo_inputs.json matches its config and checkpoints, the sample while
@@ -172,25 +173,34 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
-def start_worker(cpus: set[int]) -> None:
+def start_worker(cpus: set[int], compile_cache: str = "") -> None:
     """A chain's process, first thing: pinned to `cpus` (XLA:CPU sizes its thread pool by them),
     malloc kept (retro_jax/host_memory.py: before any other thread starts, or it does not hold),
-    then the watch on its parent."""
+    the demo's compilation cache (`share_compiles`, when given), then the watch on its parent."""
     os.sched_setaffinity(0, cpus)
     from retro_jax.host_memory import keep_freed_memory
 
     keep_freed_memory()
+    if compile_cache:
+        share_compiles(compile_cache)
     _exit_with_parent()
 
 
 def _run_chain(
-    name: str, cpus: set[int], jobs: list[Job], done: dict, failed, results, progress: bool
+    name: str,
+    cpus: set[int],
+    jobs: list[Job],
+    done: dict,
+    failed,
+    results,
+    progress: bool,
+    compile_cache: str = "",
 ) -> None:
     """Worker process: run `jobs` in order on `cpus`; puts (name, {stage: seconds},
     {stage: metrics}, error or None) on `results`. Sets done[stage] (an Event) after each stage
     that another chain waits for; waits for done[job.after] before a job, or gives up (no
     error) once the Event `failed` says another chain failed."""
-    start_worker(cpus)
+    start_worker(cpus, compile_cache)
     sys.stdout = _Prefixed(sys.stdout, f"[{name}] ")
     sys.stderr = _Prefixed(sys.stderr, f"[{name}] ")
     seconds: dict[str, float] = {}
@@ -234,10 +244,15 @@ def parallel_cpus() -> list[set[int]] | None:
 
 
 def run_in_parallel(
-    chains: dict[str, list[Job]], cpus: list[set[int]], *, progress: bool = True
+    chains: dict[str, list[Job]],
+    cpus: list[set[int]],
+    *,
+    progress: bool = True,
+    compile_cache: str = "",
 ) -> tuple[dict[str, float], dict[str, dict]]:
-    """Run each chain {name: [Job, ...]} in its own process on its own cores; returns
-    ({stage: seconds}, {eval stage: metrics}). RetroError naming the stage if any chain fails."""
+    """Run each chain {name: [Job, ...]} in its own process on its own cores (sharing the
+    compilation cache folder `compile_cache`, if given); returns ({stage: seconds}, {eval stage:
+    metrics}). RetroError naming the stage if any chain fails."""
     context = multiprocessing.get_context("spawn")  # a fresh JAX in each: no forked threads
     results = context.Queue()
     waited = {job.after for jobs in chains.values() for job in jobs if job.after}
@@ -245,7 +260,9 @@ def run_in_parallel(
     failed = context.Event()
     processes = [
         context.Process(
-            target=_run_chain, args=(name, cores, jobs, done, failed, results, progress), name=name
+            target=_run_chain,
+            args=(name, cores, jobs, done, failed, results, progress, compile_cache),
+            name=name,
         )
         for (name, jobs), cores in zip(chains.items(), cpus)
     ]
@@ -297,6 +314,20 @@ def format_retrieved(chunks: list[dict]) -> str:
     return shown or "(no chunk was completed: nothing retrieved)"
 
 
+def share_compiles(path: str) -> None:
+    """Point this process's JAX persistent compilation cache at `path` (the demo: W/jax_cache;
+    its chain workers are pointed there too). Programs compiled by one stage are then loaded by
+    the next that needs them: the BERT's, compiled by prepare, in RETRO's evaluation (the
+    database sweep embeds its queries); RETRO's initialisation and scorers in the retro-fit's
+    training and evaluation; all of them in a rerun. Values are the same: a cached program is
+    the compiled program itself. JAX sets its cache up at the first compile that could use it,
+    so a process that compiled with another folder before keeps that one."""
+    import jax
+
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
 def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
     """Run every stage; returns the summary written to W/demo.json."""
     from retro_jax.prepare.run import run_prepare
@@ -304,6 +335,10 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
     if not config.model.cca_layers:
         raise RetroError("demo: model.cca_layers is empty; the demo needs a RETRO model")
     os.makedirs(workdir, exist_ok=True)
+    cache = ""
+    if config.demo.get("share_compiles", True):
+        cache = os.path.abspath(os.path.join(workdir, "jax_cache"))
+        share_compiles(cache)
     seconds: dict[str, float] = {}
 
     def timed(stage, fn, *args, **kwargs):
@@ -353,7 +388,12 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
         cpus = None  # a rerun with every stage done: no worker processes to start
     if cpus:  # each chain in its own process; the evaluations run in there too
         summary_parallel, metrics = timed(
-            "train and eval (in parallel)", run_in_parallel, chains, cpus, progress=progress
+            "train and eval (in parallel)",
+            run_in_parallel,
+            chains,
+            cpus,
+            progress=progress,
+            compile_cache=cache,
         )
     else:  # one after the other; the order above meets every job's `after`
         summary_parallel, metrics = {}, {}

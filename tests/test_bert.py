@@ -48,8 +48,20 @@ def test_small_calls_compute_few_rows_and_sorting_keeps_padding_low(embedder, re
     embedder.embed(texts[1:2])  # 10 WordPiece tokens: one row of the 16-token bucket
     assert embedder.tokens_computed - before == 16
     embedder.tokens_computed = embedder.tokens_useful = 0
-    embedder.embed(texts * 4)  # 32 texts in batches of 4 sorted by length
-    assert embedder.tokens_useful / embedder.tokens_computed > 0.8  # 532 of 640 here
+    many = [f"{text} {i}" for i in range(4) for text in texts]  # 32 texts, batches of 4
+    embedder.embed(many)
+    assert embedder.tokens_useful / embedder.tokens_computed > 0.8  # 560 of 640 here
+
+
+def test_a_repeated_text_is_embedded_once_and_gets_the_same_key(embedder, reference):
+    texts, _, _ = reference
+    embedder.tokens_useful = 0
+    once = embedder.embed(texts)
+    useful = embedder.tokens_useful
+    repeated = embedder.embed(texts[::-1] + texts * 2)  # each text three times, in any order
+    assert embedder.tokens_useful == 2 * useful  # the 8 distinct texts, once each
+    np.testing.assert_allclose(repeated, np.concatenate([once[::-1], once, once]), atol=1e-5)
+    assert (repeated[len(texts) : 2 * len(texts)] == repeated[2 * len(texts) :]).all()
 
 
 def test_embed_empty_list_and_model_identity(embedder):

@@ -31,11 +31,17 @@ def test_demo_smallest_prints_a_table_of_finite_numbers(tmp_path):
     workdir = tmp_path / "demo"
     cmd = [sys.executable, "-m", "retro_jax.cli", "demo", "--workdir", str(workdir)]
     cmd += [f"--config={ROOT}/experiments/demo.py:smallest"]
-    env = dict(os.environ, **FAST_COMPILE_ENV)
+    # every compile cached, however quick (JAX's default: those over a second)
+    env = dict(os.environ, **FAST_COMPILE_ENV, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     for row in ("baseline", "RETRO", "RETRO[OFF]", "retro-fitted baseline", "leakage plot"):
         assert row in out.stdout
+    # One compilation cache for all of the demo's processes: prepare's BERT (main process), the
+    # train steps (the chain workers) and the sampler's decoding (main process again).
+    cached = os.listdir(workdir / "jax_cache")
+    for program in ("jit__pooled", "jit_step", "jit__jitted_feed"):
+        assert any(name.startswith(program + "-") for name in cached), (program, cached)
     summary = json.loads((workdir / "demo.json").read_text())
     assert _finite(summary["bpb"].values())
     assert _finite(summary["seconds"].values())

@@ -26,7 +26,7 @@ from retro_jax.model.attention import self_attention
 from retro_jax.model.cca import chunked_cross_attention
 from retro_jax.model.config import RetroConfig
 from retro_jax.model.encoder import NeighbourEncoder, attention_params, values
-from retro_jax.model.layers import DTYPES, dense, embed_lookup, feed_forward, param, rms_norm
+from retro_jax.model.layers import DTYPES, dense_wide, embed_lookup, feed_forward, param, rms_norm
 from retro_jax.sharding import constrain
 
 
@@ -97,7 +97,7 @@ class Retro(nnx.Module):
         c = self.config
         x = rms_norm(x, self.final_norm[...], c.norm_eps)
         head = self.embed[...].T if c.tie_embeddings else self.head[...]
-        logits = dense(x, head).astype(jnp.float32)
+        logits = dense_wide(x, head).astype(jnp.float32)
         return constrain(logits, ("batch", "length", "vocab"))
 
     def run_layers(self, x: jax.Array, stack: dict, layer_fn: Callable) -> jax.Array:

@@ -231,12 +231,17 @@ class ChunkEmbedder:
         return np.asarray(out[: len(ids)], dtype=np.float32)
 
     def embed(self, texts: Sequence[str], *, progress: bool | None = None) -> np.ndarray:
-        """Keys of texts, float32 [len(texts), dim], in the order given. A progress bar shows
-        when `progress` is True, or when None and there are 16 batches or more."""
-        out = np.zeros((len(texts), self.dim), np.float32)
-        if not len(texts):
+        """Keys of texts, float32 [len(texts), dim], in the order given. A text that occurs
+        more than once is embedded once (code databases repeat chunks: 8% of the demo's). A
+        progress bar shows when `progress` is True, or when None and there are 16 batches or
+        more."""
+        first: dict[str, int] = {}  # each distinct text -> its row in `distinct`
+        inverse = np.array([first.setdefault(text, len(first)) for text in texts], np.int64)
+        distinct = list(first)
+        out = np.zeros((len(distinct), self.dim), np.float32)
+        if not distinct:
             return out
-        ids = self.tokenize(texts)
+        ids = self.tokenize(distinct)
         lengths = np.array([len(s) for s in ids])
         order = np.argsort(lengths, kind="stable")
         # Consecutive full batches of the length-sorted texts, each padded to the bucket of its
@@ -250,4 +255,4 @@ class ChunkEmbedder:
         show = len(batches) >= 16 if progress is None else progress
         for rows, length in tqdm(batches, desc="embed", unit="batch", disable=not show):
             out[rows] = self._run_batch([ids[i] for i in rows], length)
-        return out
+        return out[inverse]
