@@ -4,7 +4,9 @@ from setuptools import find_packages, setup
 
 # Versions that resolve and import together (see README, "Installation"):
 # scann 1.4.2 loads an op library built for TensorFlow 2.20, so TensorFlow is pinned to 2.20.x;
-# transformers 5 is used only for tokenizers and configs (the BERT itself is ours, in NNX).
+# transformers 5 is used only for tokenizers and configs (the BERT itself is ours, in NNX); it is
+# pinned to one release because its own model code is the demo's default corpus: another release
+# holds other files (5.25.0's: 50,774 database chunks), and so other figures (README, The demo).
 CORE = [
     "jax>=0.10.2",
     "flax>=0.12.8",
@@ -16,7 +18,7 @@ CORE = [
     "tqdm",
     "safetensors",
     "sentencepiece",
-    "transformers>=5,<6",
+    "transformers==5.25.0",
     "etils[epath]",
     "google-crc32c",  # TFRecord checksums without TensorFlow (retro_jax/data/records.py)
 ]
