@@ -92,7 +92,7 @@ def _wide_backward(saved, g):
     x, w = saved
     # x^T written out first: the weight gradient is then a plain [K, rows] x [rows, N] product.
     # XLA:CPU otherwise contracts x and g over their leading axis in a generic kernel, at half
-    # the rate when N >> K (benchmarks/results/model.md).
+    # the rate when N >> K (benchmarks/results/retrieval_pays.md, a12).
     x_t = jax.lax.optimization_barrier(x.T + jnp.zeros((), x.dtype))
     return jnp.dot(g, w.T), jnp.dot(x_t, g)
 
