@@ -169,7 +169,7 @@ def main() -> None:
     for i, p in enumerate(plist):
         row = dict(name=p["name"], a=list(p["a"]), b=list(p["b"]), per_step=p["per_step"])
         for side in sides:
-            row[f"{side}_gflops"] = round(flops(p) / best[side][i] / 1e9, 1)
+            row[f"{side}_gflops"] = float(f"{flops(p) / best[side][i] / 1e9:.3g}")  # not 0.0 when tiny
         if "torch" in best:
             row["jax_over_torch"] = round(best["torch"][i] / best["jax"][i], 3)
         rows.append(row)
