@@ -29,34 +29,53 @@ import sys
 import time
 
 # RETRO-pytorch's 172m shapes (shared/anchors): batch 2 x 512 tokens, d 896, FFW 3584, 16 heads
-# of 64, vocabulary 32,000, 12 decoder layers.
-SIZES = dict(seq=512, d=896, ff=3584, vocab=32000, head_dim=64)
-BATCH, HEADS, LAYERS = 2, 16, 12
+# of 64, vocabulary 32,000, 12 decoder layers. `--shapes demo`: `retro-jax demo`'s model (batch
+# 8 x 256, d 128, 4 layers, vocabulary 4,096) and its neighbour encoder (d 64 over k = 2
+# neighbours of 64 tokens per 32-token chunk: 4x the decoder's tokens).
+SHAPES = {
+    "172m": dict(seq=512, d=896, ff=3584, vocab=32000, head_dim=64, batch=2, heads=16, layers=12),
+    "demo": dict(seq=256, d=128, ff=512, vocab=4096, head_dim=32, batch=8, heads=4, layers=4),
+}
+DEMO_ENCODER = dict(d=64, ff=256, tokens_per_token=4, layers=2)
 
 
-def products(scale: int = 1) -> list[dict]:
+def products(scale: int = 1, shapes: str = "172m") -> list[dict]:
     """[{name, a, b, contract: (axis of a, axis of b), batch: bool, per_step}], shapes as laid out
     (every size divided by `scale`: the tests' small version).
 
     `contract` names the contracted axis of each operand: (1, 0) is a @ b, (1, 1) is a @ b.T,
-    (0, 0) is a.T @ b. Batched products carry a leading batch axis on both operands."""
-    seq, d, ff, vocab, head_dim = (n // scale for n in SIZES.values())
-    tokens = BATCH * seq
+    (0, 0) is a.T @ b. Batched products carry a leading batch axis on both operands. A weight
+    gradient comes twice: as the backward pass hands it over, and (`written`, per_step 0) with
+    a.T written out first, as `layers.dense_wide` takes the vocabulary head's (a product alone
+    can gain where a whole step does not: benchmarks/results/model.md)."""
+    size = SHAPES[shapes]
+    seq, d, ff, vocab, head_dim = (
+        size[n] // scale for n in ("seq", "d", "ff", "vocab", "head_dim")
+    )
+    batch, heads, layers = size["batch"], size["heads"], size["layers"]
+    tokens = batch * seq
     out = []
 
-    def weight(name, k, n, per_step):  # y[T, n] = x[T, k] @ w[k, n], and its two gradients
-        out.append(dict(name=f"{name} forward", a=(tokens, k), b=(k, n), contract=(1, 0)))
-        out.append(dict(name=f"{name} grad x", a=(tokens, n), b=(k, n), contract=(1, 1)))
-        out.append(dict(name=f"{name} grad w", a=(tokens, k), b=(tokens, n), contract=(0, 0)))
+    def weight(name, k, n, per_step, rows=tokens):  # y[T, n] = x[T, k] @ w[k, n], its gradients
+        out.append(dict(name=f"{name} forward", a=(rows, k), b=(k, n), contract=(1, 0)))
+        out.append(dict(name=f"{name} grad x", a=(rows, n), b=(k, n), contract=(1, 1)))
+        out.append(dict(name=f"{name} grad w", a=(rows, k), b=(rows, n), contract=(0, 0)))
         for p in out[-3:]:
             p.update(batch=False, per_step=per_step)
+        out.append(dict(out[-1], name=f"{name} grad w, x^T written", written=True, per_step=0))
 
-    weight("qkv", d, 3 * d, LAYERS)
-    weight("attn out", d, d, LAYERS)
-    weight("ffw in", d, ff, LAYERS)
-    weight("ffw out", ff, d, LAYERS)
+    weight("qkv", d, 3 * d, layers)
+    weight("attn out", d, d, layers)
+    weight("ffw in", d, ff, layers)
+    weight("ffw out", ff, d, layers)
     weight("head", d, vocab, 1)
-    bh = BATCH * HEADS  # scores q k^T [bh, n, n] and values p v [bh, n, dh], and the gradients
+    if shapes == "demo":
+        enc = {n: v // scale for n, v in DEMO_ENCODER.items() if n in ("d", "ff")}
+        rows, enc_layers = tokens * DEMO_ENCODER["tokens_per_token"], DEMO_ENCODER["layers"]
+        weight("encoder qkv", enc["d"], 3 * enc["d"], enc_layers, rows)
+        weight("encoder ffw in", enc["d"], enc["ff"], enc_layers, rows)
+        weight("encoder ffw out", enc["ff"], enc["d"], enc_layers, rows)
+    bh = batch * heads  # scores q k^T [bh, n, n] and values p v [bh, n, dh], and the gradients
     attention = [
         ("scores forward", (bh, seq, head_dim), (bh, seq, head_dim), (2, 2)),
         ("values forward", (bh, seq, seq), (bh, seq, head_dim), (2, 1)),
@@ -66,7 +85,7 @@ def products(scale: int = 1) -> list[dict]:
         ("values grad v", (bh, seq, seq), (bh, seq, head_dim), (1, 1)),
     ]
     for name, a, b, contract in attention:
-        out.append(dict(name=name, a=a, b=b, contract=contract, batch=True, per_step=LAYERS))
+        out.append(dict(name=name, a=a, b=b, contract=contract, batch=True, per_step=layers))
     return out
 
 
@@ -97,6 +116,8 @@ def time_jax(plist: list[dict], repeats: int) -> list[float]:
         batch = ((0,), (0,)) if p["batch"] else ((), ())
         dims = (((p["contract"][0],), (p["contract"][1],)), batch)
         f = jax.jit(lambda a, b, dims=dims: jax.lax.dot_general(a, b, dims))
+        if p.get("written"):  # a.T written out (behind a barrier XLA cannot fold), then a @ b
+            f = jax.jit(lambda a, b: jnp.dot(jax.lax.optimization_barrier(a.T + 0.0), b))
         a = jnp.full(p["a"], 0.01, jnp.float32)
         b = jnp.full(p["b"], 0.02, jnp.float32)
         f(a, b).block_until_ready()
@@ -128,8 +149,8 @@ def time_torch(plist: list[dict], repeats: int) -> list[float]:
     return best
 
 
-def one_round(framework: str, repeats: int, scale: int = 1) -> list[float]:
-    plist = products(scale)
+def one_round(framework: str, repeats: int, scale: int = 1, shapes: str = "172m") -> list[float]:
+    plist = products(scale, shapes)
     return (time_jax if framework == "jax" else time_torch)(plist, repeats)
 
 
@@ -144,14 +165,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per side")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per product a round")
     parser.add_argument("--scale", type=int, default=1, help="divide every size by this")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="172m", help="whose products")
     parser.add_argument("--round-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torch_python and not shutil.which(args.torch_python):
         sys.exit(f"bench_matmul: --torch-python {args.torch_python}: no such interpreter")
     if args.round_only:  # a child: one round of one side, times on stdout
-        print(json.dumps(one_round(args.framework, args.repeats, args.scale)))
+        print(json.dumps(one_round(args.framework, args.repeats, args.scale, args.shapes)))
         return
-    plist = products(args.scale)
+    plist = products(args.scale, args.shapes)
     sides = ["jax"] + (["torch"] if args.torch_python else [])
     python = {"jax": sys.executable, "torch": args.torch_python}
     best: dict[str, list[float]] = {}
@@ -159,6 +181,7 @@ def main() -> None:
         for side in sides:  # a fresh process per round: neither side warms the other's caches
             cmd = [python[side], os.path.abspath(__file__), "--round-only"]
             cmd += ["--framework", side, "--repeats", str(args.repeats), "--scale", str(args.scale)]
+            cmd += ["--shapes", args.shapes]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 last = (out.stderr.strip().splitlines() or ["no output"])[-1]
@@ -169,7 +192,8 @@ def main() -> None:
     for i, p in enumerate(plist):
         row = dict(name=p["name"], a=list(p["a"]), b=list(p["b"]), per_step=p["per_step"])
         for side in sides:
-            row[f"{side}_gflops"] = float(f"{flops(p) / best[side][i] / 1e9:.3g}")  # not 0.0 when tiny
+            gflops = flops(p) / best[side][i] / 1e9
+            row[f"{side}_gflops"] = float(f"{gflops:.3g}")  # 3 figures: a tiny one is not 0.0
         if "torch" in best:
             row["jax_over_torch"] = round(best["torch"][i] / best["jax"][i], 3)
         rows.append(row)
@@ -181,7 +205,12 @@ def main() -> None:
     }
     summary["step_products_gflop"] = round(sum(p["per_step"] * flops(p) for p in plist) / 1e9, 1)
     print(
-        json.dumps(dict(products=rows, **summary, rounds=args.rounds, scale=args.scale), indent=1)
+        json.dumps(
+            dict(
+                products=rows, **summary, rounds=args.rounds, scale=args.scale, shapes=args.shapes
+            ),
+            indent=1,
+        )
     )
 
 

@@ -123,8 +123,11 @@ class DatabaseSweep:
         align: bool = False,
         rerank: int = 0,
         continuation: bool = True,
+        prepare_dir: str = "",
     ):
         self.database, self.keys, self.subsets = database, keys, subsets
+        self.prepare_dir = prepare_dir  # where prepare kept the eval chunks' keys, if it did
+        self.embedded = 0  # query keys the last `find` computed
         self.embedder, self.tokenizer = embedder, tokenizer
         self.k, self.stored = int(k), int(stored)
         self.align, self.continuation = bool(align), bool(continuation)
@@ -186,6 +189,7 @@ class DatabaseSweep:
             align=bool(r.get("align_neighbours", False)),
             rerank=int(r.get("rerank", 0)),
             continuation=keep_continuation(config),
+            prepare_dir=prepare_dir,
         )
 
     @property
@@ -201,7 +205,7 @@ class DatabaseSweep:
     def find(self, tokens: np.ndarray, *, progress: bool = True) -> np.ndarray:
         """Input tokens [R, n] of every eval row -> neighbour ids int64 [F, R, l, k] in each
         subset (F = fractions); -1 for chunks without text."""
-        from retro_jax.retrieval.neighbours import chunk_has_text
+        from retro_jax.retrieval.neighbours import QUERY_KEYS, chunk_has_text, load_query_keys
 
         chunks = self.query_chunks(tokens)
         rows, l, m = chunks.shape  # noqa: E741 - the paper's name for chunks per sequence
@@ -210,7 +214,17 @@ class DatabaseSweep:
         # Every chunk is in two windows (stride n/2): each distinct one is embedded once.
         unique, inverse = np.unique(flat[live], axis=0, return_inverse=True)
         texts = [self.tokenizer.decode(row) for row in unique]
-        queries = self.embedder.embed(texts, progress=progress)
+        queries = np.zeros((len(texts), self.embedder.dim), np.float32)
+        # Keys prepare's neighbours stage embedded for these same chunks are not computed again.
+        saved = {}
+        if self.prepare_dir:
+            saved = load_query_keys(os.path.join(self.prepare_dir, QUERY_KEYS), self.embedder)
+        fresh = [i for i, text in enumerate(texts) if text not in saved]
+        for i in np.setdiff1d(np.arange(len(texts)), fresh):
+            queries[i] = saved[texts[i]]
+        if fresh:
+            queries[fresh] = self.embedder.embed([texts[i] for i in fresh], progress=progress)
+        self.embedded = len(fresh)
         inverse = np.reshape(inverse, -1)
         out = np.full((len(self.subsets), rows * l, self.k), -1, np.int64)
         bar = tqdm(self.subsets, desc="database sweep: search", unit="subset", disable=not progress)

@@ -42,8 +42,10 @@ def test_matmul_benchmark_times_the_products_it_names():
 
     rng = np.random.default_rng(0)
     plist = products(scale=16)
-    assert len(plist) == 5 * 3 + 6 and len({p["name"] for p in plist}) == len(plist)
-    for p in plist:
+    assert len(plist) == 5 * 4 + 6 and len({p["name"] for p in plist}) == len(plist)
+    demo = products(scale=16, shapes="demo")
+    assert len(demo) == 8 * 4 + 6 and sum(p["per_step"] == 0 for p in demo) == 8
+    for p in plist + demo:
         a = rng.standard_normal(p["a"]).astype(np.float32)
         b = rng.standard_normal(p["b"]).astype(np.float32)
         batch = ((0,), (0,)) if p["batch"] else ((), ())

@@ -173,3 +173,44 @@ def test_find_and_entries(database, align, continuation):
     np.testing.assert_array_equal(got[:, :, :k], expected)
     assert (got[:, :, k:] == PAD).all() and (got[0, 1] == PAD).all()
     assert sweep.rows([1.0, 2.0, 3.0, 4.0], [None] * 4)[-1]["chunks"] == len(database)
+
+
+def test_find_takes_the_keys_prepare_kept_and_embeds_only_the_rest(database, tmp_path):
+    """prepare's neighbours stage keeps the eval chunks' keys (W/prepare/eval_query_keys.npz):
+    the sweep embeds only the texts it does not find there, with the same neighbours, and
+    ignores keys another embedder (BERT, length or dtype) made."""
+    from retro_jax.retrieval.neighbours import QUERY_KEYS, load_query_keys, save_query_keys
+
+    embedder = FakeEmbedder()
+    embedder.model_id, embedder.max_len, embedder.dtype = "fake-bert", 64, "float32"
+    keys = embedder.embed([f"db {i}" for i in range(len(database))])
+    tokens = np.random.default_rng(3).integers(2, 60, (3, 5 * M)).astype(np.int32)
+
+    def sweep(prepare_dir):
+        return DatabaseSweep(
+            database,
+            keys,
+            embedder,
+            FakeTokenizer(),
+            database_subsets(database, FRACTIONS),
+            k=2,
+            stored=4,
+            prepare_dir=prepare_dir,
+        )
+
+    fresh = sweep("")
+    want = fresh.find(tokens, progress=False)
+    assert fresh.embedded == 15
+    texts = [FakeTokenizer().decode(c) for c in tokens.reshape(15, M)]
+    kept = dict(zip(texts[:10], embedder.embed(texts[:10])))
+    save_query_keys(str(tmp_path / QUERY_KEYS), kept, embedder)
+    assert sorted(load_query_keys(str(tmp_path / QUERY_KEYS), embedder)) == sorted(kept)
+    reuse = sweep(str(tmp_path))
+    embedder.calls.clear()
+    np.testing.assert_array_equal(reuse.find(tokens, progress=False), want)
+    assert reuse.embedded == 5 and sorted(embedder.calls[0]) == sorted(texts[10:])
+    embedder.max_len = 32  # keys of another embedding are not used
+    assert load_query_keys(str(tmp_path / QUERY_KEYS), embedder) == {}
+    assert sweep(str(tmp_path)).find(tokens, progress=False).shape == want.shape
+    embedder.max_len = 64
+    assert not (tmp_path / (QUERY_KEYS + ".tmp.npz")).exists()

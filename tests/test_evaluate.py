@@ -164,6 +164,7 @@ def test_database_sweep(workdirs, evaluated):
     sweep = DatabaseSweep.from_config(config, prepare, k=2, stored=spec.num_neighbours)
     assert set(sweep.subsets[0].ids) < set(sweep.subsets[1].ids)
     ids = sweep.find(records["tokens"][:, :-1], progress=False)
+    assert sweep.embedded == 0  # every eval chunk's key was kept by prepare (eval_query_keys)
     np.testing.assert_array_equal(ids[1], records["neighbour_ids"][:, :, :2])
     assert np.isin(ids[0][ids[0] >= 0], sweep.subsets[0].ids).all()
     assert (ids[0] != ids[1]).any()

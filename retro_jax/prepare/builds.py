@@ -224,7 +224,12 @@ class StageBuilds:
         what this run did)."""
         from retro_jax.retrieval import NeighbourIndex
         from retro_jax.retrieval.chunks import ChunkDatabase, load_keys
-        from retro_jax.retrieval.neighbours import NeighbourFinder, write_neighbour_shards
+        from retro_jax.retrieval.neighbours import (
+            QUERY_KEYS,
+            NeighbourFinder,
+            save_query_keys,
+            write_neighbour_shards,
+        )
 
         # Every query shard looks up chunks all over the database: remote shards are copied to
         # local disk once rather than read again per query shard.
@@ -245,6 +250,8 @@ class StageBuilds:
         done = set(files.listdir(partial))
         splits, queries_run = {}, 0
         for split in ("train", "eval"):
+            # The eval chunks' keys are kept for the eval's database sweep (eval_database.py)
+            finder.fresh_keys = {} if split == "eval" else None
             splits[split] = write_neighbour_shards(
                 finder,
                 split,
@@ -257,6 +264,8 @@ class StageBuilds:
                 on_shard=hook,
             )
             queries_run += splits[split].pop("run")["queries"]
+        if finder.fresh_keys:  # (none when the eval shards were written by an interrupted run)
+            save_query_keys(os.path.join(partial, QUERY_KEYS), finder.fresh_keys, self.embedder())
         run = dict(
             queries=queries_run,
             embedded=finder.embedded,

@@ -24,6 +24,39 @@ from retro_jax.data.sequences import read_sequence_shard
 from retro_jax.retrieval.align import pick_neighbours
 from retro_jax.retrieval.chunks import ChunkDatabase
 
+# W/prepare/eval_query_keys.npz: the keys of the eval chunks the neighbours stage embedded, kept
+# so that the eval's database sweep need not embed the same texts again.
+QUERY_KEYS = "eval_query_keys.npz"
+
+
+def _embedded_with(embedder) -> str:
+    return f"{embedder.model_id} max_len={embedder.max_len} dtype={embedder.dtype}"
+
+
+def save_query_keys(path: str, keys: dict[str, np.ndarray], embedder) -> None:
+    """Write {text: key} and how the keys were embedded to `path` (an .npz)."""
+    texts = list(keys)
+    tmp = path + ".tmp.npz"
+    with files.open(tmp, "wb") as f:
+        np.savez(
+            f,
+            texts=np.array(texts, dtype=str),
+            keys=np.stack([keys[t] for t in texts]).astype(np.float32),
+            embedded_with=np.array(_embedded_with(embedder)),
+        )
+    files.replace(tmp, path)
+
+
+def load_query_keys(path: str, embedder) -> dict[str, np.ndarray]:
+    """{text: key} saved at `path` by the same embedder (same BERT, length and dtype), else {}."""
+    if not files.exists(path):
+        return {}
+    with files.open(path, "rb") as f:
+        saved = np.load(f)
+        if str(saved["embedded_with"]) != _embedded_with(embedder):
+            return {}
+        return dict(zip(saved["texts"].tolist(), saved["keys"]))
+
 
 def select_neighbours(
     ids: np.ndarray, neighbour_docs: np.ndarray, query_docs: np.ndarray | None, k: int
@@ -77,6 +110,7 @@ class NeighbourFinder:
         # > 0: keep the K of this many nearest candidates that overlap the query most
         self.rerank = max(0, int(rerank))
         self.embedded = self.reused = 0  # query keys computed / taken from the database
+        self.fresh_keys: dict[str, np.ndarray] | None = None  # a dict: embedded texts' keys kept
         self.missing = 0  # neighbour slots left empty (-1) for chunks that have text
 
     def query_keys(self, chunks: np.ndarray, doc_ids: np.ndarray, chunk_index: np.ndarray):
@@ -102,6 +136,8 @@ class NeighbourFinder:
         if len(fresh):
             texts = [self.tokenizer.decode(chunks[i]) for i in fresh]
             out[fresh] = self.embedder.embed(texts)
+            if self.fresh_keys is not None:
+                self.fresh_keys.update(zip(texts, out[fresh]))
         self.reused += len(rows)
         self.embedded += len(fresh)
         return out
