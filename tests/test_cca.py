@@ -92,3 +92,36 @@ def test_queries_of_a_chunk_have_distinct_positions(params):
     block = out[:, M - 1 : 2 * M - 1]  # H_0+: queries j = 0..m-1 of the first chunk
     for j in range(1, M):
         assert np.abs(block[:, j] - block[:, 0]).max() > 1e-4, j
+
+
+def test_a_sink_is_one_more_key_of_value_zero(params):
+    """RetroConfig.cca_sink: each head's sink logit s acts as one more key with value zero, so
+    the output is the no-sink output scaled per query and head by Z / (Z + e^s) (Z the sum of
+    the query's exp-logits); a sink of -inf changes nothing, and fully padded neighbours still
+    give exactly zero."""
+    from retro_jax.model.attention import attend
+
+    rng = np.random.default_rng(5)
+    q, k, v = (
+        jnp.asarray(rng.normal(size=s), jnp.float32)
+        for s in [(3, 2, 8), (6, 2, 8), (6, 2, 8)]  # [Tq | Tk, H, D]
+    )
+    mask = jnp.asarray(rng.random((1, 3, 6)) < 0.7).at[:, 0].set(True)
+    sink = jnp.asarray([0.5, -1.0])
+    logits = np.einsum("qhd,khd->hqk", np.asarray(q) * 8**-0.5, np.asarray(k))
+    z = np.sum(np.where(np.asarray(mask), np.exp(logits), 0.0), axis=-1)  # [H, Tq]
+    scale = (z / (z + np.exp(np.asarray(sink))[:, None])).T[..., None]  # [Tq, H, 1]
+    np.testing.assert_allclose(
+        attend(q, k, v, mask, sink), attend(q, k, v, mask) * scale, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        attend(q, k, v, mask, jnp.full(2, -jnp.inf)), attend(q, k, v, mask), atol=1e-6
+    )
+    h, encoded, nmask = inputs(4)
+    with_sink = dict(params, sink=jnp.asarray([2.0, -2.0]))
+    out = cca(with_sink, h, encoded, jnp.zeros_like(nmask))
+    assert not np.isnan(np.asarray(out)).any() and (np.asarray(out) == 0).all()
+    assert (
+        np.abs(np.asarray(cca(with_sink, h, encoded, nmask) - cca(params, h, encoded, nmask))).max()
+        > 1e-3
+    )

@@ -178,3 +178,22 @@ def test_decoding_on_a_mesh_equals_the_full_forward_pass():
     assert decode._jitted_feed._cache_size() == compiled + 2  # with and without neighbours
     full = nnx.jit(lambda m, t, nb: m(t, nb))(model, tokens, neighbours)
     np.testing.assert_allclose(logits, full, atol=1e-4)
+
+
+def test_decoding_with_cca_sinks_equals_full_forward():
+    """RetroConfig.cca_sink: the decoding step's CCA takes the same sink logits as the forward."""
+    model = Retro(dataclasses.replace(CONFIG, cca_sink=True), rngs=nnx.Rngs(0))
+    sink = model.cca["attn"]["sink"]
+    sink[...] = jnp.asarray(np.random.default_rng(7).normal(size=sink.shape), jnp.float32)
+    rng = np.random.default_rng(8)
+    tokens = jnp.asarray(rng.integers(1, 64, (2, 12)), jnp.int32)
+    neighbours = jnp.asarray(rng.integers(0, 64, (2, 12 // M, 2, 2 * M)), jnp.int32)
+    full = nnx.jit(lambda m, t, nb: m(t, nb))(model, tokens, neighbours)
+    np.testing.assert_allclose(decode_all(model, tokens, neighbours, 2), full, atol=1e-4)
+    sink[...] = jnp.zeros(sink.shape)  # the sink is used: other logits than with it at zero
+    assert (
+        np.abs(
+            np.asarray(nnx.jit(lambda m, t, nb: m(t, nb))(model, tokens, neighbours) - full)
+        ).max()
+        > 1e-4
+    )

@@ -175,3 +175,22 @@ def test_trained_retro_copies_its_neighbours_only_where_causality_allows():
     assert np.all(nll[m - 1 :] < chance - 1.0), nll  # every later position copies
     unretrieved = np.asarray(token_nll(trained, held_out["tokens"], None, held_out["targets"]))
     assert np.all(np.abs(unretrieved.mean(axis=0) - chance) < 0.1)  # the gain is retrieval's
+
+
+def test_cca_sinks_keep_neighbours_causal():
+    """With RetroConfig.cca_sink (learned sink logits, here drawn), the neighbours of chunk u
+    still reach exactly the positions from its last token on."""
+    import dataclasses
+
+    model = Retro(dataclasses.replace(CONFIG, cca_sink=True), rngs=nnx.Rngs(0))
+    sink = model.cca["attn"]["sink"]
+    sink[...] = jnp.asarray(np.random.default_rng(3).normal(size=sink.shape), jnp.float32)
+    forward = nnx.jit(lambda model, t, nb: model(t, nb))
+    tokens, neighbours = random_inputs(5)
+    base = forward(model, tokens, neighbours)
+    for u in range(N // M):
+        other = neighbours.copy()
+        other[:, u] = np.random.default_rng(50 + u).integers(1, 64, other[:, u].shape)
+        diff = changed(base, forward(model, tokens, other))
+        first = (u + 1) * M - 1
+        assert not diff[:, :first].any() and diff[:, first].all(), u

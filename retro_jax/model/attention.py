@@ -1,8 +1,9 @@
 """Multi-head attention as pure functions: self-attention (causal or not) and cross-attention.
 
 Parameters of one attention layer are a dict {q: [d, H, D], k: [d_kv, H, D], v: [d_kv, H, D],
-o: [H, D, d]}. Softmax runs in float32; a query whose keys are all masked gets exactly zero
-output (never NaN), which the chunked cross-attention relies on for fully padded neighbours.
+o: [H, D, d]}, and for a cross-attention that may attend to nothing, sink: [H]. Softmax runs in
+float32; a query whose keys are all masked gets exactly zero output (never NaN), which the
+chunked cross-attention relies on for fully padded neighbours.
 """
 
 from __future__ import annotations
@@ -15,15 +16,23 @@ from retro_jax.model.layers import dense, rope
 _MASKED = -1e30
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sink: jax.Array | None = None
+) -> jax.Array:
     """q [..., Tq, H, D], k/v [..., Tk, H, D], mask bool broadcastable to [..., H, Tq, Tk].
 
     Returns [..., Tq, H, D]. One softmax over all Tk keys; rows with no valid key give zeros.
+    `sink` [H]: each head's logit of one more key whose value is zero, so that a query can
+    attend to nothing (`RetroConfig.cca_sink`).
     """
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("...qhd,...khd->...hqk", q * scale, k).astype(jnp.float32)
     logits = jnp.where(mask, logits, _MASKED)
-    weights = jax.nn.softmax(logits, axis=-1)
+    if sink is not None:
+        column = jnp.broadcast_to(sink.astype(jnp.float32)[:, None, None], (*logits.shape[:-1], 1))
+        weights = jax.nn.softmax(jnp.concatenate([logits, column], axis=-1), axis=-1)[..., :-1]
+    else:
+        weights = jax.nn.softmax(logits, axis=-1)
     weights = jnp.where(mask.any(axis=-1, keepdims=True), weights, 0.0)
     return jnp.einsum("...hqk,...khd->...qhd", weights.astype(v.dtype), v)
 
@@ -73,4 +82,4 @@ def cross_attention(
     """x [..., Tq, d] attends to ctx [..., Tk, d_ctx]; key_mask bool [..., Tk]."""
     q, k, v = project_qkv(p, x, ctx)
     q, k = rope(q, q_positions, rope_base), rope(k, k_positions, rope_base)
-    return output(p, attend(q, k, v, key_mask[..., None, None, :]))
+    return output(p, attend(q, k, v, key_mask[..., None, None, :], p.get("sink")))

@@ -47,6 +47,10 @@ class RetroConfig:
     # retrieval then enters only as far as training finds it useful. False draws them like
     # every other weight (the paper does not say how CCA is initialised).
     cca_zero_init: bool = True
+    # Beyond the paper: each CCA head also attends to a key of its own whose value is zero, with
+    # a learned logit (zero at first), so a chunk whose neighbours do not help can take nothing
+    # from them; without it every query's attention sums to one over the neighbours' tokens.
+    cca_sink: bool = False
     pad_id: int = 0
     activation: str = "gelu"  # gelu (the paper's GPT-2-like FFW) | relu | silu
     rope_base: float = 10_000.0

@@ -178,11 +178,12 @@ def feed(
         cca_k, cca_v, cca_mask = cca_cache
         p_cca = layer_params(cca, j)
         q = project(rms_norm(x, p_cca["norm"], c.norm_eps), p_cca["attn"]["q"])  # [B, T, H, D]
+        sink = p_cca["attn"].get("sink")
         if n == 1:  # one position: gather its attending chunk H_u+
             attending = jnp.maximum(t - (m - 1), 0) // m
             q = rope(q, (m - 1 + (t - (m - 1)) % m)[None], c.rope_base)
             mask = cca_mask[:, attending][:, None, None, :]
-            y = attend(q, cca_k[j][:, attending], cca_v[j][:, attending], mask)
+            y = attend(q, cca_k[j][:, attending], cca_v[j][:, attending], mask, sink)
             # The first m-1 positions have no attending chunk: no CCA.
             return x + jnp.where(t >= m - 1, output(p_cca["attn"], y), 0.0)
         # A block: the queries laid out in whole attending chunks, as in the forward pass. Row q
@@ -198,7 +199,7 @@ def feed(
         exists = (chunk >= 0) & (chunk < cca_mask.shape[1])
         take = lambda a: jnp.take(a, chunk, axis=1, mode="clip")
         mask = (take(cca_mask) & exists[None, :, None])[:, :, None, None, :]
-        y = attend(laid, take(cca_k[j]), take(cca_v[j]), mask)  # [B, G, m, H, D]
+        y = attend(laid, take(cca_k[j]), take(cca_v[j]), mask, sink)  # [B, G, m, H, D]
         y = jax.lax.dynamic_slice_in_dim(y.reshape(batch, groups * m, *heads), f, n, axis=1)
         return x + output(p_cca["attn"], y)
 

@@ -71,19 +71,20 @@ class Retro(nnx.Module):
         if c.cca_layers:
             self.encoder = NeighbourEncoder(c, rngs=rngs)
             C = (len(c.cca_layers),)
+            attn = attention_params(
+                rngs,
+                C,
+                d,
+                c.enc_d_model,
+                c.num_heads,
+                c.head_dim,
+                "heads",
+                zero_output=c.cca_zero_init,
+            )
+            if c.cca_sink:
+                attn["sink"] = param(None, (*C, c.num_heads), ("layers", "heads"), value=0.0)
             self.cca = nnx.Dict(
-                attn=nnx.Dict(
-                    attention_params(
-                        rngs,
-                        C,
-                        d,
-                        c.enc_d_model,
-                        c.num_heads,
-                        c.head_dim,
-                        "heads",
-                        zero_output=c.cca_zero_init,
-                    )
-                ),
+                attn=nnx.Dict(attn),
                 norm=param(None, (*C, d), ("layers", "norm"), value=1.0),
             )
 
