@@ -282,10 +282,11 @@ def test_run_in_background_then_logs_and_stop(fake_tpu):
         logs = root / worker / "retro_jax_logs"
         assert (logs / "current").read_text().strip() == "run-1"
         pids[worker] = int((logs / "run-1.pid").read_text())
-        deadline = time.time() + 20
-        while not (root / worker / "calls.jsonl").exists() and time.time() < deadline:
+        calls = root / worker / "calls.jsonl"
+        deadline = time.time() + 60  # the fake writes its line in the background: a whole line
+        while not (calls.exists() and calls.read_text().endswith("\n")) and time.time() < deadline:
             time.sleep(0.1)
-        (call,) = [json.loads(x) for x in (root / worker / "calls.jsonl").read_text().splitlines()]
+        (call,) = [json.loads(x) for x in calls.read_text().splitlines()]
         assert call == args  # every worker got exactly these arguments
         os.kill(pids[worker], 0)  # still running in the background
     (root / "worker1" / "retro_jax_logs" / "run-1.log").write_text("only on worker 1\n")

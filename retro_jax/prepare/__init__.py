@@ -12,7 +12,7 @@ evaluation and sampling read, as resumable stages in W/prepare (or `data.prepare
     index       index/                 NeighbourIndex over all keys
     sequences   sequences/             train and eval documents cut into sequences
     neighbours  {train,eval}-*.tfrecord, records.json   the records training and eval read
-                eval_query_keys.npz    the eval chunks' BERT keys (eval's database sweep)
+                eval_query_keys.npz    a cache, not an output: the eval chunks' BERT keys
 
 Besides the arrows: dedup's report also filters the documents that chunks and sequences read,
 and the neighbours stage also reads the database entries (chunks), their stored keys (keys) and

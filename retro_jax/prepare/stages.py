@@ -18,7 +18,6 @@ from retro_jax.data.records import RECORDS_INFO, RecordSpec
 from retro_jax.data.sources import open_source
 from retro_jax.errors import RetroError
 from retro_jax.prepare.builds import BUILT_WITH, REPORT, StageBuilds
-from retro_jax.retrieval.neighbours import QUERY_KEYS
 
 log = logging.getLogger("retro_jax.prepare")
 
@@ -187,7 +186,6 @@ class StageContext(StageBuilds):
         found = files.glob(self.path("train-*-of-*.tfrecord")) + files.glob(
             self.path("eval-*-of-*.tfrecord")
         )
-        found += files.glob(self.path(QUERY_KEYS))  # (only the local driver writes it)
         return [self.path(RECORDS_INFO)] + sorted(set(listed) | set(found))
 
     def commit(self, stage: str, partial: str) -> None:

@@ -11,6 +11,7 @@ Chunks with no text (all EOS/padding) get no neighbours: ids -1, tokens pad_id.
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Callable
@@ -25,7 +26,9 @@ from retro_jax.retrieval.align import pick_neighbours
 from retro_jax.retrieval.chunks import ChunkDatabase
 
 # W/prepare/eval_query_keys.npz: the keys of the eval chunks the neighbours stage embedded, kept
-# so that the eval's database sweep need not embed the same texts again.
+# so that the eval's database sweep need not embed the same texts again. A cache, not one of the
+# stage's outputs (not in its digest; the Beam driver does not write it): a reader embeds
+# whatever it does not find there, and keys made by another embedding are not used.
 QUERY_KEYS = "eval_query_keys.npz"
 
 
@@ -36,14 +39,16 @@ def _embedded_with(embedder) -> str:
 def save_query_keys(path: str, keys: dict[str, np.ndarray], embedder) -> None:
     """Write {text: key} and how the keys were embedded to `path` (an .npz)."""
     texts = list(keys)
+    buffer = io.BytesIO()  # (gfile's files cannot tell their position, which np.savez needs)
+    np.savez(
+        buffer,
+        texts=np.array(texts, dtype=str),
+        keys=np.stack([keys[t] for t in texts]).astype(np.float32),
+        embedded_with=np.array(_embedded_with(embedder)),
+    )
     tmp = path + ".tmp.npz"
     with files.open(tmp, "wb") as f:
-        np.savez(
-            f,
-            texts=np.array(texts, dtype=str),
-            keys=np.stack([keys[t] for t in texts]).astype(np.float32),
-            embedded_with=np.array(_embedded_with(embedder)),
-        )
+        f.write(buffer.getvalue())
     files.replace(tmp, path)
 
 
@@ -52,10 +57,10 @@ def load_query_keys(path: str, embedder) -> dict[str, np.ndarray]:
     if not files.exists(path):
         return {}
     with files.open(path, "rb") as f:
-        saved = np.load(f)
-        if str(saved["embedded_with"]) != _embedded_with(embedder):
-            return {}
-        return dict(zip(saved["texts"].tolist(), saved["keys"]))
+        saved = np.load(io.BytesIO(f.read()))
+    if str(saved["embedded_with"]) != _embedded_with(embedder):
+        return {}
+    return dict(zip(saved["texts"].tolist(), saved["keys"]))
 
 
 def select_neighbours(
