@@ -49,9 +49,9 @@ def check_baseline(baseline: RetroConfig, retro: RetroConfig, source: str) -> No
         raise RetroError(f"{source}: retrofit_from must be a baseline twin (it has cca_layers)")
     want = {k: v for k, v in retro.baseline().to_dict().items() if k not in COMPUTE_ONLY}
     have = {k: v for k, v in baseline.to_dict().items() if k not in COMPUTE_ONLY}
-    # The encoder's fields do not shape the baseline; only the decoder's must agree.
+    # The encoder's and CCA's own fields do not shape the baseline; only the decoder's must agree.
     for d in (want, have):
-        for key in [k for k in d if k.startswith("enc_")]:
+        for key in [k for k in d if k.startswith("enc_") or k == "cca_sink"]:
             del d[key]
     problems = config_differences(have, want, "model")
     if problems:
