@@ -220,8 +220,9 @@ class DatabaseSweep:
         if self.prepare_dir:
             saved = load_query_keys(os.path.join(self.prepare_dir, QUERY_KEYS), self.embedder)
         fresh = [i for i, text in enumerate(texts) if text not in saved]
-        for i in np.setdiff1d(np.arange(len(texts)), fresh):
-            queries[i] = saved[texts[i]]
+        for i, text in enumerate(texts):
+            if text in saved:
+                queries[i] = saved[text]
         if fresh:
             queries[fresh] = self.embedder.embed([texts[i] for i in fresh], progress=progress)
         self.embedded = len(fresh)

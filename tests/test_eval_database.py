@@ -213,4 +213,4 @@ def test_find_takes_the_keys_prepare_kept_and_embeds_only_the_rest(database, tmp
     assert load_query_keys(str(tmp_path / QUERY_KEYS), embedder) == {}
     assert sweep(str(tmp_path)).find(tokens, progress=False).shape == want.shape
     embedder.max_len = 64
-    assert not (tmp_path / (QUERY_KEYS + ".tmp.npz")).exists()
+    assert not (tmp_path / (QUERY_KEYS + ".tmp")).exists()

@@ -11,7 +11,6 @@ Chunks with no text (all EOS/padding) get no neighbours: ids -1, tokens pad_id.
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from collections.abc import Callable
@@ -37,30 +36,25 @@ def _embedded_with(embedder) -> str:
 
 
 def save_query_keys(path: str, keys: dict[str, np.ndarray], embedder) -> None:
-    """Write {text: key} and how the keys were embedded to `path` (an .npz)."""
+    """Write {text: key} and how the keys were embedded to `path` (an .npz), atomically."""
     texts = list(keys)
-    buffer = io.BytesIO()  # (gfile's files cannot tell their position, which np.savez needs)
-    np.savez(
-        buffer,
-        texts=np.array(texts, dtype=str),
-        keys=np.stack([keys[t] for t in texts]).astype(np.float32),
-        embedded_with=np.array(_embedded_with(embedder)),
-    )
-    tmp = path + ".tmp.npz"
-    with files.open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    files.replace(tmp, path)
+    with files.atomic_write(path) as f:
+        np.savez(
+            f,
+            texts=np.array(texts, dtype=str),
+            keys=np.stack([keys[t] for t in texts]).astype(np.float32),
+            embedded_with=np.array(_embedded_with(embedder)),
+        )
 
 
 def load_query_keys(path: str, embedder) -> dict[str, np.ndarray]:
     """{text: key} saved at `path` by the same embedder (same BERT, length and dtype), else {}."""
     if not files.exists(path):
         return {}
-    with files.open(path, "rb") as f:
-        saved = np.load(io.BytesIO(f.read()))
-    if str(saved["embedded_with"]) != _embedded_with(embedder):
-        return {}
-    return dict(zip(saved["texts"].tolist(), saved["keys"]))
+    with files.load_npy(path) as saved:
+        if str(saved["embedded_with"]) != _embedded_with(embedder):
+            return {}
+        return dict(zip(saved["texts"].tolist(), saved["keys"]))
 
 
 def select_neighbours(
