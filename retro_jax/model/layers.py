@@ -88,13 +88,18 @@ def _wide_forward(x, w):
     return jnp.dot(x, w), (x, w)
 
 
+def written_transpose(x: jax.Array) -> jax.Array:
+    """x^T [K, rows] of x [rows, K] written out, behind a barrier that keeps XLA from folding the
+    transpose back into the product that reads it."""
+    return jax.lax.optimization_barrier(x.T + jnp.zeros((), x.dtype))
+
+
 def _wide_backward(saved, g):
     x, w = saved
     # x^T written out first: the weight gradient is then a plain [K, rows] x [rows, N] product.
     # XLA:CPU otherwise contracts x and g over their leading axis in a generic kernel, at half
     # the rate when N >> K (benchmarks/results/retrieval_pays.md, a12).
-    x_t = jax.lax.optimization_barrier(x.T + jnp.zeros((), x.dtype))
-    return jnp.dot(g, w.T), jnp.dot(x_t, g)
+    return jnp.dot(g, w.T), jnp.dot(written_transpose(x), g)
 
 
 _wide_product.defvjp(_wide_forward, _wide_backward)
