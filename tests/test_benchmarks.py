@@ -67,3 +67,25 @@ def test_matmul_benchmark_times_the_products_it_names():
         [*quick, "--torch-python", "/nowhere/python"], env=env, capture_output=True, text=True
     )
     assert bad.returncode != 0 and "--torch-python /nowhere/python" in bad.stderr
+
+
+def test_matmul_benchmarks_demo_shapes_are_the_demos():
+    """bench_matmul's `--shapes demo` is written out (its PyTorch child has no retro_jax to read
+    the config with): it must stay experiments/demo.py's model."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import demo
+    from bench_matmul import DEMO_ENCODER, SHAPES
+
+    config = demo.get_config("")
+    m, shapes = config.model, SHAPES["demo"]
+    assert (shapes["seq"], shapes["batch"]) == (config.data.seq_len, config.train.batch_size)
+    assert (shapes["d"], shapes["ff"], shapes["layers"]) == (m.d_model, m.d_ff, m.num_layers)
+    assert (shapes["heads"], shapes["head_dim"], shapes["vocab"]) == (
+        m.num_heads,
+        m.head_dim,
+        m.vocab_size,
+    )
+    assert (DEMO_ENCODER["d"], DEMO_ENCODER["ff"]) == (m.enc_d_model, m.enc_d_ff)
+    assert DEMO_ENCODER["layers"] == m.enc_num_layers
+    assert DEMO_ENCODER["tokens_per_token"] == config.train.num_neighbours * 2  # k x 2m per m
