@@ -149,6 +149,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Beyond the paper: the share of training sequences whose neighbours are all dropped, so
     # that RETRO also learns to predict without retrieval (RETRO[OFF] stays near the baseline).
     c.train.retrieval_dropout = 0.0
+    # Beyond the paper: the share of training chunks given another sequence's neighbours, so
+    # that RETRO learns when not to copy (no worse than the baseline where nothing matches).
+    c.train.retrieval_distractors = 0.0
     c.train.retrofit_from = ""  # a baseline twin's workdir or checkpoint folder
     # With retrofit_from: train ceil(this / batch_size) steps, the paper's 6M sequences (3% of
     # pre-training); 0 = train.steps as set.

@@ -417,6 +417,9 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
             "baseline": eighth.get("baseline_bpb"),
             "retro": eighth.get("retrieval_bpb"),
             "retro_off": eighth.get("no_retrieval_bpb"),
+            # standard errors of RETRO's and RETRO[OFF]'s difference to the baseline there
+            "retro_se": eighth.get("retrieval_se"),
+            "retro_off_se": eighth.get("no_retrieval_se"),
         },
         "eval_tokens": retro_eval["retrieval"]["tokens"],
         "eval_bytes": retro_eval["retrieval"]["bytes"],
@@ -485,9 +488,16 @@ def format_summary(summary: dict) -> str:
         ("retro-fitted [OFF]", "retrofit_off"),
     ):
         lines.append(f"  {name:<28}{num(b[key]):>12}{change(b[key], b['baseline']):>12}")
-    lines += [
+    lines.append(
         f"  (alpha<=1/8: the {e['chunks']} evaluation chunks sharing fewer than 1/8 of their"
-        " tokens as one run with any neighbour)",
+        " tokens as one run with any neighbour)"
+    )
+    if None not in (e.get("retro"), e.get("baseline"), e.get("retro_se")):
+        lines.append(
+            f"  RETRO - baseline at alpha<=1/8: {e['retro'] - e['baseline']:+.4f} bpb, one"
+            f" standard error over those chunks {e['retro_se']:.4f}"
+        )
+    lines += [
         f"leakage plot: {summary['leakage_plot']}",
     ]
     curve = summary.get("leakage", [])
@@ -495,12 +505,9 @@ def format_summary(summary: dict) -> str:
         lines.append(
             "bpb over the chunks whose longest run shared with a neighbour is <= alpha * m:"
         )
-        lines.append(f"  {'alpha':>7}{'chunks':>8}{'RETRO':>10}{'RETRO[OFF]':>12}{'baseline':>10}")
-        lines += [
-            f"  {r['alpha']:>7.3f}{r['chunks']:>8}{num(r.get('retrieval_bpb')):>10}"
-            f"{num(r.get('no_retrieval_bpb')):>12}{num(r.get('baseline_bpb')):>10}"
-            for r in curve
-        ]
+        from retro_jax.leakage import curve_lines
+
+        lines += ["  " + line for line in curve_lines(curve)]
     sweep = summary.get("database_sweep", [])
     if sweep:
         lines.append("RETRO's bpb by the size of the database it retrieves from:")

@@ -38,7 +38,13 @@ from retro_jax.data.records import load_records_info
 from retro_jax.errors import RetroError
 from retro_jax.eval_database import DatabaseSweep, check_fractions
 from retro_jax.eval_plots import LEAKAGE_MODES, plot_database, plot_leakage, plot_neighbours
-from retro_jax.leakage import ALPHAS, LeakageHistogram, bits_per_byte, chunk_overlap
+from retro_jax.leakage import (
+    ALPHAS,
+    LeakageHistogram,
+    bits_per_byte,
+    chunk_overlap,
+    curve_lines,
+)
 from retro_jax.model.load import find_checkpoints, load_model
 from retro_jax.sharding import BATCH_AXES, check_batch_divides, make_mesh, shard_batch
 
@@ -215,7 +221,11 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     if database is not None:
         tokens = [batch["tokens"] for batch in batches]  # the rows of the pass below, in order
         subset_ids = database.find(np.concatenate(tokens), progress=progress)
-    histogram = LeakageHistogram(spec.chunk_size, [m for m in LEAKAGE_MODES if m in passes])
+    histogram = LeakageHistogram(
+        spec.chunk_size,
+        [m for m in LEAKAGE_MODES if m in passes],
+        reference="baseline" if "baseline" in passes else None,
+    )
     nll_sums = np.zeros(len(passes), np.float64)
     counts = np.zeros(2, np.float64)  # scored tokens, bytes
     positions = 0
@@ -264,6 +274,10 @@ def evaluate(config, workdir: str, *, progress: bool = True) -> dict:
             "retrieval_bpb": row["retrieval_bpb"],
             "no_retrieval_bpb": row["no_retrieval_bpb"],
             "baseline_bpb": row.get("baseline_bpb"),
+            # standard errors of RETRO's and RETRO[OFF]'s bpb minus the baseline's over the
+            # bucket's chunks (retro_jax/leakage.py); None without a baseline
+            "retrieval_se": row.get("retrieval_se"),
+            "no_retrieval_se": row.get("no_retrieval_se"),
             "tokens": row["tokens"],
             "bytes": row["bytes"],
         }
@@ -336,12 +350,7 @@ def format_table(metrics: dict) -> str:
         "leakage: bpb over chunks with r(C) <= alpha (r(C) over the "
         f"{metrics['leakage_neighbours']} neighbours RETRO reads)",
     ]
-    lines.append(f"{'alpha':>7}{'chunks':>8}{'RETRO':>10}{'RETRO[OFF]':>12}{'baseline':>10}")
-    for r in metrics["leakage"]:
-        lines.append(
-            f"{r['alpha']:>7.3f}{r['chunks']:>8}{_fmt(r['retrieval_bpb']):>10}"
-            f"{_fmt(r['no_retrieval_bpb']):>12}{_fmt(r['baseline_bpb']):>10}"
-        )
+    lines += curve_lines(metrics["leakage"])
     if metrics.get("neighbour_sweep"):
         lines += ["", f"{'k':>7}{'bpb':>10}"]
         lines += [

@@ -96,14 +96,23 @@ class LeakageHistogram:
     nll of each scoring mode (e.g. retrieval, no_retrieval, baseline). Adding batches and
     reading the curve are separate, so hosts can sum their `arrays()` before `curve()`."""
 
-    def __init__(self, chunk_size: int, modes: Iterable[str]):
+    def __init__(self, chunk_size: int, modes: Iterable[str], reference: str | None = None):
         self.chunk_size = int(chunk_size)
         self.modes = tuple(modes)
+        if reference is not None and reference not in self.modes:
+            raise ValueError(f"reference {reference!r} is not one of the modes {self.modes}")
+        self.reference = reference
         bins = self.chunk_size + 1
         self.chunks = np.zeros(bins, np.int64)
         self.tokens = np.zeros(bins, np.float64)
         self.bytes = np.zeros(bins, np.float64)
         self.nll = {mode: np.zeros(bins, np.float64) for mode in self.modes}
+        # For the paired standard errors against `reference`: per chunk c, bytes b_c and the
+        # difference e_c of the mode's nll and the reference's, sums of b^2, e^2 and e*b.
+        self.paired = [mode for mode in self.modes if reference and mode != reference]
+        self.bytes_sq = np.zeros(bins, np.float64)
+        self.diff_sq = {mode: np.zeros(bins, np.float64) for mode in self.paired}
+        self.diff_bytes = {mode: np.zeros(bins, np.float64) for mode in self.paired}
 
     def add(
         self,
@@ -122,26 +131,57 @@ class LeakageHistogram:
         self.tokens += np.bincount(s, chunk_tokens[scored], minlength=m + 1)
         scored_bytes = chunk_sums(np.asarray(target_bytes, np.float64) * mask, m)[scored]
         self.bytes += np.bincount(s, scored_bytes, minlength=m + 1)
+        self.bytes_sq += np.bincount(s, scored_bytes**2, minlength=m + 1)
+        chunk_nll = {
+            mode: chunk_sums(np.asarray(nll[mode], np.float64) * mask, m)[scored]
+            for mode in self.modes
+        }
         for mode in self.modes:
-            chunk_nll = chunk_sums(np.asarray(nll[mode], np.float64) * mask, m)[scored]
-            self.nll[mode] += np.bincount(s, chunk_nll, minlength=m + 1)
+            self.nll[mode] += np.bincount(s, chunk_nll[mode], minlength=m + 1)
+        for mode in self.paired:
+            diff = chunk_nll[mode] - chunk_nll[self.reference]
+            self.diff_sq[mode] += np.bincount(s, diff**2, minlength=m + 1)
+            self.diff_bytes[mode] += np.bincount(s, diff * scored_bytes, minlength=m + 1)
 
     def arrays(self) -> np.ndarray:
-        """All sums as one float64 array [3 + modes, m + 1] (to sum over hosts)."""
-        return np.stack([self.chunks, self.tokens, self.bytes, *self.nll.values()]).astype(
-            np.float64
-        )
+        """All sums as one float64 array [4 + modes + 2 * paired modes, m + 1] (to sum over
+        hosts)."""
+        rows = [self.chunks, self.tokens, self.bytes, self.bytes_sq, *self.nll.values()]
+        rows += [*self.diff_sq.values(), *self.diff_bytes.values()]
+        return np.stack(rows).astype(np.float64)
 
     def load_arrays(self, arrays: np.ndarray) -> None:
         """Replace the sums by `arrays` (the layout of `arrays()`)."""
         self.chunks = np.rint(arrays[0]).astype(np.int64)
-        self.tokens, self.bytes = arrays[1].copy(), arrays[2].copy()
-        self.nll = {mode: arrays[3 + i].copy() for i, mode in enumerate(self.modes)}
+        self.tokens, self.bytes, self.bytes_sq = (a.copy() for a in arrays[1:4])
+        rows = iter(arrays[4:])
+        self.nll = {mode: next(rows).copy() for mode in self.modes}
+        self.diff_sq = {mode: next(rows).copy() for mode in self.paired}
+        self.diff_bytes = {mode: next(rows).copy() for mode in self.paired}
+
+    def _paired_se(self, mode: str, keep: slice) -> float | None:
+        """Standard error (bits per byte) of bpb(mode) - bpb(reference) over the chunks of the
+        bins `keep`, the chunks taken as the sampled units (a ratio estimator, linearised): with
+        D = sum(e) / sum(b), se = sqrt(n / (n - 1) * sum((e - D b)^2)) / sum(b) / ln 2. Chunks
+        of one document are not independent, so it is a floor on the uncertainty, not more."""
+        n = int(self.chunks[keep].sum())
+        total_bytes = float(self.bytes[keep].sum())
+        if n < 2 or total_bytes <= 0:
+            return None
+        d = float(self.nll[mode][keep].sum() - self.nll[self.reference][keep].sum()) / total_bytes
+        residual = (
+            self.diff_sq[mode][keep].sum()
+            - 2 * d * self.diff_bytes[mode][keep].sum()
+            + d * d * self.bytes_sq[keep].sum()
+        )
+        return math.sqrt(n / (n - 1) * max(float(residual), 0.0)) / total_bytes / math.log(2)
 
     def curve(self, alphas: Iterable[float] = ALPHAS) -> list[dict]:
         """Per alpha: chunks with r(C) <= alpha, and each mode's bpb over them (None if no byte).
 
-        -> [{"alpha", "chunks", "tokens", "bytes", "<mode>_bpb" ...}, ...]
+        -> [{"alpha", "chunks", "tokens", "bytes", "<mode>_bpb" ..., "<mode>_se" ...}, ...],
+        "<mode>_se" for each mode but the reference: the standard error of its bpb minus the
+        reference's over those chunks (None under 2 chunks).
         """
         rows = []
         for alpha in alphas:
@@ -156,5 +196,29 @@ class LeakageHistogram:
             }
             for mode in self.modes:
                 row[f"{mode}_bpb"] = bits_per_byte(float(self.nll[mode][keep].sum()), scored_bytes)
+            for mode in self.paired:
+                row[f"{mode}_se"] = self._paired_se(mode, keep)
             rows.append(row)
         return rows
+
+
+def curve_lines(rows: list[dict]) -> list[str]:
+    """The leakage table `retro-jax eval` and the demo print: per alpha, the chunks, each model's
+    bpb and, where the baseline was scored, RETRO minus the baseline with its standard error."""
+
+    def num(x, spec=".4f"):
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+    lines = [
+        f"{'alpha':>7}{'chunks':>8}{'RETRO':>10}{'RETRO[OFF]':>12}{'baseline':>10}"
+        f"{'RETRO - baseline':>22}"
+    ]
+    for r in rows:
+        retro, base, se = r.get("retrieval_bpb"), r.get("baseline_bpb"), r.get("retrieval_se")
+        diff = "" if retro is None or base is None else num(retro - base, "+.4f")
+        if diff and se is not None:
+            diff += f" +- {num(se)}"
+        line = f"{r['alpha']:>7.3f}{r['chunks']:>8}{num(retro):>10}"
+        line += f"{num(r.get('no_retrieval_bpb')):>12}{num(base):>10}{diff:>22}"
+        lines.append(line.rstrip())
+    return lines

@@ -231,3 +231,28 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_summary_prints_the_low_overlap_difference_with_its_standard_error():
+    from retro_jax.demo import format_summary
+
+    row = {"alpha": 0.125, "chunks": 68, "retrieval_bpb": 1.5669, "no_retrieval_bpb": 1.5668}
+    row.update(baseline_bpb=1.5631, retrieval_se=0.0049, no_retrieval_se=0.0031)
+    summary = {
+        "bpb": dict(baseline=0.761, retro=0.6554, retro_off=0.779, retrofit=0.6983),
+        "bpb_alpha_1_8": dict(chunks=68, baseline=1.5631, retro=1.5669, retro_off=1.5668),
+        "eval_tokens": 60597,
+        "eval_bytes": 208711,
+        "num_neighbours": 2,
+        "leakage": [row],
+        "leakage_plot": "W/retro/eval/leakage.png",
+        "sample": {"prompt": "p", "text": "t", "neighbours": []},
+        "seconds": {"prepare": 1.0},
+    }
+    summary["bpb"]["retrofit_off"] = 0.761
+    before = format_summary(summary)  # a summary written before the standard errors: no line
+    assert "standard error" not in before and "+0.0038 +- 0.0049" in before
+    summary["bpb_alpha_1_8"].update(retro_se=0.0049, retro_off_se=0.0031)
+    text = format_summary(summary)
+    assert "RETRO - baseline at alpha<=1/8: +0.0038 bpb, one standard error over" in text
+    assert "those chunks 0.0049" in text

@@ -109,6 +109,12 @@ def test_leakage_curve_from_the_records(workdirs, evaluated):
     last = rows[-1]  # alpha = 1: every chunk, so the totals
     for mode in ("retrieval", "no_retrieval", "baseline"):
         assert last[f"{mode}_bpb"] == pytest.approx(evaluated[mode]["bpb"], rel=1e-9)
+    # Paired against the baseline: a standard error per bucket of 2 chunks or more.
+    for row in rows:
+        for mode in ("retrieval", "no_retrieval"):
+            se = row[f"{mode}_se"]
+            assert (se is None) == (row["chunks"] < 2), row
+            assert se is None or 0 < se < abs(row[f"{mode}_bpb"] - row["baseline_bpb"]) + 1
 
 
 def test_outputs_have_the_issue_shape(workdirs, evaluated, capsys):
@@ -131,6 +137,9 @@ def test_outputs_have_the_issue_shape(workdirs, evaluated, capsys):
         assert set(row) >= {"fraction", "chunks", "tokens", "bpb"}
     table = format_table(saved)  # what `main` printed
     assert "r(C) over the 2 neighbours RETRO reads" in table
+    last = saved["leakage"][-1]
+    diff = last["retrieval_bpb"] - last["baseline_bpb"]
+    assert f"{diff:+.4f} +- {last['retrieval_se']:.4f}" in table
     assert "database: RETRO (k=2)" in table
     last = saved["database_sweep"][-1]
     assert f"{1:>9.4g}{last['chunks']:>10}{last['tokens']:>12}{last['bpb']:>10.4f}" in table

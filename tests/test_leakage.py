@@ -125,6 +125,45 @@ def test_leakage_curve_equals_filtering_chunks_directly():
     assert rows[-1]["a_bpb"] == pytest.approx(brute_force_bpb(nll["a"], mask, nbytes))
 
 
+def test_paired_standard_error_matches_a_bootstrap_over_chunks():
+    """The standard error of bpb(a) - bpb(ref) over a bucket is the spread of that difference
+    when the bucket's chunks are resampled; 0 for a mode equal to the reference."""
+    rng = np.random.default_rng(4)
+    batch, m, chunks = 100, 4, 8
+    n = m * chunks
+    overlap = rng.integers(0, m + 1, (batch, chunks))
+    mask = (rng.random((batch, n)) < 0.9).astype(np.float32)
+    nbytes = rng.integers(1, 5, (batch, n))
+    ref = rng.gamma(2.0, 1.0, (batch, n))
+    nll = {"ref": ref, "a": ref + rng.normal(0.1, 0.8, (batch, n)), "same": ref.copy()}
+    histogram = LeakageHistogram(m, ["a", "same", "ref"], reference="ref")
+    for half in (slice(0, 50), slice(50, None)):
+        histogram.add(overlap[half], mask[half], nbytes[half], {k: v[half] for k, v in nll.items()})
+    rows = histogram.curve(ALPHAS)
+    assert "ref_se" not in rows[-1]
+    keep = (overlap <= m // 2).ravel()  # alpha = 1/2
+    per_chunk = {k: chunk_sums(v * mask, m).ravel()[keep] for k, v in nll.items()}
+    chunk_bytes = chunk_sums(nbytes * mask, m).ravel()[keep]
+    draws = rng.integers(0, keep.sum(), (4000, keep.sum()))
+    diffs = (per_chunk["a"][draws] - per_chunk["ref"][draws]).sum(1) / chunk_bytes[draws].sum(1)
+    half = next(r for r in rows if r["alpha"] == 0.5)
+    assert half["a_se"] == pytest.approx(diffs.std() / math.log(2), rel=0.1)
+    assert half["same_se"] == pytest.approx(0.0, abs=1e-12)
+    merged = LeakageHistogram(m, ["a", "same", "ref"], reference="ref")
+    merged.load_arrays(histogram.arrays())
+    assert merged.curve(ALPHAS) == rows
+    empty = LeakageHistogram(m, ["a", "ref"], reference="ref")
+    empty.add(
+        np.zeros((1, 1), int),
+        np.ones((1, m)),
+        np.ones((1, m)),
+        {"a": ref[:1, :m], "ref": ref[:1, :m]},
+    )
+    assert empty.curve()[-1]["a_se"] is None  # one chunk: no spread to measure
+    with pytest.raises(ValueError, match="reference 'b' is not one of the modes"):
+        LeakageHistogram(m, ["a"], reference="b")
+
+
 def test_histogram_arrays_round_trip_and_sum_like_hosts():
     rng = np.random.default_rng(3)
     m = 4

@@ -89,6 +89,8 @@ def test_shards_that_do_not_fit_the_model(tmp_path):
         train(small_config(steps=0), str(tmp_path))
     with pytest.raises(RetroError, match=r"train\.retrieval_dropout=1\.0 must be in \[0, 1\)"):
         train(small_config(retrieval_dropout=1.0), str(tmp_path))
+    with pytest.raises(RetroError, match=r"train\.retrieval_distractors=-0\.1 must be in"):
+        train(small_config(retrieval_distractors=-0.1), str(tmp_path))
 
 
 @pytest.mark.parametrize(

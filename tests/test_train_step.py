@@ -13,6 +13,7 @@ from retro_jax.train.state import init_state
 from retro_jax.train.step import (
     batch_shardings,
     decay_mask,
+    distract_retrieval,
     drop_retrieval,
     lr_schedule,
     make_optimizer,
@@ -174,6 +175,25 @@ def test_schedule_and_decay_mask():
     }
 
 
+def test_retrieval_distractors_give_single_chunks_the_next_sequences_neighbours():
+    batch = fake_batch(6, batch=16)
+    key = jax.random.key(0)
+    assert distract_retrieval(batch, key, 0.0) is batch
+    single = {f: v[:1] for f, v in batch.items()}
+    assert distract_retrieval(single, key, 1.0) is single  # no other sequence to take from
+    neighbours = batch["neighbours"]
+    got = np.asarray(distract_retrieval(batch, key, 0.5)["neighbours"])
+    own = np.all(got == neighbours, axis=(2, 3))  # [B, chunks]
+    other = np.all(got == np.roll(neighbours, -1, axis=0), axis=(2, 3))
+    assert np.all(own ^ other)  # each chunk whole: its own neighbours or the next sequence's
+    assert 0.3 < other.mean() < 0.7
+    assert np.any(other.any(axis=1) & own.any(axis=1))  # chunk by chunk, not whole sequences
+    everything = np.asarray(distract_retrieval(batch, key, 1.0)["neighbours"])
+    np.testing.assert_array_equal(everything, np.roll(neighbours, -1, axis=0))
+    rest = distract_retrieval(batch, key, 0.5)
+    assert all(np.array_equal(rest[f], batch[f]) for f in batch if f != "neighbours")
+
+
 def test_retrieval_dropout_trains_dropped_sequences_exactly_as_retro_off_scores_them():
     batch = fake_batch(5, batch=64)
     assert drop_retrieval(batch, jax.random.key(0), 0.0, 0) is batch
@@ -190,15 +210,16 @@ def test_retrieval_dropout_trains_dropped_sequences_exactly_as_retro_off_scores_
     np.testing.assert_allclose(with_dropped[off], retro_off[off], rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(with_dropped - retro_off)[kept]).max() > 1e-3
 
-    # The step draws the dropped sequences from the state's rng (a resumed run draws the same).
+    # The step draws the distracted chunks, then the dropped sequences, from the state's rng (a
+    # resumed run draws the same ones).
     config = small_config()
     tx, schedule = make_optimizer(config.train)
     model_def, state, _ = init_state(model, tx)
-    expected, count = token_losses(
-        model,
-        drop_retrieval(batch, jax.random.split(jax.random.wrap_key_data(state.rng))[1], 0.5, 0),
-        retrieval=True,
+    key = jax.random.split(jax.random.wrap_key_data(state.rng))[1]
+    distracted = distract_retrieval(batch, jax.random.fold_in(key, 1), 0.3)
+    expected, count = token_losses(model, drop_retrieval(distracted, key, 0.5, 0), retrieval=True)
+    step = make_train_step(
+        model_def, tx, schedule, retrieval=True, retrieval_dropout=0.5, retrieval_distractors=0.3
     )
-    step = make_train_step(model_def, tx, schedule, retrieval=True, retrieval_dropout=0.5)
     _, metrics = step(jax.tree.map(jnp.copy, state), batch)
     np.testing.assert_allclose(metrics["loss"], expected / count, rtol=1e-5)

@@ -202,6 +202,8 @@ def train(config, workdir: str) -> dict:
         raise RetroError(f"train.steps={t.steps} must be > 0 (the step to train up to)")
     if not 0.0 <= float(t.retrieval_dropout) < 1.0:
         raise RetroError(f"train.retrieval_dropout={t.retrieval_dropout} must be in [0, 1)")
+    if not 0.0 <= float(t.retrieval_distractors) <= 1.0:
+        raise RetroError(f"train.retrieval_distractors={t.retrieval_distractors} must be in [0, 1]")
     model_cfg = model_config(config)
     prepare_dir = prepare_dir_of(config, workdir)
     from retro_jax.data.pipeline import load_info  # TensorFlow only for gs:// paths
@@ -297,6 +299,7 @@ def _run(config, workdir, prepare_dir, ckpts, current, spec, info, model_cfg, me
         retrieval=retrieval,
         grad_accum=int(t.grad_accum),
         retrieval_dropout=float(t.retrieval_dropout),  # checked in train()
+        retrieval_distractors=float(t.retrieval_distractors),
         pad_id=model_cfg.pad_id,
         state_shardings=shardings,
         batch_shardings=batch_shardings(first, mesh),

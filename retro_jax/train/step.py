@@ -92,6 +92,22 @@ def drop_retrieval(batch: dict, key: jax.Array, rate: float, pad_id: int) -> dic
     }
 
 
+def distract_retrieval(batch: dict, key: jax.Array, rate: float) -> dict:
+    """Retrieval distractors (beyond the paper; `train.retrieval_distractors`): each chunk of
+    the batch gets, with probability `rate`, the neighbours of the same chunk position in the
+    next sequence of the batch instead of its own: neighbours of other text, which RETRO must
+    learn to leave unread (what it meets at low overlap, the leakage curve's alpha <= 1/8).
+    Another sequence's neighbours were retrieved with its own chunk, so nothing of this
+    sequence's future comes with them."""
+    if rate <= 0.0 or "neighbours" not in batch or batch["neighbours"].shape[0] < 2:
+        return batch
+    neighbours = batch["neighbours"]
+    swap = jax.random.bernoulli(key, rate, neighbours.shape[:2])
+    swap = swap.reshape(*swap.shape, *([1] * (neighbours.ndim - 2)))
+    other = jnp.roll(neighbours, -1, axis=0)
+    return {**batch, "neighbours": jnp.where(swap, other, neighbours)}
+
+
 def _micro_batches(batch: dict, accum: int) -> dict:
     """[B, ...] -> [accum, B/accum, ...]; micro-batch a takes rows a, a+accum, ... so each one
     is spread over every device that holds a slice of the batch (no data movement)."""
@@ -113,13 +129,16 @@ def make_train_step(
     retrieval: bool,
     grad_accum: int = 1,
     retrieval_dropout: float = 0.0,
+    retrieval_distractors: float = 0.0,
     pad_id: int = 0,
     state_shardings: TrainState | None = None,
     batch_shardings: dict | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted step (state, batch) -> (new state, metrics); the old state is donated.
     `retrieval_dropout` > 0 switches retrieval off for that share of the sequences, drawn from
-    the state's rng (so a resumed run draws the same ones).
+    the state's rng (so a resumed run draws the same ones); `retrieval_distractors` > 0 gives
+    that share of the chunks another sequence's neighbours (drawn the same way, after the
+    dropout's draw).
 
     metrics: loss (mean nll over scored tokens), grad_norm (before clipping), lr, tokens
     (scored), params_finite, finite (loss, gradient norm and new parameters all finite: False
@@ -134,6 +153,10 @@ def make_train_step(
     def step(state: TrainState, batch: dict):
         rng, drop_key = jax.random.split(jax.random.wrap_key_data(state.rng))
         if retrieval:  # unchanged at rate 0
+            # Distractors first, so a dropped sequence stays without neighbours.
+            batch = distract_retrieval(
+                batch, jax.random.fold_in(drop_key, 1), retrieval_distractors
+            )
             batch = drop_retrieval(batch, drop_key, retrieval_dropout, pad_id)
         if grad_accum == 1:
             (loss_sum, count), grads = grad_fn(state.params, state.frozen, batch)
