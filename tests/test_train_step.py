@@ -165,6 +165,7 @@ def test_schedule_and_decay_mask():
         "final_norm": jnp.ones(4),
         "embed": jnp.ones((8, 4)),
         "bias": jnp.ones(4),
+        "cca": {"attn": {"q": jnp.ones((2, 4, 2, 2)), "sink": jnp.zeros((2, 2))}},  # [C, H]
     }
     mask = decay_mask(params)
     assert mask == {
@@ -172,6 +173,7 @@ def test_schedule_and_decay_mask():
         "final_norm": False,
         "embed": True,
         "bias": False,
+        "cca": {"attn": {"q": True, "sink": False}},  # a logit per head: a bias, not a weight
     }
 
 

@@ -24,8 +24,9 @@ from retro_jax.errors import RetroError
 from retro_jax.sharding import BATCH_AXES, batch_sharding, check_batch_divides
 from retro_jax.train.state import ModelDef, TrainState
 
-# Parameter names that are scales of normalisations (or biases): never weight-decayed.
-_NO_DECAY = ("norm", "bias", "scale")
+# Parameter names that are scales of normalisations or biases (CCA's sink logits are biases of
+# one more key, [cca layers, heads]): never weight-decayed.
+_NO_DECAY = ("norm", "bias", "scale", "sink")
 
 
 def lr_schedule(train) -> optax.Schedule:
