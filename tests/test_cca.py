@@ -125,3 +125,48 @@ def test_a_sink_is_one_more_key_of_value_zero(params):
         np.abs(np.asarray(cca(with_sink, h, encoded, nmask) - cca(params, h, encoded, nmask))).max()
         > 1e-3
     )
+
+
+def test_neighbour_match_and_its_logits(params):
+    """RetroConfig.cca_match_bias: neighbour_match is the share of C_u's tokens (padding
+    excluded) that the neighbour's first m tokens hold at the same offset, and each head adds
+    MATCH_SCALE * match_bias[h] * match to the logits of that neighbour's 2m keys: the same
+    output as attention whose keys carry that bias, which the head's logit can make favour
+    (or avoid) a neighbour that fits."""
+    from retro_jax.model.attention import MATCH_SCALE, attend
+    from retro_jax.model.cca import neighbour_match
+
+    rng = np.random.default_rng(11)
+    tokens = rng.integers(1, 9, (2, 3 * M)).astype(np.int32)
+    tokens[1, :3] = 0  # left padding: not counted
+    neighbours = rng.integers(1, 9, (2, 3, K, R)).astype(np.int32)
+    neighbours[0, 1, 0, :M] = tokens[0, M : 2 * M]  # a copy: match 1
+    got = np.asarray(neighbour_match(jnp.asarray(tokens), jnp.asarray(neighbours), M, 0))
+    want = np.zeros((2, 3, K))
+    for b, u, j in np.ndindex(*want.shape):
+        chunk = tokens[b, u * M : (u + 1) * M]
+        real = chunk != 0
+        want[b, u, j] = ((neighbours[b, u, j, :M] == chunk) & real).sum() / max(real.sum(), 1)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got[0, 1, 0] == 1.0 and got.max() <= 1.0
+    h, encoded, mask = inputs(12, n=3 * M, chunks=3)
+    w = jnp.asarray([0.3, -0.2])
+    with_bias = dict(params, match_bias=w)
+    out = chunked_cross_attention(
+        with_bias, h, encoded, mask, chunk_size=M, rope_base=10_000.0, match=jnp.asarray(got)
+    )
+    assert np.abs(np.asarray(out - cca(params, h, encoded, mask))).max() > 1e-3  # it is used
+    # The same by hand for the first attending chunk H_0+ (positions m-1 .. 2m-2).
+    from retro_jax.model.attention import output, project_qkv
+    from retro_jax.model.layers import rope
+
+    q, k, v = project_qkv(params, h[:, M - 1 : 2 * M - 1], encoded[:, 0].reshape(2, K * R, DE))
+    q = rope(q, M - 1 + jnp.arange(M), 10_000.0)
+    k = rope(k, jnp.tile(jnp.arange(R), K), 10_000.0)
+    key_bias = (
+        MATCH_SCALE
+        * np.asarray(w)[None, :, None, None]
+        * np.repeat(got[:, 0], R, -1)[:, None, None, :]
+    )
+    by_hand = output(params, attend(q, k, v, mask[:, 0].reshape(2, 1, 1, K * R), None, key_bias))
+    np.testing.assert_allclose(out[:, M - 1 : 2 * M - 1], by_hand, atol=1e-5)

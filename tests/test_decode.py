@@ -180,17 +180,24 @@ def test_decoding_on_a_mesh_equals_the_full_forward_pass():
     np.testing.assert_allclose(logits, full, atol=1e-4)
 
 
-def test_decoding_with_cca_sinks_equals_full_forward():
-    """RetroConfig.cca_sink: the decoding step's CCA takes the same sink logits as the forward."""
-    model = Retro(dataclasses.replace(CONFIG, cca_sink=True), rngs=nnx.Rngs(0))
-    sink = model.cca["attn"]["sink"]
-    sink[...] = jnp.asarray(np.random.default_rng(7).normal(size=sink.shape), jnp.float32)
+@pytest.mark.parametrize("option, name", [("cca_sink", "sink"), ("cca_match_bias", "match_bias")])
+def test_decoding_with_cca_options_equals_full_forward(option, name):
+    """RetroConfig.cca_sink / cca_match_bias: the decoding step's CCA takes the same sink logits,
+    and the same neighbour matches (from the fed chunks' tokens), as the forward pass."""
+    model = Retro(dataclasses.replace(CONFIG, **{option: True}), rngs=nnx.Rngs(0))
+    p = model.cca["attn"][name]
+    p[...] = jnp.asarray(np.random.default_rng(7).normal(size=p.shape), jnp.float32)
     rng = np.random.default_rng(8)
-    tokens = jnp.asarray(rng.integers(1, 64, (2, 12)), jnp.int32)
-    neighbours = jnp.asarray(rng.integers(0, 64, (2, 12 // M, 2, 2 * M)), jnp.int32)
+    tokens = rng.integers(1, 64, (2, 12)).astype(np.int32)
+    neighbours = rng.integers(0, 64, (2, 12 // M, 2, 2 * M)).astype(np.int32)
+    neighbours[:, :, 0, :M] = tokens.reshape(2, 12 // M, M)  # a neighbour that fits: match 1
+    tokens, neighbours = jnp.asarray(tokens), jnp.asarray(neighbours)
     full = nnx.jit(lambda m, t, nb: m(t, nb))(model, tokens, neighbours)
     np.testing.assert_allclose(decode_all(model, tokens, neighbours, 2), full, atol=1e-4)
-    sink[...] = jnp.zeros(sink.shape)  # the sink is used: other logits than with it at zero
+    for cuts in [(5,), (3, 8)]:  # and prefilled in blocks that start and end mid-chunk
+        logits = feed_in_blocks(model, tokens, neighbours, 2, cuts)
+        np.testing.assert_allclose(logits, full, atol=1e-4, err_msg=f"blocks cut at {cuts}")
+    p[...] = jnp.zeros(p.shape)  # the option is used: other logits than with it at zero
     assert (
         np.abs(
             np.asarray(nnx.jit(lambda m, t, nb: m(t, nb))(model, tokens, neighbours) - full)

@@ -177,16 +177,35 @@ def test_trained_retro_copies_its_neighbours_only_where_causality_allows():
     assert np.all(np.abs(unretrieved.mean(axis=0) - chance) < 0.1)  # the gain is retrieval's
 
 
-def test_cca_sinks_keep_neighbours_causal():
-    """With RetroConfig.cca_sink (learned sink logits, here drawn), the neighbours of chunk u
-    still reach exactly the positions from its last token on."""
+def drawn_option_model(option: str):
+    """A model with CCA option `option` on and its learned logits (zero at first) drawn."""
     import dataclasses
 
-    model = Retro(dataclasses.replace(CONFIG, cca_sink=True), rngs=nnx.Rngs(0))
-    sink = model.cca["attn"]["sink"]
-    sink[...] = jnp.asarray(np.random.default_rng(3).normal(size=sink.shape), jnp.float32)
+    model = Retro(dataclasses.replace(CONFIG, **{option: True}), rngs=nnx.Rngs(0))
+    name = {"cca_sink": "sink", "cca_match_bias": "match_bias"}[option]
+    p = model.cca["attn"][name]
+    p[...] = jnp.asarray(np.random.default_rng(3).normal(size=p.shape), jnp.float32)
+    return model
+
+
+def copying_inputs(seed):
+    """random_inputs whose first neighbour of every chunk starts with that chunk, and whose
+    second holds half of it: matches of 1, 1/2 and about 1/63 (cca_match_bias)."""
+    tokens, neighbours = random_inputs(seed)
+    chunks = tokens.reshape(2, N // M, M)
+    neighbours[:, :, 0, :M] = chunks
+    neighbours[:, :, 1, : M // 2] = chunks[..., : M // 2]
+    return tokens, neighbours
+
+
+@pytest.mark.parametrize("option", ["cca_sink", "cca_match_bias"])
+def test_cca_options_keep_neighbours_and_tokens_causal(option):
+    """With RetroConfig.cca_sink or cca_match_bias (their logits drawn), the neighbours of chunk
+    u still reach exactly the positions from its last token on, and a token's change reaches
+    no earlier position (the match bias reads C_u, complete at its last token)."""
+    model = drawn_option_model(option)
     forward = nnx.jit(lambda model, t, nb: model(t, nb))
-    tokens, neighbours = random_inputs(5)
+    tokens, neighbours = copying_inputs(5)
     base = forward(model, tokens, neighbours)
     for u in range(N // M):
         other = neighbours.copy()
@@ -194,3 +213,8 @@ def test_cca_sinks_keep_neighbours_causal():
         diff = changed(base, forward(model, tokens, other))
         first = (u + 1) * M - 1
         assert not diff[:, :first].any() and diff[:, first].all(), u
+    for t in range(N):
+        other = tokens.copy()
+        other[:, t] = (other[:, t] % (CONFIG.vocab_size - 1)) + 1
+        diff = changed(base, forward(model, other, neighbours))
+        assert not diff[:, :t].any() and diff[:, t].all(), t

@@ -165,7 +165,13 @@ def test_schedule_and_decay_mask():
         "final_norm": jnp.ones(4),
         "embed": jnp.ones((8, 4)),
         "bias": jnp.ones(4),
-        "cca": {"attn": {"q": jnp.ones((2, 4, 2, 2)), "sink": jnp.zeros((2, 2))}},  # [C, H]
+        "cca": {  # [C, H] logits
+            "attn": {
+                "q": jnp.ones((2, 4, 2, 2)),
+                "sink": jnp.zeros((2, 2)),
+                "match_bias": jnp.zeros((2, 2)),
+            }
+        },
     }
     mask = decay_mask(params)
     assert mask == {
@@ -173,7 +179,7 @@ def test_schedule_and_decay_mask():
         "final_norm": False,
         "embed": True,
         "bias": False,
-        "cca": {"attn": {"q": True, "sink": False}},  # a logit per head: a bias, not a weight
+        "cca": {"attn": {"q": True, "sink": False, "match_bias": False}},  # biases, not weights
     }
 
 

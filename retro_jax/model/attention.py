@@ -1,7 +1,8 @@
 """Multi-head attention as pure functions: self-attention (causal or not) and cross-attention.
 
 Parameters of one attention layer are a dict {q: [d, H, D], k: [d_kv, H, D], v: [d_kv, H, D],
-o: [H, D, d]}, and for a cross-attention that may attend to nothing, sink: [H]. Softmax runs in
+o: [H, D, d]}, and for a cross-attention that may attend to nothing, sink: [H], or that weighs its
+keys by how well their neighbour fits, match_bias: [H] (`match_logits`). Softmax runs in
 float32; a query whose keys are all masked gets exactly zero output (never NaN), which the
 chunked cross-attention relies on for fully padded neighbours.
 """
@@ -14,19 +15,38 @@ import jax.numpy as jnp
 from retro_jax.model.layers import dense, rope
 
 _MASKED = -1e30
+# match_bias is learned in these units, so that AdamW's steps (about the learning rate each) move
+# a logit bias by a few nats within the few hundred steps of a small run.
+MATCH_SCALE = 16.0
+
+
+def match_logits(match_bias: jax.Array, key_match: jax.Array) -> jax.Array:
+    """Each head's logit bias MATCH_SCALE * match_bias[h] * key_match for every key:
+    match_bias [H], key_match [..., Tk] (its neighbour's `cca.neighbour_match`) -> [..., H, 1, Tk],
+    to add to attention logits [..., H, Tq, Tk]."""
+    w = MATCH_SCALE * match_bias.astype(jnp.float32)
+    return w[:, None, None] * key_match.astype(jnp.float32)[..., None, None, :]
 
 
 def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sink: jax.Array | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    sink: jax.Array | None = None,
+    bias: jax.Array | None = None,
 ) -> jax.Array:
     """q [..., Tq, H, D], k/v [..., Tk, H, D], mask bool broadcastable to [..., H, Tq, Tk].
 
     Returns [..., Tq, H, D]. One softmax over all Tk keys; rows with no valid key give zeros.
     `sink` [H]: each head's logit of one more key whose value is zero, so that a query can
-    attend to nothing (`RetroConfig.cca_sink`).
+    attend to nothing (`RetroConfig.cca_sink`). `bias`, broadcastable to the logits
+    [..., H, Tq, Tk], is added to them (`match_logits`).
     """
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("...qhd,...khd->...hqk", q * scale, k).astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias
     logits = jnp.where(mask, logits, _MASKED)
     if sink is not None:
         column = jnp.broadcast_to(sink.astype(jnp.float32)[:, None, None], (*logits.shape[:-1], 1))
@@ -78,8 +98,11 @@ def cross_attention(
     key_mask: jax.Array,
     *,
     rope_base: float,
+    key_match: jax.Array | None = None,
 ) -> jax.Array:
-    """x [..., Tq, d] attends to ctx [..., Tk, d_ctx]; key_mask bool [..., Tk]."""
+    """x [..., Tq, d] attends to ctx [..., Tk, d_ctx]; key_mask bool [..., Tk]; key_match
+    [..., Tk] with p["match_bias"] (`match_logits`) or None."""
     q, k, v = project_qkv(p, x, ctx)
     q, k = rope(q, q_positions, rope_base), rope(k, k_positions, rope_base)
-    return output(p, attend(q, k, v, key_mask[..., None, None, :], p.get("sink")))
+    bias = None if key_match is None else match_logits(p["match_bias"], key_match)
+    return output(p, attend(q, k, v, key_mask[..., None, None, :], p.get("sink"), bias))

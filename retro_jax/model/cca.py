@@ -15,6 +15,22 @@ import jax.numpy as jnp
 from retro_jax.model.attention import cross_attention
 
 
+def neighbour_match(tokens: jax.Array, neighbours: jax.Array, m: int, pad_id: int) -> jax.Array:
+    """How well each neighbour fits the chunk that retrieved it (`RetroConfig.cca_match_bias`).
+
+    tokens [B, >= l*m], neighbours [B, l, k, 2m] -> [B, l, k] float32: the share of C_u's
+    tokens (padding excluded) that neighbour j holds at the same offset in its first m tokens.
+    With neighbours aligned to their query (retrieval.align_neighbours) a near-duplicate scores
+    near 1 and its continuation sits where CCA reads a copy; a neighbour of other text near 0.
+    It reads only C_u and its neighbours, which positions u*m + m-1 onwards may see.
+    """
+    batch, chunks = neighbours.shape[:2]
+    chunk = tokens[:, : chunks * m].reshape(batch, chunks, 1, m)
+    real = chunk != pad_id
+    same = (neighbours[..., :m] == chunk) & real
+    return same.sum(-1).astype(jnp.float32) / jnp.maximum(real.sum(-1), 1).astype(jnp.float32)
+
+
 def chunked_cross_attention(
     p: dict,
     h: jax.Array,
@@ -23,12 +39,14 @@ def chunked_cross_attention(
     *,
     chunk_size: int,
     rope_base: float,
+    match: jax.Array | None = None,
 ) -> jax.Array:
     """The CCA update to add to the residual stream.
 
     h [B, n, d] (normalised decoder activations); encoded [B, l, k, r, d_enc] with l >= n // m
     (the encoded neighbours of each complete chunk, r = 2m tokens each); neighbour_mask bool
-    [B, l, k, r] (False on padding). Returns [B, n, d].
+    [B, l, k, r] (False on padding); match [B, l, k] (`neighbour_match`, with p["match_bias"])
+    or None. Returns [B, n, d].
 
     One softmax runs jointly over all k*r neighbour tokens of a chunk. Rotary positions: the j-th
     query of H_u+ sits at m-1+j (its offset from the start of C_u) and each neighbour's tokens at
@@ -54,6 +72,7 @@ def chunked_cross_attention(
         k_positions=jnp.tile(jnp.arange(r), k),
         key_mask=neighbour_mask.reshape(batch, chunks, k * r),
         rope_base=rope_base,
+        key_match=None if match is None else jnp.repeat(match[:, :chunks], r, axis=-1),
     )  # [B, l, m, d]
     y = y.reshape(batch, chunks * m, d)
     return jnp.pad(y, ((0, 0), (m - 1, 0), (0, 0)))[:, :n]  # back to positions 0..n-1

@@ -51,6 +51,12 @@ class RetroConfig:
     # a learned logit (zero at first), so a chunk whose neighbours do not help can take nothing
     # from them; without it every query's attention sums to one over the neighbours' tokens.
     cca_sink: bool = False
+    # Beyond the paper: each CCA head adds to the logits of a neighbour's tokens a learned multiple
+    # (zero at first) of that neighbour's match with the chunk that retrieved it, the share of
+    # C_u's tokens its first m tokens hold in place (`cca.neighbour_match`): a signal, causal
+    # since C_u is complete before its neighbours are read, of whether the neighbour continues
+    # the text, which a small model otherwise has to learn to compute from the neighbours' states.
+    cca_match_bias: bool = False
     pad_id: int = 0
     activation: str = "gelu"  # gelu (the paper's GPT-2-like FFW) | relu | silu
     rope_base: float = 10_000.0

@@ -19,7 +19,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from retro_jax.errors import RetroError
-from retro_jax.model.attention import attend, output, project, project_qkv
+from retro_jax.model.attention import attend, match_logits, output, project, project_qkv
+from retro_jax.model.cca import neighbour_match
 from retro_jax.model.encoder import values
 from retro_jax.model.layers import DTYPES, feed_forward, rms_norm, rope
 from retro_jax.model.retro import Retro
@@ -39,7 +40,9 @@ def init_cache(model: Retro, batch: int, max_len: int, num_neighbours: int) -> d
     """Empty caches for sequences of up to `max_len` tokens.
 
     k/v [layers, B, T, H, D]; chunk_h [B, T, d] (decoder activations at the first CCA layer,
-    which condition the encoder); cca_k/cca_v [cca_layers, B, chunks, k*2m, H, D].
+    which condition the encoder); cca_k/cca_v [cca_layers, B, chunks, k*2m, H, D]; with
+    `cca_match_bias`, tokens [B, T] (the fed ones) and cca_match [B, chunks, k*2m] (each key's
+    neighbour's match with its chunk).
     """
     c = model.config
     dtype = DTYPES[c.dtype]
@@ -59,6 +62,11 @@ def init_cache(model: Retro, batch: int, max_len: int, num_neighbours: int) -> d
             "cca_v": jnp.zeros(cca, dtype),
             "cca_mask": jnp.zeros((batch, chunks, num_neighbours * r), bool),
         }
+        if c.cca_match_bias:
+            cache |= {
+                "tokens": jnp.zeros((batch, max_len), jnp.int32),
+                "cca_match": jnp.zeros((batch, chunks, num_neighbours * r), jnp.float32),
+            }
     return cache
 
 
@@ -76,11 +84,16 @@ def _encode_chunks(model: Retro, cache: dict, first: jax.Array, neighbours: jax.
     project_all = lambda w: jnp.einsum("bltd,jdhk->jblthk", encoded, w.astype(encoded.dtype))
     keys = rope(project_all(attn["k"]), jnp.tile(jnp.arange(r), k), c.rope_base)
     put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(buf, new, first, axis=axis)
-    return cache | {
+    cache = cache | {
         "cca_k": put(cache["cca_k"], keys, 2),
         "cca_v": put(cache["cca_v"], project_all(attn["v"]), 2),
         "cca_mask": put(cache["cca_mask"], mask.reshape(batch, chunks, k * r), 1),
     }
+    if c.cca_match_bias:
+        chunk = jax.lax.dynamic_slice_in_dim(cache["tokens"], first * m, chunks * m, axis=1)
+        match = jnp.repeat(neighbour_match(chunk, neighbours, m, c.pad_id), r, axis=-1)
+        cache["cca_match"] = put(cache["cca_match"], match, 1)
+    return cache
 
 
 def feed(
@@ -120,6 +133,9 @@ def feed(
         cache["token_mask"], tokens != c.pad_id, t, axis=1
     )
     cache = cache | {"token_mask": token_mask}
+    if "tokens" in cache:  # cca_match_bias: the chunks' tokens, for their neighbours' match
+        fed = tokens.astype(jnp.int32)
+        cache["tokens"] = jax.lax.dynamic_update_slice_in_dim(cache["tokens"], fed, t, axis=1)
     # [B, 1, T, max_len]: keys up to each query's own position
     visible = (token_mask[:, None, :] & (jnp.arange(max_len) <= positions[:, None]))[:, None]
     stacked = values(model.decoder)
@@ -175,15 +191,20 @@ def feed(
 
     def chunked_cross_attention(x, j, cca_cache):
         """CCA j (may be traced) of positions t..t+T-1: their attending chunks' neighbours."""
-        cca_k, cca_v, cca_mask = cca_cache
+        cca_k, cca_v, cca_mask, cca_match = cca_cache
         p_cca = layer_params(cca, j)
         q = project(rms_norm(x, p_cca["norm"], c.norm_eps), p_cca["attn"]["q"])  # [B, T, H, D]
         sink = p_cca["attn"].get("sink")
+
+        def bias(rows):  # the match logits of the attended chunks' keys, [B, (G,) H, 1, Tk]
+            return None if cca_match is None else match_logits(p_cca["attn"]["match_bias"], rows)
+
         if n == 1:  # one position: gather its attending chunk H_u+
             attending = jnp.maximum(t - (m - 1), 0) // m
             q = rope(q, (m - 1 + (t - (m - 1)) % m)[None], c.rope_base)
             mask = cca_mask[:, attending][:, None, None, :]
-            y = attend(q, cca_k[j][:, attending], cca_v[j][:, attending], mask, sink)
+            rows = None if cca_match is None else cca_match[:, attending]
+            y = attend(q, cca_k[j][:, attending], cca_v[j][:, attending], mask, sink, bias(rows))
             # The first m-1 positions have no attending chunk: no CCA.
             return x + jnp.where(t >= m - 1, output(p_cca["attn"], y), 0.0)
         # A block: the queries laid out in whole attending chunks, as in the forward pass. Row q
@@ -199,7 +220,8 @@ def feed(
         exists = (chunk >= 0) & (chunk < cca_mask.shape[1])
         take = lambda a: jnp.take(a, chunk, axis=1, mode="clip")
         mask = (take(cca_mask) & exists[None, :, None])[:, :, None, None, :]
-        y = attend(laid, take(cca_k[j]), take(cca_v[j]), mask, sink)  # [B, G, m, H, D]
+        rows = None if cca_match is None else take(cca_match)
+        y = attend(laid, take(cca_k[j]), take(cca_v[j]), mask, sink, bias(rows))  # [B,G,m,H,D]
         y = jax.lax.dynamic_slice_in_dim(y.reshape(batch, groups * m, *heads), f, n, axis=1)
         return x + output(p_cca["attn"], y)
 
@@ -212,7 +234,7 @@ def feed(
     cache["chunk_h"] = jax.lax.dynamic_update_slice_in_dim(cache["chunk_h"], x, t, axis=1)
     if neighbours is not None:
         cache = _encode_chunks(model, cache, t // m, neighbours)
-    cca_cache = (cache["cca_k"], cache["cca_v"], cache["cca_mask"])
+    cca_cache = (cache["cca_k"], cache["cca_v"], cache["cca_mask"], cache.get("cca_match"))
     carry = (ffw(p, chunked_cross_attention(x, 0, cca_cache)), kv, i + 1)
 
     def cca_block(plain: int):

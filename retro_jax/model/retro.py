@@ -23,7 +23,7 @@ from flax import nnx
 
 from retro_jax.errors import RetroError
 from retro_jax.model.attention import self_attention
-from retro_jax.model.cca import chunked_cross_attention
+from retro_jax.model.cca import chunked_cross_attention, neighbour_match
 from retro_jax.model.config import RetroConfig
 from retro_jax.model.encoder import NeighbourEncoder, attention_params, values
 from retro_jax.model.layers import DTYPES, dense_wide, embed_lookup, feed_forward, param, rms_norm
@@ -83,6 +83,8 @@ class Retro(nnx.Module):
             )
             if c.cca_sink:
                 attn["sink"] = param(None, (*C, c.num_heads), ("layers", "heads"), value=0.0)
+            if c.cca_match_bias:
+                attn["match_bias"] = param(None, (*C, c.num_heads), ("layers", "heads"), value=0.0)
             self.cca = nnx.Dict(
                 attn=nnx.Dict(attn),
                 norm=param(None, (*C, d), ("layers", "norm"), value=1.0),
@@ -188,11 +190,19 @@ class Retro(nnx.Module):
         def attention_half(p, x):
             return attention_block(p, x, positions, token_mask, c)
 
+        match = neighbour_match(tokens, neighbours, m, c.pad_id) if c.cca_match_bias else None
+
         @checkpoint
         def cca_and_ffw_half(p, p_cca, x, encoded, neighbour_mask):
             h = rms_norm(x, p_cca["norm"], c.norm_eps)
             x = x + chunked_cross_attention(
-                p_cca["attn"], h, encoded, neighbour_mask, chunk_size=m, rope_base=c.rope_base
+                p_cca["attn"],
+                h,
+                encoded,
+                neighbour_mask,
+                chunk_size=m,
+                rope_base=c.rope_base,
+                match=match,
             )
             return ffw_block(p, x, c)
 

@@ -51,7 +51,7 @@ def check_baseline(baseline: RetroConfig, retro: RetroConfig, source: str) -> No
     have = {k: v for k, v in baseline.to_dict().items() if k not in COMPUTE_ONLY}
     # The encoder's and CCA's own fields do not shape the baseline; only the decoder's must agree.
     for d in (want, have):
-        for key in [k for k in d if k.startswith("enc_") or k == "cca_sink"]:
+        for key in [k for k in d if k.startswith("enc_") or k in ("cca_sink", "cca_match_bias")]:
             del d[key]
     problems = config_differences(have, want, "model")
     if problems:
