@@ -147,7 +147,7 @@ def test_neighbour_match_and_its_logits(params):
         chunk = tokens[b, u * M : (u + 1) * M]
         real = chunk != 0
         want[b, u, j] = ((neighbours[b, u, j, :M] == chunk) & real).sum() / max(real.sum(), 1)
-    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got, np.repeat(want, R, axis=-1), rtol=1e-6)  # per key
     assert got[0, 1, 0] == 1.0 and got.max() <= 1.0
     h, encoded, mask = inputs(12, n=3 * M, chunks=3)
     w = jnp.asarray([0.3, -0.2])
@@ -163,10 +163,6 @@ def test_neighbour_match_and_its_logits(params):
     q, k, v = project_qkv(params, h[:, M - 1 : 2 * M - 1], encoded[:, 0].reshape(2, K * R, DE))
     q = rope(q, M - 1 + jnp.arange(M), 10_000.0)
     k = rope(k, jnp.tile(jnp.arange(R), K), 10_000.0)
-    key_bias = (
-        MATCH_SCALE
-        * np.asarray(w)[None, :, None, None]
-        * np.repeat(got[:, 0], R, -1)[:, None, None, :]
-    )
+    key_bias = MATCH_SCALE * np.asarray(w)[None, :, None, None] * got[:, 0][:, None, None, :]
     by_hand = output(params, attend(q, k, v, mask[:, 0].reshape(2, 1, 1, K * R), None, key_bias))
     np.testing.assert_allclose(out[:, M - 1 : 2 * M - 1], by_hand, atol=1e-5)

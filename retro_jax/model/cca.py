@@ -18,8 +18,9 @@ from retro_jax.model.attention import cross_attention
 def neighbour_match(tokens: jax.Array, neighbours: jax.Array, m: int, pad_id: int) -> jax.Array:
     """How well each neighbour fits the chunk that retrieved it (`RetroConfig.cca_match_bias`).
 
-    tokens [B, >= l*m], neighbours [B, l, k, 2m] -> [B, l, k] float32: the share of C_u's
-    tokens (padding excluded) that neighbour j holds at the same offset in its first m tokens.
+    tokens [B, >= l*m], neighbours [B, l, k, 2m] -> [B, l, k*2m] float32, per key as CCA lays
+    them out: the share of C_u's tokens (padding excluded) that the key's neighbour holds at the
+    same offset in its first m tokens.
     With neighbours aligned to their query (retrieval.align_neighbours) a near-duplicate scores
     near 1 and its continuation sits where CCA reads a copy; a neighbour of other text near 0.
     It reads only C_u and its neighbours, which positions u*m + m-1 onwards may see.
@@ -28,7 +29,8 @@ def neighbour_match(tokens: jax.Array, neighbours: jax.Array, m: int, pad_id: in
     chunk = tokens[:, : chunks * m].reshape(batch, chunks, 1, m)
     real = chunk != pad_id
     same = (neighbours[..., :m] == chunk) & real
-    return same.sum(-1).astype(jnp.float32) / jnp.maximum(real.sum(-1), 1).astype(jnp.float32)
+    match = same.sum(-1).astype(jnp.float32) / jnp.maximum(real.sum(-1), 1).astype(jnp.float32)
+    return jnp.repeat(match, neighbours.shape[-1], axis=-1)  # [B, l, k] -> each neighbour's keys
 
 
 def chunked_cross_attention(
@@ -45,7 +47,7 @@ def chunked_cross_attention(
 
     h [B, n, d] (normalised decoder activations); encoded [B, l, k, r, d_enc] with l >= n // m
     (the encoded neighbours of each complete chunk, r = 2m tokens each); neighbour_mask bool
-    [B, l, k, r] (False on padding); match [B, l, k] (`neighbour_match`, with p["match_bias"])
+    [B, l, k, r] (False on padding); match [B, l, k*r] (`neighbour_match`, with p["match_bias"])
     or None. Returns [B, n, d].
 
     One softmax runs jointly over all k*r neighbour tokens of a chunk. Rotary positions: the j-th
@@ -72,7 +74,7 @@ def chunked_cross_attention(
         k_positions=jnp.tile(jnp.arange(r), k),
         key_mask=neighbour_mask.reshape(batch, chunks, k * r),
         rope_base=rope_base,
-        key_match=None if match is None else jnp.repeat(match[:, :chunks], r, axis=-1),
+        key_match=None if match is None else match[:, :chunks],
     )  # [B, l, m, d]
     y = y.reshape(batch, chunks * m, d)
     return jnp.pad(y, ((0, 0), (m - 1, 0), (0, 0)))[:, :n]  # back to positions 0..n-1

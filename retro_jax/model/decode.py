@@ -91,8 +91,9 @@ def _encode_chunks(model: Retro, cache: dict, first: jax.Array, neighbours: jax.
     }
     if c.cca_match_bias:
         chunk = jax.lax.dynamic_slice_in_dim(cache["tokens"], first * m, chunks * m, axis=1)
-        match = jnp.repeat(neighbour_match(chunk, neighbours, m, c.pad_id), r, axis=-1)
-        cache["cca_match"] = put(cache["cca_match"], match, 1)
+        cache["cca_match"] = put(
+            cache["cca_match"], neighbour_match(chunk, neighbours, m, c.pad_id), 1
+        )
     return cache
 
 
