@@ -133,7 +133,7 @@ def test_neighbour_match_and_its_logits(params):
     MATCH_SCALE * match_bias[h] * match to the logits of that neighbour's 2m keys: the same
     output as attention whose keys carry that bias, which the head's logit can make favour
     (or avoid) a neighbour that fits."""
-    from retro_jax.model.attention import MATCH_SCALE, attend
+    from retro_jax.model.attention import MATCH_SCALE
     from retro_jax.model.cca import neighbour_match
 
     rng = np.random.default_rng(11)
@@ -156,13 +156,70 @@ def test_neighbour_match_and_its_logits(params):
         with_bias, h, encoded, mask, chunk_size=M, rope_base=10_000.0, match=jnp.asarray(got)
     )
     assert np.abs(np.asarray(out - cca(params, h, encoded, mask))).max() > 1e-3  # it is used
-    # The same by hand for the first attending chunk H_0+ (positions m-1 .. 2m-2).
-    from retro_jax.model.attention import output, project_qkv
+    key_bias = MATCH_SCALE * np.asarray(w)[None, :, None, None] * got[:, 0][:, None, None, :]
+    by_hand = first_chunk_by_hand(params, h, encoded, mask, key_bias)
+    np.testing.assert_allclose(out[:, M - 1 : 2 * M - 1], by_hand, atol=1e-5)
+
+
+def first_chunk_by_hand(params, h, encoded, mask, key_bias):
+    """CCA's output at the first attending chunk H_0+ (positions m-1 .. 2m-2), by hand, with
+    `key_bias` [B, H, m or 1, k*2m] added to its logits."""
+    from retro_jax.model.attention import attend, output, project_qkv
     from retro_jax.model.layers import rope
 
     q, k, v = project_qkv(params, h[:, M - 1 : 2 * M - 1], encoded[:, 0].reshape(2, K * R, DE))
     q = rope(q, M - 1 + jnp.arange(M), 10_000.0)
     k = rope(k, jnp.tile(jnp.arange(R), K), 10_000.0)
-    key_bias = MATCH_SCALE * np.asarray(w)[None, :, None, None] * got[:, 0][:, None, None, :]
-    by_hand = output(params, attend(q, k, v, mask[:, 0].reshape(2, 1, 1, K * R), None, key_bias))
+    return output(params, attend(q, k, v, mask[:, 0].reshape(2, 1, 1, K * R), None, key_bias))
+
+
+def test_running_match_and_its_logits(params):
+    """RetroConfig.cca_running_match: for the query at u*m + m-1 + o, running_match is the share
+    of its last w tokens (padding and positions outside the sequence excluded, none after the
+    query) that the neighbour holds at the same offsets (its token t at u*m + t), and each head
+    adds MATCH_SCALE * running_bias[h] * that share to the query's logits of the neighbour's 2m
+    keys. Over a window of m at o = 0 it is neighbour_match."""
+    from retro_jax.model.attention import MATCH_SCALE
+    from retro_jax.model.cca import neighbour_match, running_match
+
+    rng = np.random.default_rng(13)
+    tokens = rng.integers(1, 4, (2, 3 * M)).astype(np.int32)  # 3 symbols: many partial matches
+    tokens[1, :3] = 0  # left padding: not counted
+    neighbours = rng.integers(1, 4, (2, 3, K, R)).astype(np.int32)
+    neighbours[0, 0, 0] = tokens[0, :R]  # C_0 and its continuation C_1: a running match of 1
+    window, chunks = 3, 3
+    got = np.asarray(
+        running_match(
+            *map(jnp.asarray, (tokens, neighbours)), jnp.arange(chunks), jnp.arange(M), window, M, 0
+        )
+    )
+    want = np.zeros((2, chunks, M, K))
+    for b, u, o, j in np.ndindex(*want.shape):
+        query = u * M + M - 1 + o
+        read = [i for i in range(query - window + 1, query + 1) if 0 <= i < 3 * M]
+        read = [i for i in read if tokens[b, i] != 0]
+        hits = sum(neighbours[b, u, j, i - u * M] == tokens[b, i] for i in read)
+        want[b, u, o, j] = hits / max(len(read), 1)
+    np.testing.assert_allclose(got, np.repeat(want, R, axis=-1), rtol=1e-6)  # per key
+    assert (got[0, 0, :, 0] == 1).all() and 0 < want.mean() < 1
+    at_first = running_match(
+        jnp.asarray(tokens), jnp.asarray(neighbours), jnp.arange(chunks), jnp.zeros(1, int), M, M, 0
+    )[:, :, 0]
+    np.testing.assert_allclose(
+        at_first, neighbour_match(jnp.asarray(tokens), jnp.asarray(neighbours), M, 0)
+    )
+    h, encoded, mask = inputs(14, n=3 * M, chunks=3)
+    w = jnp.asarray([0.4, -0.3])
+    out = chunked_cross_attention(
+        dict(params, running_bias=w),
+        h,
+        encoded,
+        mask,
+        chunk_size=M,
+        rope_base=10_000.0,
+        running=jnp.asarray(got),
+    )
+    assert np.abs(np.asarray(out - cca(params, h, encoded, mask))).max() > 1e-3  # it is used
+    key_bias = MATCH_SCALE * np.asarray(w)[None, :, None, None] * got[:, 0][:, None, :, :]
+    by_hand = first_chunk_by_hand(params, h, encoded, mask, key_bias)
     np.testing.assert_allclose(out[:, M - 1 : 2 * M - 1], by_hand, atol=1e-5)

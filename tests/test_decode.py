@@ -180,17 +180,26 @@ def test_decoding_on_a_mesh_equals_the_full_forward_pass():
     np.testing.assert_allclose(logits, full, atol=1e-4)
 
 
-@pytest.mark.parametrize("option, name", [("cca_sink", "sink"), ("cca_match_bias", "match_bias")])
-def test_decoding_with_cca_options_equals_full_forward(option, name):
-    """RetroConfig.cca_sink / cca_match_bias: the decoding step's CCA takes the same sink logits,
-    and the same neighbour matches (from the fed chunks' tokens), as the forward pass."""
-    model = Retro(dataclasses.replace(CONFIG, **{option: True}), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize(
+    "option, value, name",
+    [
+        ("cca_sink", True, "sink"),
+        ("cca_match_bias", True, "match_bias"),
+        ("cca_running_match", 3, "running_bias"),
+    ],
+)
+def test_decoding_with_cca_options_equals_full_forward(option, value, name):
+    """RetroConfig.cca_sink / cca_match_bias / cca_running_match: the decoding step's CCA takes
+    the same sink logits, and the same neighbour matches (from the fed chunks' tokens and, for a
+    running match, the tokens fed up to each query), as the forward pass."""
+    model = Retro(dataclasses.replace(CONFIG, **{option: value}), rngs=nnx.Rngs(0))
     p = model.cca["attn"][name]
     p[...] = jnp.asarray(np.random.default_rng(7).normal(size=p.shape), jnp.float32)
     rng = np.random.default_rng(8)
     tokens = rng.integers(1, 64, (2, 12)).astype(np.int32)
     neighbours = rng.integers(0, 64, (2, 12 // M, 2, 2 * M)).astype(np.int32)
     neighbours[:, :, 0, :M] = tokens.reshape(2, 12 // M, M)  # a neighbour that fits: match 1
+    neighbours[:, :-1, 0, M : M + 2] = tokens.reshape(2, 12 // M, M)[:, 1:, :2]  # and goes on
     tokens, neighbours = jnp.asarray(tokens), jnp.asarray(neighbours)
     full = nnx.jit(lambda m, t, nb: m(t, nb))(model, tokens, neighbours)
     np.testing.assert_allclose(decode_all(model, tokens, neighbours, 2), full, atol=1e-4)

@@ -181,28 +181,32 @@ def drawn_option_model(option: str):
     """A model with CCA option `option` on and its learned logits (zero at first) drawn."""
     import dataclasses
 
-    model = Retro(dataclasses.replace(CONFIG, **{option: True}), rngs=nnx.Rngs(0))
-    name = {"cca_sink": "sink", "cca_match_bias": "match_bias"}[option]
+    value = M // 2 if option == "cca_running_match" else True  # a window of m/2 tokens
+    model = Retro(dataclasses.replace(CONFIG, **{option: value}), rngs=nnx.Rngs(0))
+    name = {"cca_sink": "sink", "cca_match_bias": "match_bias"}.get(option, "running_bias")
     p = model.cca["attn"][name]
     p[...] = jnp.asarray(np.random.default_rng(3).normal(size=p.shape), jnp.float32)
     return model
 
 
 def copying_inputs(seed):
-    """random_inputs whose first neighbour of every chunk starts with that chunk, and whose
-    second holds half of it: matches of 1, 1/2 and about 1/63 (cca_match_bias)."""
+    """random_inputs whose first neighbour of every chunk starts with that chunk and continues
+    with the next one, and whose second holds half of it: matches of 1, 1/2 and about 1/63
+    (cca_match_bias), and running matches that read the tokens after C_u (cca_running_match)."""
     tokens, neighbours = random_inputs(seed)
     chunks = tokens.reshape(2, N // M, M)
     neighbours[:, :, 0, :M] = chunks
+    neighbours[:, :-1, 0, M:] = chunks[:, 1:]
     neighbours[:, :, 1, : M // 2] = chunks[..., : M // 2]
     return tokens, neighbours
 
 
-@pytest.mark.parametrize("option", ["cca_sink", "cca_match_bias"])
+@pytest.mark.parametrize("option", ["cca_sink", "cca_match_bias", "cca_running_match"])
 def test_cca_options_keep_neighbours_and_tokens_causal(option):
-    """With RetroConfig.cca_sink or cca_match_bias (their logits drawn), the neighbours of chunk
-    u still reach exactly the positions from its last token on, and a token's change reaches
-    no earlier position (the match bias reads C_u, complete at its last token)."""
+    """With RetroConfig.cca_sink, cca_match_bias or cca_running_match (their logits drawn), the
+    neighbours of chunk u still reach exactly the positions from its last token on, and a
+    token's change reaches no earlier position (the match bias reads C_u, complete at its last
+    token; a running match reads no token after its query)."""
     model = drawn_option_model(option)
     forward = nnx.jit(lambda model, t, nb: model(t, nb))
     tokens, neighbours = copying_inputs(5)

@@ -93,11 +93,11 @@ def test_retrofit_from_a_model_that_is_not_the_twin(runs, tmp_path):
 
 def test_the_twin_check_ignores_what_does_not_shape_the_baseline():
     """A baseline is RETRO's twin whatever RETRO's encoder and CCA options (model.cca_sink,
-    model.cca_match_bias); its decoder must agree."""
+    model.cca_match_bias, model.cca_running_match); its decoder must agree."""
     from retro_jax.model import RetroConfig
     from retro_jax.train.retrofit import check_baseline
 
-    retro = RetroConfig(cca_sink=True, cca_match_bias=True, enc_num_layers=3)
+    retro = RetroConfig(cca_sink=True, cca_match_bias=True, cca_running_match=8, enc_num_layers=3)
     check_baseline(RetroConfig(cca_layers=()), retro, "B")
     with pytest.raises(RetroError, match=r"B is not this model's baseline twin: model.d_ff"):
         check_baseline(RetroConfig(cca_layers=(), d_ff=128), retro, "B")

@@ -170,6 +170,7 @@ def test_schedule_and_decay_mask():
                 "q": jnp.ones((2, 4, 2, 2)),
                 "sink": jnp.zeros((2, 2)),
                 "match_bias": jnp.zeros((2, 2)),
+                "running_bias": jnp.zeros((2, 2)),
             }
         },
     }
@@ -179,7 +180,8 @@ def test_schedule_and_decay_mask():
         "final_norm": False,
         "embed": True,
         "bias": False,
-        "cca": {"attn": {"q": True, "sink": False, "match_bias": False}},  # biases, not weights
+        # biases, not weights
+        "cca": {"attn": {"q": True, "sink": False, "match_bias": False, "running_bias": False}},
     }
 
 

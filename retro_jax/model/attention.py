@@ -2,9 +2,9 @@
 
 Parameters of one attention layer are a dict {q: [d, H, D], k: [d_kv, H, D], v: [d_kv, H, D],
 o: [H, D, d]}, and for a cross-attention that may attend to nothing, sink: [H], or that weighs its
-keys by how well their neighbour fits, match_bias: [H] (`match_logits`). Softmax runs in
-float32; a query whose keys are all masked gets exactly zero output (never NaN), which the
-chunked cross-attention relies on for fully padded neighbours.
+keys by how well their neighbour fits, match_bias and running_bias: [H] (`match_logits`).
+Softmax runs in float32; a query whose keys are all masked gets exactly zero output (never NaN),
+which the chunked cross-attention relies on for fully padded neighbours.
 """
 
 from __future__ import annotations
@@ -20,12 +20,25 @@ _MASKED = -1e30
 MATCH_SCALE = 16.0
 
 
-def match_logits(match_bias: jax.Array, key_match: jax.Array) -> jax.Array:
-    """Each head's logit bias MATCH_SCALE * match_bias[h] * key_match for every key:
-    match_bias [H], key_match [..., Tk] (its neighbour's `cca.neighbour_match`) -> [..., H, 1, Tk],
-    to add to attention logits [..., H, Tq, Tk]."""
-    w = MATCH_SCALE * match_bias.astype(jnp.float32)
-    return w[:, None, None] * key_match.astype(jnp.float32)[..., None, None, :]
+def match_logits(
+    p: dict, match: jax.Array | None = None, running: jax.Array | None = None
+) -> jax.Array | None:
+    """The logit bias of CCA's neighbour matches: each head adds MATCH_SCALE * w[h] * share to
+    the logits of every key, with w = p["match_bias"] [H] for match [..., Tk] (one share per key,
+    `cca.neighbour_match`) and w = p["running_bias"] [H] for running [..., Tq, Tk] (one per query
+    and key, `cca.running_match`). Returns their sum, broadcastable to the logits [..., H, Tq,
+    Tk], or None without either."""
+
+    def scaled(w, share):  # share [..., Q, Tk] -> [..., H, Q, Tk]
+        w = MATCH_SCALE * w.astype(jnp.float32)
+        return w[:, None, None] * share.astype(jnp.float32)[..., None, :, :]
+
+    terms = []
+    if match is not None:
+        terms.append(scaled(p["match_bias"], match[..., None, :]))
+    if running is not None:
+        terms.append(scaled(p["running_bias"], running))
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 def attend(
@@ -98,11 +111,10 @@ def cross_attention(
     key_mask: jax.Array,
     *,
     rope_base: float,
-    key_match: jax.Array | None = None,
+    bias: jax.Array | None = None,
 ) -> jax.Array:
-    """x [..., Tq, d] attends to ctx [..., Tk, d_ctx]; key_mask bool [..., Tk]; key_match
-    [..., Tk] with p["match_bias"] (`match_logits`) or None."""
+    """x [..., Tq, d] attends to ctx [..., Tk, d_ctx]; key_mask bool [..., Tk]; bias, added to
+    the logits [..., H, Tq, Tk] (`match_logits`), or None."""
     q, k, v = project_qkv(p, x, ctx)
     q, k = rope(q, q_positions, rope_base), rope(k, k_positions, rope_base)
-    bias = None if key_match is None else match_logits(p["match_bias"], key_match)
     return output(p, attend(q, k, v, key_mask[..., None, None, :], p.get("sink"), bias))

@@ -57,6 +57,12 @@ class RetroConfig:
     # since C_u is complete before its neighbours are read, of whether the neighbour continues
     # the text, which a small model otherwise has to learn to compute from the neighbours' states.
     cca_match_bias: bool = False
+    # Beyond the paper: each CCA head adds to the logits of a neighbour's tokens a learned multiple
+    # (zero at first) of how well the neighbour still fits where each query reads it: the share
+    # of the query's last `cca_running_match` tokens (itself included, none after it) that the
+    # neighbour holds at the same offsets (`cca.running_match`). Where a copy stops, its match
+    # falls within a few tokens, so with `cca_sink` a head can stop reading it. 0 = off.
+    cca_running_match: int = 0
     pad_id: int = 0
     activation: str = "gelu"  # gelu (the paper's GPT-2-like FFW) | relu | silu
     rope_base: float = 10_000.0
@@ -82,6 +88,11 @@ class RetroConfig:
         bad_enc = [i for i in self.enc_cross_layers if not 1 <= i <= self.enc_num_layers]
         if bad_enc:
             problems.append(f"enc_cross_layers {bad_enc} outside 1..{self.enc_num_layers}")
+        if not 0 <= self.cca_running_match <= 2 * self.chunk_size:
+            problems.append(
+                f"cca_running_match must be in 0..2*chunk_size={2 * self.chunk_size} (tokens), "
+                f"got {self.cca_running_match}"
+            )
         if self.logits_chunk < 0:
             problems.append(f"logits_chunk must be >= 0, got {self.logits_chunk}")
         if self.dtype not in ("float32", "bfloat16"):

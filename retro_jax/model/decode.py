@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from retro_jax.errors import RetroError
 from retro_jax.model.attention import attend, match_logits, output, project, project_qkv
-from retro_jax.model.cca import neighbour_match
+from retro_jax.model.cca import neighbour_match, running_match
 from retro_jax.model.encoder import values
 from retro_jax.model.layers import DTYPES, feed_forward, rms_norm, rope
 from retro_jax.model.retro import Retro
@@ -41,8 +41,9 @@ def init_cache(model: Retro, batch: int, max_len: int, num_neighbours: int) -> d
 
     k/v [layers, B, T, H, D]; chunk_h [B, T, d] (decoder activations at the first CCA layer,
     which condition the encoder); cca_k/cca_v [cca_layers, B, chunks, k*2m, H, D]; with
-    `cca_match_bias`, tokens [B, T] (the fed ones) and cca_match [B, chunks, k*2m] (each key's
-    neighbour's match with its chunk).
+    `cca_match_bias` or `cca_running_match`, tokens [B, T] (the fed ones); with the first,
+    cca_match [B, chunks, k*2m] (each key's neighbour's match with its chunk); with the second,
+    cca_tokens [B, chunks, k, 2m] (the neighbours, to match where each query reads them).
     """
     c = model.config
     dtype = DTYPES[c.dtype]
@@ -62,11 +63,12 @@ def init_cache(model: Retro, batch: int, max_len: int, num_neighbours: int) -> d
             "cca_v": jnp.zeros(cca, dtype),
             "cca_mask": jnp.zeros((batch, chunks, num_neighbours * r), bool),
         }
+        if c.cca_match_bias or c.cca_running_match:
+            cache["tokens"] = jnp.zeros((batch, max_len), jnp.int32)
         if c.cca_match_bias:
-            cache |= {
-                "tokens": jnp.zeros((batch, max_len), jnp.int32),
-                "cca_match": jnp.zeros((batch, chunks, num_neighbours * r), jnp.float32),
-            }
+            cache["cca_match"] = jnp.zeros((batch, chunks, num_neighbours * r), jnp.float32)
+        if c.cca_running_match:
+            cache["cca_tokens"] = jnp.zeros((batch, chunks, num_neighbours, r), jnp.int32)
     return cache
 
 
@@ -94,6 +96,8 @@ def _encode_chunks(model: Retro, cache: dict, first: jax.Array, neighbours: jax.
         cache["cca_match"] = put(
             cache["cca_match"], neighbour_match(chunk, neighbours, m, c.pad_id), 1
         )
+    if c.cca_running_match:
+        cache["cca_tokens"] = put(cache["cca_tokens"], neighbours.astype(jnp.int32), 1)
     return cache
 
 
@@ -134,7 +138,7 @@ def feed(
         cache["token_mask"], tokens != c.pad_id, t, axis=1
     )
     cache = cache | {"token_mask": token_mask}
-    if "tokens" in cache:  # cca_match_bias: the chunks' tokens, for their neighbours' match
+    if "tokens" in cache:  # the tokens fed, for the neighbours' matches (cca_*_match*)
         fed = tokens.astype(jnp.int32)
         cache["tokens"] = jax.lax.dynamic_update_slice_in_dim(cache["tokens"], fed, t, axis=1)
     # [B, 1, T, max_len]: keys up to each query's own position
@@ -192,20 +196,33 @@ def feed(
 
     def chunked_cross_attention(x, j, cca_cache):
         """CCA j (may be traced) of positions t..t+T-1: their attending chunks' neighbours."""
-        cca_k, cca_v, cca_mask, cca_match = cca_cache
+        cca_k, cca_v, cca_mask, cca_match, cca_tokens, fed_tokens = cca_cache
         p_cca = layer_params(cca, j)
         q = project(rms_norm(x, p_cca["norm"], c.norm_eps), p_cca["attn"]["q"])  # [B, T, H, D]
         sink = p_cca["attn"].get("sink")
 
-        def bias(rows):  # the match logits of the attended chunks' keys, [B, (G,) H, 1, Tk]
-            return None if cca_match is None else match_logits(p_cca["attn"]["match_bias"], rows)
+        def bias(chunks, offsets, take):
+            """The match logits of the attended chunks' keys, [B, (G,) H, Q, Tk]: `chunks` [G]
+            attended by the queries at `offsets` [Q] of H_u+; take(a) gathers their rows of a
+            per-chunk cache entry a [B, chunks, ...], without (G) if chunks has no axis."""
+            match = None if cca_match is None else take(cca_match)
+            running = None
+            if cca_tokens is not None:
+                ids, nb = jnp.atleast_1d(chunks), take(cca_tokens)
+                nb = nb if jnp.ndim(chunks) else nb[:, None]
+                running = running_match(
+                    fed_tokens, nb, ids, offsets, c.cca_running_match, m, c.pad_id
+                )
+                running = running if jnp.ndim(chunks) else running[:, 0]
+            return match_logits(p_cca["attn"], match, running)
 
         if n == 1:  # one position: gather its attending chunk H_u+
             attending = jnp.maximum(t - (m - 1), 0) // m
-            q = rope(q, (m - 1 + (t - (m - 1)) % m)[None], c.rope_base)
+            offset = (t - (m - 1)) % m
+            q = rope(q, (m - 1 + offset)[None], c.rope_base)
             mask = cca_mask[:, attending][:, None, None, :]
-            rows = None if cca_match is None else cca_match[:, attending]
-            y = attend(q, cca_k[j][:, attending], cca_v[j][:, attending], mask, sink, bias(rows))
+            rows = bias(attending, offset[None], lambda a: a[:, attending])
+            y = attend(q, cca_k[j][:, attending], cca_v[j][:, attending], mask, sink, rows)
             # The first m-1 positions have no attending chunk: no CCA.
             return x + jnp.where(t >= m - 1, output(p_cca["attn"], y), 0.0)
         # A block: the queries laid out in whole attending chunks, as in the forward pass. Row q
@@ -221,8 +238,8 @@ def feed(
         exists = (chunk >= 0) & (chunk < cca_mask.shape[1])
         take = lambda a: jnp.take(a, chunk, axis=1, mode="clip")
         mask = (take(cca_mask) & exists[None, :, None])[:, :, None, None, :]
-        rows = None if cca_match is None else take(cca_match)
-        y = attend(laid, take(cca_k[j]), take(cca_v[j]), mask, sink, bias(rows))  # [B,G,m,H,D]
+        rows = bias(chunk, jnp.arange(m), take)
+        y = attend(laid, take(cca_k[j]), take(cca_v[j]), mask, sink, rows)  # [B, G, m, H, D]
         y = jax.lax.dynamic_slice_in_dim(y.reshape(batch, groups * m, *heads), f, n, axis=1)
         return x + output(p_cca["attn"], y)
 
@@ -235,7 +252,10 @@ def feed(
     cache["chunk_h"] = jax.lax.dynamic_update_slice_in_dim(cache["chunk_h"], x, t, axis=1)
     if neighbours is not None:
         cache = _encode_chunks(model, cache, t // m, neighbours)
-    cca_cache = (cache["cca_k"], cache["cca_v"], cache["cca_mask"], cache.get("cca_match"))
+    cca_cache = tuple(
+        cache.get(name)
+        for name in ("cca_k", "cca_v", "cca_mask", "cca_match", "cca_tokens", "tokens")
+    )
     carry = (ffw(p, chunked_cross_attention(x, 0, cca_cache)), kv, i + 1)
 
     def cca_block(plain: int):

@@ -23,7 +23,7 @@ from flax import nnx
 
 from retro_jax.errors import RetroError
 from retro_jax.model.attention import self_attention
-from retro_jax.model.cca import chunked_cross_attention, neighbour_match
+from retro_jax.model.cca import chunked_cross_attention, neighbour_match, running_match
 from retro_jax.model.config import RetroConfig
 from retro_jax.model.encoder import NeighbourEncoder, attention_params, values
 from retro_jax.model.layers import DTYPES, dense_wide, embed_lookup, feed_forward, param, rms_norm
@@ -83,8 +83,9 @@ class Retro(nnx.Module):
             )
             if c.cca_sink:
                 attn["sink"] = param(None, (*C, c.num_heads), ("layers", "heads"), value=0.0)
-            if c.cca_match_bias:
-                attn["match_bias"] = param(None, (*C, c.num_heads), ("layers", "heads"), value=0.0)
+            options = {"match_bias": c.cca_match_bias, "running_bias": c.cca_running_match}
+            for name in [name for name, used in options.items() if used]:
+                attn[name] = param(None, (*C, c.num_heads), ("layers", "heads"), value=0.0)
             self.cca = nnx.Dict(
                 attn=nnx.Dict(attn),
                 norm=param(None, (*C, d), ("layers", "norm"), value=1.0),
@@ -191,6 +192,12 @@ class Retro(nnx.Module):
             return attention_block(p, x, positions, token_mask, c)
 
         match = neighbour_match(tokens, neighbours, m, c.pad_id) if c.cca_match_bias else None
+        running = None
+        if c.cca_running_match:
+            chunks = jnp.arange(neighbours.shape[1])
+            running = running_match(
+                tokens, neighbours, chunks, jnp.arange(m), c.cca_running_match, m, c.pad_id
+            )
 
         @checkpoint
         def cca_and_ffw_half(p, p_cca, x, encoded, neighbour_mask):
@@ -203,6 +210,7 @@ class Retro(nnx.Module):
                 chunk_size=m,
                 rope_base=c.rope_base,
                 match=match,
+                running=running,
             )
             return ffw_block(p, x, c)
 

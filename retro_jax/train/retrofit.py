@@ -39,6 +39,10 @@ def retrofit_schedule(config: ml_collections.ConfigDict) -> ml_collections.Confi
     return config
 
 
+# RetroConfig fields of CCA alone (the baseline twin has no CCA): they need not agree.
+_CCA_OPTIONS = ("cca_sink", "cca_match_bias", "cca_running_match")
+
+
 def check_baseline(baseline: RetroConfig, retro: RetroConfig, source: str) -> None:
     """RetroError unless `baseline` is the decoder of `retro` (its twin)."""
     if retro.is_baseline:
@@ -51,7 +55,7 @@ def check_baseline(baseline: RetroConfig, retro: RetroConfig, source: str) -> No
     have = {k: v for k, v in baseline.to_dict().items() if k not in COMPUTE_ONLY}
     # The encoder's and CCA's own fields do not shape the baseline; only the decoder's must agree.
     for d in (want, have):
-        for key in [k for k in d if k.startswith("enc_") or k in ("cca_sink", "cca_match_bias")]:
+        for key in [k for k in d if k.startswith("enc_") or k in _CCA_OPTIONS]:
             del d[key]
     problems = config_differences(have, want, "model")
     if problems:
