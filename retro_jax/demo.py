@@ -354,8 +354,15 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
     retro_dir = _model_workdir(workdir, "retro")
     retrofit_dir = _model_workdir(workdir, "retrofit")
     baseline_cfg = _variant(config, model={"cca_layers": ()})
+    # The retro-fit's own model options (demo.retrofit_model): its encoder and CCA may differ
+    # from RETRO's (a CCA sink costs a retro-fit much of its gain); its decoder is the baseline.
+    retrofit_model = dict(config.demo.get("retrofit_model", None) or {})
+    unknown = sorted(set(retrofit_model) - set(config.model))
+    if unknown:
+        raise RetroError(f"demo.retrofit_model.{unknown[0]}: not a model config field")
     retrofit_cfg = _variant(
         config,
+        model=retrofit_model,
         train={
             "retrofit_from": baseline_dir,
             "steps": int(config.demo.retrofit_steps),
@@ -371,7 +378,7 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
     )
     # RETRO's evaluation scores the baseline too, and sweeps the database size (RETRO's alone).
     retro_eval_cfg = _variant(config, eval={"baseline_workdir": baseline_dir})
-    retrofit_eval_cfg = _variant(config, eval={"database_fractions": ()})
+    retrofit_eval_cfg = _variant(config, model=retrofit_model, eval={"database_fractions": ()})
     chains = {  # each chain's stages in order: the retro-fit starts from the trained baseline
         "baseline": [
             Job("train baseline", "train", baseline_cfg, baseline_dir),
