@@ -103,7 +103,7 @@ def get_config(arg: str = ""):
         # +0.011 and +0.017 with neither), and its gain grows (-14.0% / -12.8% at 600 steps):
         # benchmarks/results/retrieval_pays.md, a15.
         config.model.update(dict(cca_sink=True, cca_match_bias=True, cca_running_match=8))
-        config.train.steps = 500  # with the matches, copying is learned early enough for this
+        config.train.steps = 400  # with the matches, copying is learned early enough for this
         config.train.learning_rate = 3e-3
         # Beyond the paper: one training sequence in five without its neighbours. Over 800 steps
         # RETRO comes to lean on them; on transformers 5.25.0's files, with one in ten RETRO[OFF]
@@ -113,7 +113,7 @@ def get_config(arg: str = ""):
         # The retro-fit's share of RETRO's gain grows with its steps, and its rate has a narrow
         # best: at 600 steps 57% at 6e-3, 50% at 1e-2; at 400 steps 1e-2 gives 37%, 2e-2 and
         # 3e-2 under 2% (benchmarks/results/retrieval_pays.md, a7).
-        config.demo.retrofit_steps = 400
+        config.demo.retrofit_steps = 300
         config.demo.retrofit_learning_rate = 6e-3
         # A sink costs a retro-fit much of its gain (38% of RETRO's with it, 62% without, a15):
         # the frozen decoder's retro-fit reads the matches without it.
