@@ -1,14 +1,13 @@
 """`retro-jax demo`: the whole system on a real corpus, in minutes on a CPU.
 
-    retro-jax demo --workdir W                          # transformers' model code, ~19 min*
+    retro-jax demo --workdir W                          # transformers' model code, ~16 min*
     retro-jax demo --workdir W --config experiments/demo.py:smallest   # the CI test's size
     retro-jax demo --workdir W --config experiments/demo.py:large      # more files and steps
     retro-jax demo --workdir W --config experiments/demo.py:sotu       # State of the Union
     retro-jax demo --workdir W --config experiments/demo.py:sotu,large # all of it, ~35 min
     retro-jax demo --workdir W --config experiments/demo.py:linux-doc  # the kernel docs corpus
 
-* 18 min 48 s on a 2-core Intel Xeon running a 2048^3 matmul at ~160 GFLOP/s, 21 min 3 s on a
-  2-core AMD EPYC (README, The demo).
+* 16 min 13 s on a 2-core AMD EPYC (README, The demo).
 
 The default corpus is the `modeling_*.py` files of the installed `transformers` package (every
 10th file by stable id held out); `sotu` holds out the most recent addresses

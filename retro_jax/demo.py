@@ -334,6 +334,12 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
 
     if not config.model.cca_layers:
         raise RetroError("demo: model.cca_layers is empty; the demo needs a RETRO model")
+    # The retro-fit's own model options (demo.retrofit_model): its encoder and CCA may differ
+    # from RETRO's (a CCA sink costs a retro-fit much of its gain); its decoder is the baseline.
+    retrofit_model = dict(config.demo.get("retrofit_model", None) or {})
+    unknown = sorted(set(retrofit_model) - set(config.model))
+    if unknown:
+        raise RetroError(f"demo.retrofit_model.{unknown[0]}: not a model config field")
     os.makedirs(workdir, exist_ok=True)
     cache = ""
     if config.demo.get("share_compiles", True):
@@ -354,12 +360,6 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
     retro_dir = _model_workdir(workdir, "retro")
     retrofit_dir = _model_workdir(workdir, "retrofit")
     baseline_cfg = _variant(config, model={"cca_layers": ()})
-    # The retro-fit's own model options (demo.retrofit_model): its encoder and CCA may differ
-    # from RETRO's (a CCA sink costs a retro-fit much of its gain); its decoder is the baseline.
-    retrofit_model = dict(config.demo.get("retrofit_model", None) or {})
-    unknown = sorted(set(retrofit_model) - set(config.model))
-    if unknown:
-        raise RetroError(f"demo.retrofit_model.{unknown[0]}: not a model config field")
     retrofit_cfg = _variant(
         config,
         model=retrofit_model,

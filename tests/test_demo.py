@@ -68,6 +68,15 @@ def test_demo_smallest_prints_a_table_of_finite_numbers(tmp_path):
         stages = {"train baseline", "train RETRO", "retro-fit", "eval RETRO", "eval retro-fit"}
         assert set(summary["parallel_seconds"]) == stages
         assert "[RETRO] step" in out.stdout and "[baseline] step" in out.stdout
+    # RETRO has the demo's CCA options, the retro-fit its own (demo.retrofit_model: no sink).
+    from retro_jax.model.load import find_checkpoints, read_model_config
+
+    retro, retrofit = (
+        read_model_config(find_checkpoints(str(workdir / name))[0])
+        for name in ("retro", "retrofit")
+    )
+    assert retro.cca_sink and retro.cca_match_bias and retro.cca_running_match == 8
+    assert not retrofit.cca_sink and retrofit.cca_match_bias and retrofit.cca_running_match == 8
     # The retro-fitted model with retrieval off is exactly the baseline it was built from.
     assert summary["bpb"]["retrofit_off"] == pytest.approx(summary["bpb"]["baseline"], abs=1e-6)
     # A rerun finds every stage done, the evaluations included, and gives the same table.
@@ -197,6 +206,17 @@ def test_parallel_training_names_the_failing_stage(tmp_path):
         RetroError, match=r"demo: chain 'first' failed at train nothing: RetroError: "
     ):
         run_in_parallel(chains, halves)
+
+
+def test_an_unknown_retrofit_model_field_is_a_clear_error_before_any_work(tmp_path):
+    from retro_jax.demo import run_demo
+    from retro_jax.errors import RetroError
+
+    config = _demo_config("smallest")
+    config.demo.retrofit_model.cca_sinc = False
+    with pytest.raises(RetroError, match=r"^demo.retrofit_model.cca_sinc: not a model config"):
+        run_demo(config, str(tmp_path / "w"), progress=False)
+    assert not (tmp_path / "w" / "prepare").exists()
 
 
 def test_worker_exits_when_its_demo_process_is_killed():
