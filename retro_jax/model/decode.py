@@ -202,18 +202,16 @@ def feed(
         sink = p_cca["attn"].get("sink")
 
         def bias(chunks, offsets, take):
-            """The match logits of the attended chunks' keys, [B, (G,) H, Q, Tk]: `chunks` [G]
-            attended by the queries at `offsets` [Q] of H_u+; take(a) gathers their rows of a
-            per-chunk cache entry a [B, chunks, ...], without (G) if chunks has no axis."""
+            """The match logits [B, G, H, Q, Tk] of the keys of `chunks` [G], attended by the
+            queries at `offsets` [Q] of H_u+; take(a) gathers their rows [B, G, ...] of a
+            per-chunk cache entry a. None without a match option."""
             match = None if cca_match is None else take(cca_match)
             running = None
             if cca_tokens is not None:
-                ids, nb = jnp.atleast_1d(chunks), take(cca_tokens)
-                nb = nb if jnp.ndim(chunks) else nb[:, None]
+                window = c.cca_running_match
                 running = running_match(
-                    fed_tokens, nb, ids, offsets, c.cca_running_match, m, c.pad_id
+                    fed_tokens, take(cca_tokens), chunks, offsets, window, m, c.pad_id
                 )
-                running = running if jnp.ndim(chunks) else running[:, 0]
             return match_logits(p_cca["attn"], match, running)
 
         if n == 1:  # one position: gather its attending chunk H_u+
@@ -221,7 +219,8 @@ def feed(
             offset = (t - (m - 1)) % m
             q = rope(q, (m - 1 + offset)[None], c.rope_base)
             mask = cca_mask[:, attending][:, None, None, :]
-            rows = bias(attending, offset[None], lambda a: a[:, attending])
+            rows = bias(attending[None], offset[None], lambda a: a[:, attending][:, None])
+            rows = None if rows is None else rows[:, 0]  # one chunk: [B, H, 1, Tk]
             y = attend(q, cca_k[j][:, attending], cca_v[j][:, attending], mask, sink, rows)
             # The first m-1 positions have no attending chunk: no CCA.
             return x + jnp.where(t >= m - 1, output(p_cca["attn"], y), 0.0)
