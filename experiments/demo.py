@@ -1,13 +1,13 @@
 """`retro-jax demo`: the whole system on a real corpus, in minutes on a CPU.
 
-    retro-jax demo --workdir W                          # transformers' model code, ~16 min*
+    retro-jax demo --workdir W                          # transformers' model code, ~15 min*
     retro-jax demo --workdir W --config experiments/demo.py:smallest   # the CI test's size
     retro-jax demo --workdir W --config experiments/demo.py:large      # more files and steps
     retro-jax demo --workdir W --config experiments/demo.py:sotu       # State of the Union
     retro-jax demo --workdir W --config experiments/demo.py:sotu,large # all of it, ~35 min
     retro-jax demo --workdir W --config experiments/demo.py:linux-doc  # the kernel docs corpus
 
-* 16 min 13 s on a 2-core AMD EPYC (README, The demo).
+* 14 min 55 s and 16 min 13 s in two runs on a 2-core AMD EPYC (README, The demo).
 
 The default corpus is the `modeling_*.py` files of the installed `transformers` package (every
 10th file by stable id held out); `sotu` holds out the most recent addresses
