@@ -14,9 +14,9 @@ reused while W/<model>/eval/demo_inputs.json matches its config and checkpoints,
 W/retro/sample/demo_sample.json does), and no training process starts when every stage is done.
 
 On a CPU with two or more cores (`demo.parallel_training`), the two chains, baseline -> its
-retro-fit -> the retro-fit's evaluation, and RETRO -> RETRO's evaluation (with the baseline's, once
-that is trained, and the database-size sweep), run at the same time in two processes, each pinned
-to half of the cores. At the demo's size (d 128) one step keeps XLA:CPU's two threads busy only
+retro-fit -> the retro-fit's evaluation -> RETRO's sample (once RETRO is trained), and RETRO ->
+RETRO's evaluation (with the baseline's, once that is trained, and the database-size sweep), run
+at the same time in two processes, each pinned to half of the cores. At the demo's size (d 128) one step keeps XLA:CPU's two threads busy only
 part of the time: two one-core processes did 1.26x the work of one two-core process (measured on
 2 cores, benchmarks/results/retrieval_pays.md, a6). Every model is trained and scored exactly as
 it would be alone; a worker whose demo process is killed exits too.
@@ -88,24 +88,28 @@ class _Prefixed:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One stage of a chain: train a model, or evaluate one (its metrics come back to the demo).
-    `after` names a stage of another chain that must have finished before this one starts."""
+    """One stage of a chain: train a model, evaluate one (its metrics come back to the demo), or
+    sample from one. `after` names a stage of another chain that must have finished before this
+    one starts."""
 
     stage: str
-    kind: str  # "train" | "eval"
+    kind: str  # "train" | "eval" | "sample"
     config: Any
     workdir: str
     after: str = ""
 
 
 def run_job(job: Job, *, progress: bool = True) -> dict | None:
-    """Train (returns None) or evaluate (writes W/eval, returns the metrics) as `job` says. An
-    evaluation already done with this config on these checkpoints returns its metrics at once."""
+    """Train (returns None), evaluate (writes W/eval, returns the metrics) or sample (returns
+    the sample) as `job` says. An evaluation or sample already done with this config on these
+    checkpoints returns its result at once."""
     if job.kind == "train":
         from retro_jax.train.loop import train
 
         train(job.config, job.workdir)
         return None
+    if job.kind == "sample":
+        return _sample(job.config, job.workdir)
     from retro_jax.data import files
     from retro_jax.evaluate import evaluate, write_outputs
 
@@ -135,8 +139,11 @@ def _job_done(job: Job) -> bool:
         except RetroError:
             return False
         return bool(steps) and steps[-1] >= int(job.config.train.steps)
-    done_path = os.path.join(job.workdir, "eval", "demo_inputs.json")
     try:
+        if job.kind == "sample":
+            path = _sample_path(job.workdir)
+            return files.exists(path) and files.read_json(path)["inputs"] == _job_inputs(job)
+        done_path = os.path.join(job.workdir, "eval", "demo_inputs.json")
         return files.exists(done_path) and files.read_json(done_path) == _job_inputs(job)
     except RetroError:  # a checkpoint it depends on is missing
         return False
@@ -229,6 +236,22 @@ def _run_chain(
         sys.stdout.close()
         sys.stderr.close()
     results.put((name, seconds, outputs, None))
+
+
+def one_after_another(chains: dict[str, list[Job]]) -> list[Job]:
+    """The jobs of all chains in one order that keeps each chain's order and runs every job
+    after the stage it waits for (`after`): the first chain's next job that may run, each time."""
+    pending = [list(jobs) for jobs in chains.values()]
+    finished: set[str] = set()
+    order: list[Job] = []
+    while any(pending):
+        ready = [jobs for jobs in pending if jobs and jobs[0].after in finished | {""}]
+        if not ready:
+            waiting = [jobs[0] for jobs in pending if jobs]
+            raise RetroError(f"demo: {waiting[0].stage!r} waits for {waiting[0].after!r}, never run")
+        order.append(ready[0].pop(0))
+        finished.add(order[-1].stage)
+    return order
 
 
 def parallel_cpus() -> list[set[int]] | None:
@@ -379,11 +402,14 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
     # RETRO's evaluation scores the baseline too, and sweeps the database size (RETRO's alone).
     retro_eval_cfg = _variant(config, eval={"baseline_workdir": baseline_dir})
     retrofit_eval_cfg = _variant(config, model=retrofit_model, eval={"database_fractions": ()})
-    chains = {  # each chain's stages in order: the retro-fit starts from the trained baseline
+    # Each chain's stages in order: the retro-fit starts from the trained baseline. The sample
+    # (RETRO's) closes the baseline's chain, the shorter one: RETRO's chain decides the time.
+    chains = {
         "baseline": [
             Job("train baseline", "train", baseline_cfg, baseline_dir),
             Job("retro-fit", "train", retrofit_cfg, retrofit_dir),
             Job("eval retro-fit", "eval", retrofit_eval_cfg, retrofit_dir),
+            Job("sample", "sample", config, retro_dir, after="train RETRO"),
         ],
         "RETRO": [
             Job("train RETRO", "train", config, retro_dir),
@@ -393,7 +419,7 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
     cpus = parallel_cpus() if config.demo.get("parallel_training", True) else None
     if cpus and all(_job_done(job) for jobs in chains.values() for job in jobs):
         cpus = None  # a rerun with every stage done: no worker processes to start
-    if cpus:  # each chain in its own process; the evaluations run in there too
+    if cpus:  # each chain in its own process; the evaluations and the sample run in there too
         summary_parallel, metrics = timed(
             "train and eval (in parallel)",
             run_in_parallel,
@@ -402,13 +428,12 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
             progress=progress,
             compile_cache=cache,
         )
-    else:  # one after the other; the order above meets every job's `after`
+    else:  # one after the other, each job after the one it waits for
         summary_parallel, metrics = {}, {}
-        for job in (job for jobs in chains.values() for job in jobs):
+        for job in one_after_another(chains):
             metrics[job.stage] = timed(job.stage, run_job, job, progress=progress)
     retro_eval, retrofit_eval = metrics["eval RETRO"], metrics["eval retro-fit"]
-
-    sample = timed("sample", _sample, config, retro_dir)
+    sample = metrics["sample"]
     leakage = {row["alpha"]: row for row in retro_eval["leakage"]}
     eighth = leakage.get(0.125, {})
     summary = {
@@ -445,13 +470,17 @@ def run_demo(config, workdir: str, *, progress: bool = True) -> dict:
     return summary
 
 
+def _sample_path(retro_dir: str) -> str:
+    return os.path.join(retro_dir, "sample", "demo_sample.json")
+
+
 def _sample(config, retro_dir: str) -> dict:
     """The demo's sample from RETRO (prompt, text, what each chunk retrieved), or the one stored
     in W/retro/sample/demo_sample.json when its config and RETRO's checkpoints are the same."""
     from retro_jax.data import files
     from retro_jax.sample.sampler import Sampler
 
-    path = os.path.join(retro_dir, "sample", "demo_sample.json")
+    path = _sample_path(retro_dir)
     inputs = _job_inputs(Job("sample", "sample", config, retro_dir))
     if files.exists(path) and (stored := files.read_json(path))["inputs"] == inputs:
         print(f"demo: sample already done ({path})", flush=True)

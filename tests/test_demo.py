@@ -12,6 +12,7 @@ import pytest
 from conftest import FAST_COMPILE_ENV
 
 from retro_jax.data import sources
+from retro_jax.errors import RetroError
 
 # Compiles outweigh what the programs compute here (a few steps of small models; BERT at a few
 # padded lengths): this file's programs and the demo's processes compile with most
@@ -65,8 +66,9 @@ def test_demo_smallest_prints_a_table_of_finite_numbers(tmp_path):
     assert all(f"chunk {c['chunk']} ({c['source']})" in shown for c in chunks)
     # On 2+ cores the two training chains ran at once, each process's lines marked with its name.
     if len(os.sched_getaffinity(0)) >= 2:
+        # (RETRO's sample too, at the end of the baseline's chain)
         stages = {"train baseline", "train RETRO", "retro-fit", "eval RETRO", "eval retro-fit"}
-        assert set(summary["parallel_seconds"]) == stages
+        assert set(summary["parallel_seconds"]) == stages | {"sample"}
         assert "[RETRO] step" in out.stdout and "[baseline] step" in out.stdout
     # RETRO has the demo's CCA options, the retro-fit its own (demo.retrofit_model: no sink).
     from retro_jax.model.load import find_checkpoints, read_model_config
@@ -206,6 +208,21 @@ def test_parallel_training_names_the_failing_stage(tmp_path):
         RetroError, match=r"demo: chain 'first' failed at train nothing: RetroError: "
     ):
         run_in_parallel(chains, halves)
+
+
+def test_one_after_another_keeps_each_chain_order_and_every_wait():
+    """Without parallel workers the demo runs its chains' jobs in one order: each chain's own
+    order kept, and a job that waits for another chain's stage after that stage."""
+    from retro_jax.demo import Job, one_after_another
+
+    chains = {
+        "baseline": [Job("b1", "train", None, ""), Job("b2", "sample", None, "", after="r1")],
+        "RETRO": [Job("r1", "train", None, ""), Job("r2", "eval", None, "", after="b1")],
+    }
+    assert [job.stage for job in one_after_another(chains)] == ["b1", "r1", "b2", "r2"]
+    stuck = {"a": [Job("a1", "train", None, "", after="nowhere")]}
+    with pytest.raises(RetroError, match="'a1' waits for 'nowhere'"):
+        one_after_another(stuck)
 
 
 def test_an_unknown_retrofit_model_field_is_a_clear_error_before_any_work(tmp_path):

@@ -58,9 +58,13 @@ def attend(
     """
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("...qhd,...khd->...hqk", q * scale, k).astype(jnp.float32)
+    # The mask enters as an additive -1e30 at its own (broadcast) shape: a masked logit rounds
+    # to exactly -1e30 as with a select, but the backward pass needs no mask at the logits'
+    # full shape (XLA:CPU wrote one out per attention, benchmarks/results/model.md).
+    additive = jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)
     if bias is not None:
-        logits = logits + bias
-    logits = jnp.where(mask, logits, _MASKED)
+        additive = additive + bias
+    logits = logits + additive
     if sink is not None:
         column = jnp.broadcast_to(sink.astype(jnp.float32)[:, None, None], (*logits.shape[:-1], 1))
         weights = jax.nn.softmax(jnp.concatenate([logits, column], axis=-1), axis=-1)[..., :-1]
