@@ -16,9 +16,10 @@ W/retro/sample/demo_sample.json does), and no training process starts when every
 On a CPU with two or more cores (`demo.parallel_training`), the two chains, baseline -> its
 retro-fit -> the retro-fit's evaluation -> RETRO's sample (once RETRO is trained), and RETRO ->
 RETRO's evaluation (with the baseline's, once that is trained, and the database-size sweep), run
-at the same time in two processes, each pinned to half of the cores. At the demo's size (d 128) one step keeps XLA:CPU's two threads busy only
-part of the time: two one-core processes did 1.26x the work of one two-core process (measured on
-2 cores, benchmarks/results/retrieval_pays.md, a6). Every model is trained and scored exactly as
+at the same time in two processes, each pinned to half of the cores. At the demo's size (d 128)
+one step keeps XLA:CPU's two threads busy only part of the time: two one-core processes did
+1.26x the work of one two-core process (measured on 2 cores, benchmarks/results/retrieval_pays.md,
+a6). Every model is trained and scored exactly as
 it would be alone; a worker whose demo process is killed exits too.
 """
 
@@ -248,7 +249,8 @@ def one_after_another(chains: dict[str, list[Job]]) -> list[Job]:
         ready = [jobs for jobs in pending if jobs and jobs[0].after in finished | {""}]
         if not ready:
             waiting = [jobs[0] for jobs in pending if jobs]
-            raise RetroError(f"demo: {waiting[0].stage!r} waits for {waiting[0].after!r}, never run")
+            job = waiting[0]
+            raise RetroError(f"demo: {job.stage!r} waits for {job.after!r}, never run")
         order.append(ready[0].pop(0))
         finished.add(order[-1].stage)
     return order

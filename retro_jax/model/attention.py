@@ -60,7 +60,8 @@ def attend(
     logits = jnp.einsum("...qhd,...khd->...hqk", q * scale, k).astype(jnp.float32)
     # The mask enters as an additive -1e30 at its own (broadcast) shape: a masked logit rounds
     # to exactly -1e30 as with a select, but the backward pass needs no mask at the logits'
-    # full shape (XLA:CPU wrote one out per attention, benchmarks/results/model.md).
+    # full shape (XLA:CPU wrote one out per attention; benchmarks/results/retrieval_pays.md,
+    # a16).
     additive = jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)
     if bias is not None:
         additive = additive + bias
