@@ -110,7 +110,7 @@ def run_job(job: Job, *, progress: bool = True) -> dict | None:
         train(job.config, job.workdir)
         return None
     if job.kind == "sample":
-        return _sample(job.config, job.workdir)
+        return _sample(job)
     from retro_jax.data import files
     from retro_jax.evaluate import evaluate, write_outputs
 
@@ -128,7 +128,8 @@ def run_job(job: Job, *, progress: bool = True) -> dict | None:
 
 def _job_done(job: Job) -> bool:
     """True when run_job(job) would do nothing: a training's last checkpoint is at its
-    train.steps, an evaluation's demo_inputs.json matches. (Whether a finished training's
+    train.steps, an evaluation's demo_inputs.json matches, the stored sample was made with the
+    same inputs (`_stored_sample`). (Whether a finished training's
     checkpoint fits the config is train's own check; a changed config changes every evaluation's
     inputs, so its chain runs and train makes that check.)"""
     from retro_jax.data import files
@@ -142,8 +143,7 @@ def _job_done(job: Job) -> bool:
         return bool(steps) and steps[-1] >= int(job.config.train.steps)
     try:
         if job.kind == "sample":
-            path = _sample_path(job.workdir)
-            return files.exists(path) and files.read_json(path)["inputs"] == _job_inputs(job)
+            return _stored_sample(job) is not None
         done_path = os.path.join(job.workdir, "eval", "demo_inputs.json")
         return files.exists(done_path) and files.read_json(done_path) == _job_inputs(job)
     except RetroError:  # a checkpoint it depends on is missing
@@ -248,8 +248,7 @@ def one_after_another(chains: dict[str, list[Job]]) -> list[Job]:
     while any(pending):
         ready = [jobs for jobs in pending if jobs and jobs[0].after in finished | {""}]
         if not ready:
-            waiting = [jobs[0] for jobs in pending if jobs]
-            job = waiting[0]
+            job = next(jobs[0] for jobs in pending if jobs)
             raise RetroError(f"demo: {job.stage!r} waits for {job.after!r}, never run")
         order.append(ready[0].pop(0))
         finished.add(order[-1].stage)
@@ -476,18 +475,29 @@ def _sample_path(retro_dir: str) -> str:
     return os.path.join(retro_dir, "sample", "demo_sample.json")
 
 
-def _sample(config, retro_dir: str) -> dict:
-    """The demo's sample from RETRO (prompt, text, what each chunk retrieved), or the one stored
-    in W/retro/sample/demo_sample.json when its config and RETRO's checkpoints are the same."""
+def _stored_sample(job: Job) -> dict | None:
+    """The sample stored in W/retro/sample/demo_sample.json, if made with this job's config and
+    RETRO's present checkpoints; else None."""
+    from retro_jax.data import files
+
+    path = _sample_path(job.workdir)
+    if files.exists(path) and (stored := files.read_json(path))["inputs"] == _job_inputs(job):
+        return stored["sample"]
+    return None
+
+
+def _sample(job: Job) -> dict:
+    """The demo's sample from RETRO (prompt, text, what each chunk retrieved), or the stored
+    one (`_stored_sample`)."""
     from retro_jax.data import files
     from retro_jax.sample.sampler import Sampler
 
-    path = _sample_path(retro_dir)
-    inputs = _job_inputs(Job("sample", "sample", config, retro_dir))
-    if files.exists(path) and (stored := files.read_json(path))["inputs"] == inputs:
+    config, path = job.config, _sample_path(job.workdir)
+    stored = _stored_sample(job)
+    if stored is not None:
         print(f"demo: sample already done ({path})", flush=True)
-        return stored["sample"]
-    result = Sampler.from_workdir(config, retro_dir).generate(
+        return stored
+    result = Sampler.from_workdir(config, job.workdir).generate(
         str(config.demo.prompt),
         max_new_tokens=int(config.demo.max_new_tokens),
         seed=int(config.demo.seed),
@@ -498,7 +508,7 @@ def _sample(config, retro_dir: str) -> dict:
         "neighbours": [chunk.to_json() for chunk in result.chunks],
     }
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    files.write_json(path, {"inputs": inputs, "sample": sample})
+    files.write_json(path, {"inputs": _job_inputs(job), "sample": sample})
     return sample
 
 
