@@ -66,13 +66,23 @@ def attend(
     if bias is not None:
         additive = additive + bias
     logits = logits + additive
+    # The softmax's normalisation is deferred to the output: exp(logits - max) times v, then
+    # divided by the row sums at [..., Tq, H, D] (D times fewer divisions than at the logits'
+    # [..., H, Tq, Tk]), and the guard for rows with no valid key is applied there too. The same
+    # values up to rounding, a pass less over the logits each way (benchmarks/results/model.md).
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    if sink is not None:  # a key of logit `sink` and value zero: it only adds to the row sums
+        sink_logit = sink.astype(jnp.float32)[:, None, None]
+        top = jnp.maximum(top, sink_logit)
+    top = jax.lax.stop_gradient(top)
+    weights = jnp.exp(logits - top)
+    total = jnp.sum(weights, axis=-1, keepdims=True)  # [..., H, Tq, 1], at least 1
     if sink is not None:
-        column = jnp.broadcast_to(sink.astype(jnp.float32)[:, None, None], (*logits.shape[:-1], 1))
-        weights = jax.nn.softmax(jnp.concatenate([logits, column], axis=-1), axis=-1)[..., :-1]
-    else:
-        weights = jax.nn.softmax(logits, axis=-1)
-    weights = jnp.where(mask.any(axis=-1, keepdims=True), weights, 0.0)
-    return jnp.einsum("...hqk,...khd->...qhd", weights.astype(v.dtype), v)
+        total = total + jnp.exp(sink_logit - top)
+    out = jnp.einsum("...hqk,...khd->...qhd", weights.astype(v.dtype), v)
+    out = out / jnp.swapaxes(total, -2, -3).astype(out.dtype)
+    valid = jnp.swapaxes(mask.any(axis=-1, keepdims=True), -2, -3)  # [..., Tq, H, 1]
+    return jnp.where(valid, out, 0.0)
 
 
 def project(x: jax.Array, w: jax.Array) -> jax.Array:

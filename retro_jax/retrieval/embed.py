@@ -70,7 +70,13 @@ def local_mesh(batch_size: int, devices=None, *, cpu: bool = False) -> jax.shard
     return make_mesh({"data": used, "fsdp": 1, "tensor": 1}, devices=devices[:used])
 
 
-def length_buckets(max_len: int, step: int = 8) -> tuple[int, ...]:
+# Padded lengths step by 4 tokens: on the demo's 46,679 distinct chunk texts (34.4 WordPiece
+# tokens on average) 36.0 tokens a text are computed, against 38.0 with a step of 8, for 11
+# compiled shapes instead of 6 (one compile each, ~0.5 s on a CPU).
+BUCKET_STEP = 4
+
+
+def length_buckets(max_len: int, step: int = BUCKET_STEP) -> tuple[int, ...]:
     """Padded sequence lengths: multiples of `step` up to max_len (which is always one)."""
     buckets = list(range(step, max_len, step)) + [max_len]
     return tuple(sorted(set(buckets)))
@@ -89,7 +95,7 @@ class ChunkEmbedder:
         batch_size: int = 64,
         mesh: jax.sharding.Mesh | None = None,
         normalize: bool = False,
-        bucket_step: int = 8,
+        bucket_step: int = BUCKET_STEP,
         dtype: str = "float32",
     ):
         config: BertConfig = model.config
@@ -146,7 +152,7 @@ class ChunkEmbedder:
         batch_size: int = 64,
         mesh: jax.sharding.Mesh | None = None,
         normalize: bool = False,
-        bucket_step: int = 8,
+        bucket_step: int = BUCKET_STEP,
         dtype: str = "float32",
     ) -> ChunkEmbedder:
         """Load a Hugging Face BERT folder (config.json, model.safetensors, tokenizer files);
