@@ -7,7 +7,7 @@
     retro-jax demo --workdir W --config experiments/demo.py:sotu,large # all of it, ~35 min
     retro-jax demo --workdir W --config experiments/demo.py:linux-doc  # the kernel docs corpus
 
-* 15 min 53 s on a 2-core AMD EPYC in a slow hour (README, The demo).
+* 15 min 53 s on a 2-core AMD EPYC (20 min 20 s in its slowest hour; README, The demo).
 
 The default corpus is the `modeling_*.py` files of the installed `transformers` package (every
 10th file by stable id held out); `sotu` holds out the most recent addresses
