@@ -127,6 +127,36 @@ def test_a_sink_is_one_more_key_of_value_zero(params):
     )
 
 
+@pytest.mark.parametrize("mask_shape", [(2, 3, 1, 1, 6), (5, 6), (2, 3, 4, 5, 6)])
+def test_attend_is_a_masked_softmax_with_a_sink_and_a_bias(mask_shape):
+    """attend (normalised after the weighted sum) equals softmax(logits + bias) over the valid
+    keys and one zero-valued sink key, times v; a query with no valid key gets exactly zero;
+    masks of any rank that broadcasts to the logits [..., H, Tq, Tk]."""
+    from retro_jax.model.attention import attend
+
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.normal(size=(2, 3, 5, 4, 8)), jnp.float32)  # [B, l, Tq, H, D]
+    k, v = (jnp.asarray(rng.normal(size=(2, 3, 6, 4, 8)), jnp.float32) for _ in range(2))
+    mask = rng.random(mask_shape) < 0.6
+    mask[..., 0, :] = False  # the first query (or every query) has no valid key
+    mask = jnp.asarray(mask)
+    sink = jnp.asarray(rng.normal(size=4), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(2, 3, 4, 5, 6)), jnp.float32)
+    logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / np.sqrt(8) + bias
+    full = jnp.broadcast_to(mask, logits.shape)
+    for with_sink in (False, True):
+        column = jnp.broadcast_to(sink[:, None, None], (*logits.shape[:-1], 1))
+        extra = [column] if with_sink else []
+        masked = jnp.where(full, logits, -jnp.inf)
+        weights = jax.nn.softmax(jnp.concatenate([masked, *extra], axis=-1), axis=-1)
+        weights = jnp.nan_to_num(weights[..., : logits.shape[-1]])  # no valid key: zeros
+        expected = jnp.einsum("...hqk,...khd->...qhd", weights, v)
+        got = attend(q, k, v, mask, sink if with_sink else None, bias)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        empty = ~full.any(-1)  # [B, l, H, Tq]
+        assert bool(jnp.all(jnp.where(jnp.swapaxes(empty, -1, -2)[..., None], got, 0.0) == 0))
+
+
 def test_neighbour_match_and_its_logits(params):
     """RetroConfig.cca_match_bias: neighbour_match is the share of C_u's tokens (padding
     excluded) that the neighbour's first m tokens hold at the same offset, and each head adds

@@ -81,8 +81,9 @@ def attend(
         total = total + jnp.exp(sink_logit - top)
     out = jnp.einsum("...hqk,...khd->...qhd", weights.astype(v.dtype), v)
     out = out / jnp.swapaxes(total, -2, -3).astype(out.dtype)
-    valid = jnp.swapaxes(mask.any(axis=-1, keepdims=True), -2, -3)  # [..., Tq, H, 1]
-    return jnp.where(valid, out, 0.0)
+    valid = mask.any(axis=-1, keepdims=True)  # [..., H or 1, Tq or 1, 1]
+    valid = valid.reshape((1,) * (3 - valid.ndim) + valid.shape)  # (a mask [Tq, Tk] too)
+    return jnp.where(jnp.swapaxes(valid, -2, -3), out, 0.0)  # [..., Tq, H, 1] against out
 
 
 def project(x: jax.Array, w: jax.Array) -> jax.Array:
