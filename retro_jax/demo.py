@@ -19,8 +19,8 @@ RETRO's evaluation (with the baseline's, once that is trained, and the database-
 at the same time in two processes, each pinned to half of the cores. At the demo's size (d 128)
 one step keeps XLA:CPU's two threads busy only part of the time: two one-core processes did
 1.26x the work of one two-core process (measured on 2 cores, benchmarks/results/retrieval_pays.md,
-a6). Every model is trained and scored exactly as
-it would be alone; a worker whose demo process is killed exits too.
+a6). Every model is trained and scored exactly as it would be alone; a worker whose demo process
+is killed exits too.
 """
 
 from __future__ import annotations
@@ -129,9 +129,9 @@ def run_job(job: Job, *, progress: bool = True) -> dict | None:
 def _job_done(job: Job) -> bool:
     """True when run_job(job) would do nothing: a training's last checkpoint is at its
     train.steps, an evaluation's demo_inputs.json matches, the stored sample was made with the
-    same inputs (`_stored_sample`). (Whether a finished training's
-    checkpoint fits the config is train's own check; a changed config changes every evaluation's
-    inputs, so its chain runs and train makes that check.)"""
+    same inputs (`_stored_sample`). (Whether a finished training's checkpoint fits the config is
+    train's own check; a changed config changes every evaluation's inputs, so its chain runs and
+    train makes that check.)"""
     from retro_jax.data import files
     from retro_jax.model.load import checkpoint_steps
 
