@@ -28,12 +28,13 @@ import subprocess
 import sys
 import time
 
-# RETRO-pytorch's 172m shapes (shared/anchors): batch 2 x 512 tokens, d 896, FFW 3584, 16 heads
-# of 64, vocabulary 32,000, 12 decoder layers. `--shapes demo`: `retro-jax demo`'s model (batch
-# 8 x 256, d 128, 4 layers, vocabulary 4,096) and its neighbour encoder (d 64 over k = 2
-# neighbours of 64 tokens per 32-token chunk: 4x the decoder's tokens).
+# RETRO-pytorch's 172m shapes (shared/anchors): batch 2 x 512 tokens, d 896, FFW 3584, 8 heads
+# of 64 (what its decoder builds: bench_model_step.PEER_SHAPES), vocabulary 32,000, 12 layers.
+# `--shapes demo`: `retro-jax demo`'s model (batch 8 x 256, d 128, 4 layers, vocabulary 4,096)
+# and its neighbour encoder (d 64 over k = 2 neighbours of 64 tokens per 32-token chunk: 4x the
+# decoder's tokens).
 SHAPES = {
-    "172m": dict(seq=512, d=896, ff=3584, vocab=32000, head_dim=64, batch=2, heads=16, layers=12),
+    "172m": dict(seq=512, d=896, ff=3584, vocab=32000, head_dim=64, batch=2, heads=8, layers=12),
     "demo": dict(seq=256, d=128, ff=512, vocab=4096, head_dim=32, batch=8, heads=4, layers=4),
 }
 DEMO_ENCODER = dict(d=64, ff=256, tokens_per_token=4, layers=2)
@@ -64,8 +65,9 @@ def products(scale: int = 1, shapes: str = "172m") -> list[dict]:
             p.update(batch=False, per_step=per_step)
         out.append(dict(out[-1], name=f"{name} grad w, x^T written", written=True, per_step=0))
 
-    weight("qkv", d, 3 * d, layers)
-    weight("attn out", d, d, layers)
+    inner = heads * head_dim  # the attention's width (RETRO-pytorch's 172m: 512, not d)
+    weight("qkv", d, 3 * inner, layers)
+    weight("attn out", inner, d, layers)
     weight("ffw in", d, ff, layers)
     weight("ffw out", ff, d, layers)
     weight("head", d, vocab, 1)

@@ -54,17 +54,19 @@ from retro_jax.train.metrics import PEAK_FLOPS, measure_matmul_flops  # noqa: E4
 from retro_jax.train.state import init_state  # noqa: E402
 from retro_jax.train.step import batch_shardings, make_optimizer, make_train_step  # noqa: E402
 
-# lucidrains/RETRO-pytorch's model at the shapes its side-by-side harness times: the 172m preset
-# (the paper's 172M decoder, CCA at 6, 9, 12) with a 32k vocabulary and RETRO-pytorch's encoder
-# (8 heads of 64, both layers attending to the chunk); `small` narrows it to d 256, 6 layers, 4
-# heads, CCA at 3 and 6.
+# lucidrains/RETRO-pytorch's model as its side-by-side harness builds it: the 172m preset (the
+# paper's 172M decoder widths, CCA at 6, 9, 12) with a 32k vocabulary, and every attention with
+# 8 heads of 64. The harness asks for 16 heads (4 at `small`), but RETRO-pytorch's RETRO does
+# not pass `heads` on to its decoder or encoder, which keep their default of 8 (its to_q is
+# [512, 896] at 172m): 512-wide attention at both shapes (benchmarks/results/model.md). Its
+# encoder's two layers both attend to the chunk; `small` narrows it to d 256, 6 layers, CCA at
+# 3 and 6.
 _PEER_172M = RetroConfig.preset("172m").replace(
-    vocab_size=32_000, enc_num_heads=8, enc_cross_layers=(1, 2)
+    vocab_size=32_000, num_heads=8, enc_num_heads=8, enc_cross_layers=(1, 2)
 )
 PEER_SHAPES = {
     "small": _PEER_172M.replace(
-        d_model=256, num_layers=6, num_heads=4, d_ff=1024, cca_layers=(3, 6), enc_d_model=256,
-        enc_d_ff=1024,
+        d_model=256, num_layers=6, d_ff=1024, cca_layers=(3, 6), enc_d_model=256, enc_d_ff=1024,
     ).to_dict(),
     "172m": _PEER_172M.to_dict(),
 }  # fmt: skip
