@@ -253,3 +253,35 @@ def test_running_match_and_its_logits(params):
     key_bias = MATCH_SCALE * np.asarray(w)[None, :, None, None] * got[:, 0][:, None, :, :]
     by_hand = first_chunk_by_hand(params, h, encoded, mask, key_bias)
     np.testing.assert_allclose(out[:, M - 1 : 2 * M - 1], by_hand, atol=1e-5)
+
+
+def test_rope_tables_from_static_and_traced_positions_agree_and_rotate():
+    """rope with positions known when tracing (NumPy: float64 tables, constants of the program)
+    equals rope with traced positions (float32 tables computed in the program), forward and
+    gradient; either way it is a rotation (norms kept) whose dot products depend only on the
+    positions' difference."""
+    from retro_jax.model.layers import rope
+
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(2, 40, 3, 16)), jnp.float32)  # [B, T, H, D]
+    positions = np.arange(40) * 5  # up to 195: float32 angles are no longer exact there
+    ct = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    def loss(x, p):
+        return jnp.sum(rope(x, p, 10_000.0) * ct)
+
+    static = jax.jit(lambda x: rope(x, positions, 10_000.0))(x)
+    traced = jax.jit(lambda x, p: rope(x, p, 10_000.0))(x, jnp.asarray(positions))
+    np.testing.assert_allclose(static, traced, atol=2e-5)
+    grad_static = jax.jit(jax.grad(lambda x: loss(x, positions)))(x)
+    grad_traced = jax.jit(jax.grad(loss))(x, jnp.asarray(positions))
+    np.testing.assert_allclose(grad_static, grad_traced, atol=2e-5)
+    np.testing.assert_allclose(
+        jnp.linalg.norm(static, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5
+    )
+    # <rope(q, i), rope(k, j)> depends on i - j only: shift both positions by the same amount
+    q, k = x[:, :1], x[:, 1:2]
+    for i, j in [(3, 1), (30, 7)]:
+        base = jnp.sum(rope(q, np.array([i]), 1e4) * rope(k, np.array([j]), 1e4), axis=-1)
+        moved = jnp.sum(rope(q, np.array([i + 50]), 1e4) * rope(k, np.array([j + 50]), 1e4), -1)
+        np.testing.assert_allclose(base, moved, atol=1e-4)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from retro_jax.model.attention import cross_attention, match_logits
 
@@ -103,8 +104,8 @@ def chunked_cross_attention(
         p,
         attending,
         encoded.reshape(batch, chunks, k * r, d_enc),
-        q_positions=m - 1 + jnp.arange(m),
-        k_positions=jnp.tile(jnp.arange(r), k),
+        q_positions=m - 1 + np.arange(m),
+        k_positions=np.tile(np.arange(r), k),
         key_mask=neighbour_mask.reshape(batch, chunks, k * r),
         rope_base=rope_base,
         bias=match_logits(

@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -84,7 +85,7 @@ def _encode_chunks(model: Retro, cache: dict, first: jax.Array, neighbours: jax.
     # Every CCA layer's keys and values at once, from the stacked weights [cca_layers, de, H, D].
     attn = values(model.cca)["attn"]
     project_all = lambda w: jnp.einsum("bltd,jdhk->jblthk", encoded, w.astype(encoded.dtype))
-    keys = rope(project_all(attn["k"]), jnp.tile(jnp.arange(r), k), c.rope_base)
+    keys = rope(project_all(attn["k"]), np.tile(np.arange(r), k), c.rope_base)
     put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(buf, new, first, axis=axis)
     cache = cache | {
         "cca_k": put(cache["cca_k"], keys, 2),
@@ -232,7 +233,7 @@ def feed(
         heads = q.shape[2:]
         laid = jnp.zeros((batch, groups * m, *heads), q.dtype)
         laid = jax.lax.dynamic_update_slice_in_dim(laid, q, f, axis=1)
-        laid = rope(laid.reshape(batch, groups, m, *heads), m - 1 + jnp.arange(m), c.rope_base)
+        laid = rope(laid.reshape(batch, groups, m, *heads), m - 1 + np.arange(m), c.rope_base)
         chunk = (t + 1) // m - 1 + jnp.arange(groups)
         exists = (chunk >= 0) & (chunk < cca_mask.shape[1])
         take = lambda a: jnp.take(a, chunk, axis=1, mode="clip")

@@ -9,7 +9,7 @@ the neighbours: causality is kept by the CCA shift, not here.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from retro_jax.model.attention import cross_attention, self_attention
@@ -96,7 +96,7 @@ class NeighbourEncoder(nnx.Module):
         mask = neighbours != c.pad_id  # [B, l, k, r]
         names = ("batch", "chunks", "neighbours", "length", "act_embed")
         x = embed_lookup(self.embed[...], neighbours, dtype, names)  # [B, l, k, r, de]
-        positions = jnp.arange(r)
+        positions = np.arange(r)  # static: rope's tables are constants
         # Each neighbour of chunk u attends to C_u: broadcast the chunk over the k neighbours.
         context = rms_norm(chunk_h.astype(dtype), self.context_norm[...], c.norm_eps)[:, :, None]
         context_mask = chunk_mask[:, :, None]  # [B, l, 1, m]
@@ -114,7 +114,7 @@ class NeighbourEncoder(nnx.Module):
                     h,
                     context,
                     q_positions=positions,
-                    k_positions=jnp.arange(context.shape[-2]),
+                    k_positions=np.arange(context.shape[-2]),
                     key_mask=context_mask,
                     rope_base=c.rope_base,
                 )

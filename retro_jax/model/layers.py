@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from retro_jax.sharding import constrain
@@ -123,12 +124,23 @@ def feed_forward(x: jax.Array, w_in: jax.Array, w_out: jax.Array, activation: st
     return dense(ACTIVATIONS[activation](dense(x, w_in)), w_out)
 
 
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-    """Rotary position embedding. x [..., T, H, D], positions broadcastable to [..., T]."""
+def rope(x: jax.Array, positions: jax.Array | np.ndarray, base: float) -> jax.Array:
+    """Rotary position embedding. x [..., T, H, D], positions broadcastable to [..., T].
+
+    Positions known when tracing (a NumPy array: every forward pass's `np.arange`) get their
+    sine and cosine tables computed here, in float64, and enter the program as constants; XLA:CPU
+    ran the rotation and its gradient 5-10x slower with tables computed inside the program
+    (benchmarks/results/model.md). Traced positions (a decoding step's) compute them in float32.
+    """
     half = x.shape[-1] // 2
-    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
-    angle = positions.astype(jnp.float32)[..., None] * freq  # [..., T, D/2]
-    sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]  # [..., T, 1, D/2]
+    if isinstance(positions, np.ndarray):
+        freq = base ** (-np.arange(half, dtype=np.float64) / half)
+        angle = positions.astype(np.float64)[..., None] * freq
+        sin, cos = (jnp.asarray(f(angle), jnp.float32)[..., None, :] for f in (np.sin, np.cos))
+    else:
+        freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
+        angle = positions.astype(jnp.float32)[..., None] * freq  # [..., T, D/2]
+        sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]  # [..., T, 1, D/2]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from retro_jax.errors import RetroError
@@ -168,7 +169,7 @@ class Retro(nnx.Module):
                     f"neighbours must be [batch={batch}, chunks={n // m}, k, 2m={2 * m}], "
                     f"got {tuple(neighbours.shape)}"
                 )
-        positions = jnp.arange(n)
+        positions = np.arange(n)  # static: rope's tables are constants
         token_mask = tokens != c.pad_id  # [B, n]
         x = self.embed_tokens(tokens)
 
