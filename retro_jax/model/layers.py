@@ -133,14 +133,11 @@ def rope(x: jax.Array, positions: jax.Array | np.ndarray, base: float) -> jax.Ar
     (benchmarks/results/model.md). Traced positions (a decoding step's) compute them in float32.
     """
     half = x.shape[-1] // 2
-    if isinstance(positions, np.ndarray):
-        freq = base ** (-np.arange(half, dtype=np.float64) / half)
-        angle = positions.astype(np.float64)[..., None] * freq
-        sin, cos = (jnp.asarray(f(angle), jnp.float32)[..., None, :] for f in (np.sin, np.cos))
-    else:
-        freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
-        angle = positions.astype(jnp.float32)[..., None] * freq  # [..., T, D/2]
-        sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]  # [..., T, 1, D/2]
+    xp, dtype = (np, np.float64) if isinstance(positions, np.ndarray) else (jnp, jnp.float32)
+    freq = base ** (-xp.arange(half, dtype=dtype) / half)  # [D/2]
+    angle = positions.astype(dtype)[..., None] * freq  # [..., T, D/2]
+    # [..., T, 1, D/2] each
+    sin, cos = (jnp.asarray(f(angle), jnp.float32)[..., None, :] for f in (xp.sin, xp.cos))
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
