@@ -69,6 +69,25 @@ def test_matmul_benchmark_times_the_products_it_names():
     assert bad.returncode != 0 and "--torch-python /nowhere/python" in bad.stderr
 
 
+def test_matmul_benchmarks_172m_shapes_are_the_peer_models():
+    """bench_matmul's 172m products (written out for its PyTorch child) are the model that
+    bench_model_step --peer-shapes times against RETRO-pytorch, which builds 8 heads of 64
+    whatever its harness asks: the two once differed (16 heads) and compared unlike models."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_matmul import SHAPES
+    from bench_model_step import PEER_SHAPES
+
+    peer, shapes = PEER_SHAPES["172m"], SHAPES["172m"]
+    assert (shapes["d"], shapes["ff"], shapes["layers"], shapes["vocab"]) == (
+        peer["d_model"],
+        peer["d_ff"],
+        peer["num_layers"],
+        peer["vocab_size"],
+    )
+    assert (shapes["heads"], shapes["head_dim"]) == (peer["num_heads"], peer["head_dim"]) == (8, 64)
+    assert PEER_SHAPES["small"]["num_heads"] == peer["enc_num_heads"] == 8
+
+
 def test_matmul_benchmarks_demo_shapes_are_the_demos():
     """bench_matmul's `--shapes demo` is written out (its PyTorch child has no retro_jax to read
     the config with): it must stay experiments/demo.py's model."""
