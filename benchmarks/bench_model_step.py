@@ -16,6 +16,10 @@ FLOPs (`retro_jax.model.info.flops_per_token`, PaLM convention) per second over
   between models are what to compare on any machine;
 - `mfu_spec`: the chip's dense peak from its data sheet (`PEAK_FLOPS`), for known accelerators.
 
+The baseline's and RETRO's steps are timed interleaved, one of each per round, after both are
+compiled: their ratio (`retro_mfu_over_baseline_mfu`, also round by round) is then measured
+under the same conditions, on a machine whose speed drifts from minute to minute.
+
 `--check` also trains the tiny preset in float32 for a few steps twice, on one device of the
 default backend and on a (data 2, fsdp 2, tensor 2) mesh of 8 CPU devices, and compares loss,
 gradient norm and the parameter updates (matmuls at full precision): on a GPU that is the GPU's
@@ -115,27 +119,48 @@ def train_steps(config: RetroConfig, mesh, batch: dict, hyper=HYPER):
     return step, state, placed
 
 
-def time_step(config: RetroConfig, mesh, batch: int, seq_len: int, k: int, steps: int) -> dict:
-    step, state, placed = train_steps(config, mesh, synthetic_batch(config, batch, seq_len, k))
-    with jax.set_mesh(mesh):
-        t = time.perf_counter()
-        state, metrics = jax.block_until_ready(step(state, placed))
-        compile_s = time.perf_counter() - t
-        times = []
-        for _ in range(steps):
+def time_steps(configs: dict, mesh, batch: int, seq_len: int, k: int, steps: int) -> dict:
+    """{name: timing} for each of `configs` ({name: RetroConfig}), their steps interleaved.
+
+    Every model is compiled first; then each round takes one step of each, in turn, so that a
+    machine that slows down for a minute (other tenants, a noisy neighbour) slows every model's
+    steps alike and their ratio holds: timed one after the other, RETRO's step over its
+    baseline's moved by 15% between runs minutes apart on a 2-core VM
+    (benchmarks/results/model.md). Each model's step_s is its median, and its step_times_s are
+    in round order, so that steps taken in the same round can be compared."""
+    runs = {}
+    for name, config in configs.items():
+        step, state, placed = train_steps(config, mesh, synthetic_batch(config, batch, seq_len, k))
+        with jax.set_mesh(mesh):
             t = time.perf_counter()
             state, metrics = jax.block_until_ready(step(state, placed))
-            times.append(time.perf_counter() - t)
-    step_s = statistics.median(times)
-    flops = flops_per_token(config, seq_len, k if config.cca_layers else 0) * batch * seq_len
-    return {
-        "step_s": step_s,
-        "compile_s": compile_s,
-        "tokens_per_s": batch * seq_len / step_s,
-        "flops_per_token": flops / (batch * seq_len),
-        "flop_per_s": flops / step_s,
-        "loss": float(metrics["loss"]),
-    }
+            runs[name] = dict(
+                step=step, state=state, placed=placed, compile_s=time.perf_counter() - t
+            )
+        runs[name]["times"] = []
+    with jax.set_mesh(mesh):
+        for _ in range(steps):
+            for run in runs.values():
+                t = time.perf_counter()
+                run["state"], run["metrics"] = jax.block_until_ready(
+                    run["step"](run["state"], run["placed"])
+                )
+                run["times"].append(time.perf_counter() - t)
+    out = {}
+    for name, run in runs.items():
+        config = configs[name]
+        step_s = statistics.median(run["times"])
+        flops = flops_per_token(config, seq_len, k if config.cca_layers else 0) * batch * seq_len
+        out[name] = {
+            "step_s": step_s,
+            "step_times_s": run["times"],
+            "compile_s": run["compile_s"],
+            "tokens_per_s": batch * seq_len / step_s,
+            "flops_per_token": flops / (batch * seq_len),
+            "flop_per_s": flops / step_s,
+            "loss": float(run["metrics"]["loss"]),
+        }
+    return out
 
 
 def spec_peak(device: jax.Device, dtype: str) -> float | None:
@@ -240,13 +265,25 @@ def main() -> None:
         retro = RetroConfig(**{**shape, "dtype": args.dtype})
         batch = args.batch or (8 if preset == "tiny" else 2)
         row = {"batch": batch}
-        for name, config in (("baseline", retro.baseline()), ("retro", retro)):
-            r = time_step(config, mesh, batch, args.seq_len, args.neighbours, args.steps)
+        timed = time_steps(
+            {"baseline": retro.baseline(), "retro": retro},
+            mesh, batch, args.seq_len, args.neighbours, args.steps,
+        )  # fmt: skip
+        for name, r in timed.items():
             r["mfu"] = r["flop_per_s"] / (peak * len(devices))
             r["mfu_spec"] = r["flop_per_s"] / (spec * len(devices)) if spec else None
             row[name] = r
         row["retro_mfu_over_baseline_mfu"] = row["retro"]["mfu"] / row["baseline"]["mfu"]
         row["retro_step_over_baseline_step"] = row["retro"]["step_s"] / row["baseline"]["step_s"]
+        # The same ratio step by step: RETRO's step over the baseline's of the same round.
+        flop_ratio = row["retro"]["flops_per_token"] / row["baseline"]["flops_per_token"]
+        per_round = [
+            flop_ratio * b / r
+            for r, b in zip(row["retro"]["step_times_s"], row["baseline"]["step_times_s"])
+        ]
+        row["retro_mfu_over_baseline_mfu_by_round"] = {
+            "median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)
+        }  # fmt: skip
         results["models"][preset] = row
     if args.check:
         results["sharded_check"] = check_sharded()

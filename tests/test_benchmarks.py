@@ -16,7 +16,7 @@ def test_model_step_benchmark_and_its_sharded_check_run():
     command = [
         sys.executable,
         os.path.join(ROOT, "benchmarks", "bench_model_step.py"),
-        *("--presets", "tiny", "--seq-len", "64", "--batch", "2", "--steps", "1"),
+        *("--presets", "tiny", "--seq-len", "64", "--batch", "2", "--steps", "2"),
         *("--peak-size", "256", "--check"),
     ]
     # A check that the benchmark runs and reports sane fields, not a timing: compiled fast.
@@ -28,6 +28,10 @@ def test_model_step_benchmark_and_its_sharded_check_run():
     for name in ("baseline", "retro"):
         assert tiny[name]["step_s"] > 0 and 0 < tiny[name]["mfu"] < 1, tiny[name]
     assert tiny["retro"]["flops_per_token"] > tiny["baseline"]["flops_per_token"]
+    # The two models' steps are interleaved, one of each per round, and compared round by round.
+    assert len(tiny["retro"]["step_times_s"]) == len(tiny["baseline"]["step_times_s"]) == 2
+    by_round = tiny["retro_mfu_over_baseline_mfu_by_round"]
+    assert 0 < by_round["min"] <= by_round["median"] <= by_round["max"], by_round
     assert result["sharded_check"]["equal"] is True, result["sharded_check"]
 
 

@@ -14,7 +14,14 @@ from flax import nnx
 
 from retro_jax.model.attention import cross_attention, self_attention
 from retro_jax.model.config import RetroConfig
-from retro_jax.model.layers import DTYPES, embed_lookup, feed_forward, param, rms_norm
+from retro_jax.model.layers import (
+    DTYPES,
+    embed_lookup,
+    feed_forward,
+    layer_params,
+    param,
+    rms_norm,
+)
 
 
 def attention_params(
@@ -102,12 +109,12 @@ class NeighbourEncoder(nnx.Module):
         context_mask = chunk_mask[:, :, None]  # [B, l, 1, m]
         attn, cross = values(self.attn), values(self.cross)
         for i in range(c.enc_num_layers):
-            p = jax.tree.map(lambda a, i=i: a[i], attn)
+            p = layer_params(attn, i)
             h = rms_norm(x, self.attn_norm[i], c.norm_eps)
             x = x + self_attention(p, h, positions, mask, causal=False, rope_base=c.rope_base)
             if i + 1 in c.enc_cross_layers:
                 j = c.enc_cross_layers.index(i + 1)
-                p = jax.tree.map(lambda a, j=j: a[j], cross)
+                p = layer_params(cross, j)
                 h = rms_norm(x, self.cross_norm[j], c.norm_eps)
                 x = x + cross_attention(
                     p,

@@ -57,6 +57,11 @@ def embed_lookup(table: jax.Array, ids: jax.Array, dtype, names: Sequence[str | 
     return constrain(x, names)
 
 
+def layer_params(stack: dict, i: int) -> dict:
+    """Layer i's params of a stack (params with a leading layers axis)."""
+    return jax.tree.map(lambda a: a[i], stack)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis, computed in float32."""
     x32 = x.astype(jnp.float32)

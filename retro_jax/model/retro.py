@@ -27,7 +27,15 @@ from retro_jax.model.attention import self_attention
 from retro_jax.model.cca import chunked_cross_attention, neighbour_match, running_match
 from retro_jax.model.config import RetroConfig
 from retro_jax.model.encoder import NeighbourEncoder, attention_params, values
-from retro_jax.model.layers import DTYPES, dense_wide, embed_lookup, feed_forward, param, rms_norm
+from retro_jax.model.layers import (
+    DTYPES,
+    dense_wide,
+    embed_lookup,
+    feed_forward,
+    layer_params,
+    param,
+    rms_norm,
+)
 from retro_jax.sharding import constrain
 
 
@@ -105,19 +113,28 @@ class Retro(nnx.Module):
         logits = dense_wide(x, head).astype(jnp.float32)
         return constrain(logits, ("batch", "length", "vocab"))
 
-    def run_layers(self, x: jax.Array, stack: dict, layer_fn: Callable) -> jax.Array:
-        """Apply the decoder layers of `stack` (params with a leading layers axis, possibly empty)
-        in order with `layer_fn(params_i, x)`: one `lax.scan` with `scan_layers`, else unrolled."""
-        count = jax.tree.leaves(stack)[0].shape[0]
-        if count == 0:
+    def run_layers(
+        self, x: jax.Array, stack: dict, layer_fn: Callable, start: int = 0, stop: int | None = None
+    ) -> jax.Array:
+        """Apply the decoder layers [start, stop) of `stack` (params with a leading layers axis)
+        in order with `layer_fn(params_i, x)`: one `lax.scan` with `scan_layers`, else unrolled.
+
+        Unrolled, layer i's weights are `a[i]` of the whole stack, however the layers are
+        grouped: the backward pass then gathers the stack's gradient from single-layer pieces
+        alike in RETRO and its baseline. Slices of slices (a[0:5][i]) made XLA:CPU assemble it in
+        pad + add passes over the whole [layers, ...] arrays instead, 0.12 s of a 172m RETRO
+        step (benchmarks/results/model.md)."""
+        stop = jax.tree.leaves(stack)[0].shape[0] if stop is None else stop
+        if stop <= start:
             return x
         c = self.config
         fn = jax.checkpoint(layer_fn) if c.remat else layer_fn
         if c.scan_layers:
-            x, _ = jax.lax.scan(lambda h, p: (fn(p, h), None), x, stack)
+            part = jax.tree.map(lambda a: a[start:stop], stack)
+            x, _ = jax.lax.scan(lambda h, p: (fn(p, h), None), x, part)
             return x
-        for i in range(count):
-            x = fn(jax.tree.map(lambda a, i=i: a[i], stack), x)
+        for i in range(start, stop):
+            x = fn(layer_params(stack, i), x)
         return x
 
     # -- forward ------------------------------------------------------------------------------
@@ -178,9 +195,6 @@ class Retro(nnx.Module):
 
         stacked = values(self.decoder)
 
-        def layers(start, stop):  # decoder layers [start, stop), 0-based, still stacked
-            return jax.tree.map(lambda a: a[start:stop], stacked)
-
         retrieve = neighbours is not None and bool(c.cca_layers) and n >= m
         if not retrieve:
             return self.run_layers(x, stacked, layer)
@@ -215,20 +229,20 @@ class Retro(nnx.Module):
             )
             return ffw_block(p, x, c)
 
-        def retro_block(x, stack, p_cca, encoded, neighbour_mask):
-            """The plain layers of `stack` but its last, then the last one's ATTN, CCA, FFW."""
-            x = self.run_layers(x, jax.tree.map(lambda a: a[:-1], stack), layer)
-            p = jax.tree.map(lambda a: a[-1], stack)
+        def retro_block(x, stack, start, stop, p_cca, encoded, neighbour_mask):
+            """Decoder layers [start, stop) of `stack`: the plain layers but the last, then the
+            last one's ATTN, CCA, FFW."""
+            x = self.run_layers(x, stack, layer, start, stop - 1)
+            p = layer_params(stack, stop - 1)
             return cca_and_ffw_half(p, p_cca, attention_half(p, x), encoded, neighbour_mask)
 
         # Up to the first CCA layer: encode there, conditioned on its post-attention activations.
         first = c.cca_layers[0]
-        x = self.run_layers(x, layers(0, first - 1), layer)
-        p = jax.tree.map(lambda a: a[first - 1], stacked)
+        x = self.run_layers(x, stacked, layer, 0, first - 1)
+        p = layer_params(stacked, first - 1)
         x = attention_half(p, x)
         encoded, neighbour_mask = checkpoint(self.encode)(neighbours, x, token_mask)
-        p_cca = jax.tree.map(lambda a: a[0], cca)
-        x = cca_and_ffw_half(p, p_cca, x, encoded, neighbour_mask)
+        x = cca_and_ffw_half(p, layer_params(cca, 0), x, encoded, neighbour_mask)
 
         # The later CCA layers, each with the plain layers before it: a block. The paper places
         # them evenly (every 3rd layer), so with scan_layers the blocks are one scan over
@@ -241,15 +255,14 @@ class Retro(nnx.Module):
                 lambda a: a[first : later[-1]].reshape(len(later), s, *a.shape[1:]), stacked
             )
             x, _ = jax.lax.scan(
-                lambda h, ps: (retro_block(h, *ps, encoded, neighbour_mask), None),
+                lambda h, ps: (retro_block(h, ps[0], 0, s, ps[1], encoded, neighbour_mask), None),
                 x,
                 (blocks, jax.tree.map(lambda a: a[1:], cca)),
             )
         else:
             for j, (prev, i) in enumerate(zip(c.cca_layers, later), start=1):
-                p_cca = jax.tree.map(lambda a, j=j: a[j], cca)
-                x = retro_block(x, layers(prev, i), p_cca, encoded, neighbour_mask)
-        return self.run_layers(x, layers(c.cca_layers[-1], c.num_layers), layer)
+                x = retro_block(x, stacked, prev, i, layer_params(cca, j), encoded, neighbour_mask)
+        return self.run_layers(x, stacked, layer, c.cca_layers[-1])
 
     def encode(self, neighbours: jax.Array, x: jax.Array, token_mask: jax.Array):
         """Encode neighbours [B, l, k, 2m] of the complete chunks of x [B, n, d].
