@@ -41,6 +41,8 @@ BENCHMARKS = {
     # The 172m step's products alone, XLA:CPU against PyTorch when $RETRO_JAX_TORCH_PYTHON names
     # an interpreter with torch (issue #19's reproduction; else XLA's side only).
     "matmul": ("bench_matmul.py", [], ["--scale", "4", "--rounds", "1"]),
+    # Each piece of the small step on all cores and on one (#19: cores kept busy).
+    "core_scaling": ("bench_core_scaling.py", [], ["--quick", "--repeats", "3"]),
     "compile": ("bench_compile.py", [], ["--presets", "172m", "--seq-len", "256"]),
     "compile_decode": ("bench_compile.py", ["--decode"], ["--decode", "--presets", "172m"]),
     "embed": ("bench_embed.py", ["--chunks", "2048"], ["--chunks", "256", "--no_baseline"]),

@@ -112,3 +112,24 @@ def test_matmul_benchmarks_demo_shapes_are_the_demos():
     assert (DEMO_ENCODER["d"], DEMO_ENCODER["ff"]) == (m.enc_d_model, m.enc_d_ff)
     assert DEMO_ENCODER["layers"] == m.enc_num_layers
     assert DEMO_ENCODER["tokens_per_token"] == config.train.num_neighbours * 2  # k x 2m per m
+
+
+def test_core_scaling_benchmark_pins_one_child_to_one_cpu():
+    """benchmarks/bench_core_scaling.py (#19: how well each piece of the step uses the cores)
+    times every piece in a child on all CPUs and in one pinned to a single CPU."""
+    script = os.path.join(ROOT, "benchmarks", "bench_core_scaling.py")
+    env = dict(os.environ, PYTHONPATH=ROOT, **FAST_COMPILE_ENV)
+    done = subprocess.run(
+        [sys.executable, script, "--quick", "--repeats", "1"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout[done.stdout.index("{") :])
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_core_scaling import NAMES
+
+    assert list(result["pieces"]) == list(NAMES)
+    for name, row in result["pieces"].items():
+        assert row["all_cpus_s"] > 0 and row["one_cpu_s"] > 0, name
+        assert row["speedup"] == row["one_cpu_s"] / row["all_cpus_s"], name
+        assert 0 < row["one_cpu_cores_busy"] < 1.1, (name, row)  # one CPU: never two busy
