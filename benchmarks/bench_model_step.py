@@ -134,7 +134,7 @@ def time_steps(configs: dict, mesh, batch: int, seq_len: int, k: int, steps: int
         step, state, placed = train_steps(config, mesh, synthetic_batch(config, batch, seq_len, k))
         with jax.set_mesh(mesh):
             t = time.perf_counter()
-            state, metrics = jax.block_until_ready(step(state, placed))
+            state, _ = jax.block_until_ready(step(state, placed))
             runs[name] = dict(
                 step=step, state=state, placed=placed, compile_s=time.perf_counter() - t
             )
