@@ -46,7 +46,7 @@ def pieces(quick: bool) -> dict:
     from retro_jax.model import RetroConfig
     from retro_jax.model.attention import cross_attention, self_attention
     from retro_jax.model.create import create_model
-    from retro_jax.model.encoder import NeighbourEncoder, values
+    from retro_jax.model.encoder import NeighbourEncoder, attention_params, values
     from retro_jax.model.layers import feed_forward, layer_params
     from retro_jax.model.retro import decoder_layer
 
@@ -94,9 +94,8 @@ def pieces(quick: bool) -> dict:
 
     out["decoder 3 layers"] = (grad_of(decoder_loss), (layer, x))
 
-    def attention_params(d):
-        p = {n: normal(d, heads, hd) for n in "qkv"}
-        return {**p, "o": normal(heads, hd, d)}
+    def attention(d_kv):  # one attention layer's q/k/v/o, keys and values from width d_kv
+        return values(attention_params(nnx.Rngs(1), (), de, d_kv, heads, hd, "kv"))
 
     tokens = normal(batch, chunks, k, r, de)  # the encoder's activations
     enc_mask, enc_positions = jnp.ones(tokens.shape[:-1], bool), np.arange(r)
@@ -106,7 +105,7 @@ def pieces(quick: bool) -> dict:
             self_attention(p, h, enc_positions, enc_mask, causal=False, rope_base=1e4) ** 2
         )
 
-    out["encoder self-attention"] = (grad_of(enc_self), (attention_params(de), tokens))
+    out["encoder self-attention"] = (grad_of(enc_self), (attention(de), tokens))
 
     def dec_self(p, h):
         y = self_attention(p, h, positions, token_mask, causal=True, rope_base=1e4)
@@ -120,9 +119,8 @@ def pieces(quick: bool) -> dict:
         y = cross_attention(p, h, ctx, enc_positions, np.arange(m), context_mask, rope_base=1e4)
         return jnp.sum(y**2)
 
-    cross = attention_params(de)
-    cross.update(k=normal(c.d_model, heads, hd), v=normal(c.d_model, heads, hd))
-    out["encoder cross-attention"] = (grad_of(enc_cross, (0, 1, 2)), (cross, tokens, context))
+    args = (attention(c.d_model), tokens, context)
+    out["encoder cross-attention"] = (grad_of(enc_cross, (0, 1, 2)), args)
 
     def enc_ffw(w, h):
         return jnp.sum(feed_forward(h, w[0], w[1], c.activation) ** 2)
