@@ -6,6 +6,8 @@
         --dtype bfloat16 --peak-size 8192 --check
     # the shapes at which RETRO-pytorch is measured side by side (benchmarks/results/model.md)
     python benchmarks/bench_model_step.py --peer-shapes --presets small,172m
+    # RETRO's MFU over its baseline's as the vocabulary's head shrinks (results/model.md)
+    python benchmarks/bench_model_step.py --peer-shapes --presets small --vocab-sizes 32000,1000
 
 What is timed is the training step itself (`retro_jax.train.step.make_train_step`: forward,
 backward, global-norm clipping and AdamW, with the train state donated), on synthetic batches,
@@ -217,6 +219,48 @@ def check_sharded(steps: int = 3) -> dict:
     }
 
 
+def compare(retro: RetroConfig, mesh, batch: int, args, peak: float, spec: float | None) -> dict:
+    """RETRO and its baseline twin timed interleaved (`peak`, `spec`: FLOP/s of all devices of
+    `mesh`, measured and from the data sheet): each one's figures, and their MFU ratio
+    (over all rounds and round by round) beside the share of the baseline's FLOPs that is the
+    vocabulary's head (`head_share_of_baseline_flops`), which RETRO shares but does not add to."""
+    row = {"batch": batch, "vocab_size": retro.vocab_size}
+    timed = time_steps(
+        {"baseline": retro.baseline(), "retro": retro},
+        mesh, batch, args.seq_len, args.neighbours, args.steps,
+    )  # fmt: skip
+    for name, r in timed.items():
+        r["mfu"] = r["flop_per_s"] / peak
+        r["mfu_spec"] = r["flop_per_s"] / spec if spec else None
+        row[name] = r
+    # The output head's FLOPs per token (3 x 2 x d x V, as flops_per_token counts them).
+    head = 6 * retro.d_model * retro.vocab_size
+    row["head_share_of_baseline_flops"] = head / row["baseline"]["flops_per_token"]
+    row["retro_mfu_over_baseline_mfu"] = row["retro"]["mfu"] / row["baseline"]["mfu"]
+    row["retro_step_over_baseline_step"] = row["retro"]["step_s"] / row["baseline"]["step_s"]
+    # The same ratio step by step: RETRO's step over the baseline's of the same round.
+    flop_ratio = row["retro"]["flops_per_token"] / row["baseline"]["flops_per_token"]
+    per_round = [
+        flop_ratio * b / r
+        for r, b in zip(row["retro"]["step_times_s"], row["baseline"]["step_times_s"])
+    ]
+    row["retro_mfu_over_baseline_mfu_by_round"] = {
+        "median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)
+    }  # fmt: skip
+    return row
+
+
+def vocab_sizes(text: str) -> list[int]:
+    """--vocab-sizes: a comma list of positive integers."""
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers (32000,1000), got {text!r}")
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="tiny,172m")
@@ -231,6 +275,12 @@ def main() -> None:
         "--peer-shapes",
         action="store_true",
         help="RETRO-pytorch's shapes (presets small, 172m; sequence 512, batch 2, vocab 32k)",
+    )
+    parser.add_argument(
+        "--vocab-sizes",
+        type=vocab_sizes,
+        default=[None],
+        help="comma list: time each preset at each of these vocabularies instead of its own",
     )
     args = parser.parse_args()
     if args.peer_shapes:
@@ -262,31 +312,15 @@ def main() -> None:
         "step": "train step (forward, backward, clipping, AdamW)",
         "models": {},
     }
+    n = len(devices)  # the peaks of all devices the step runs on
     for preset in args.presets.split(","):
         shape = PEER_SHAPES[preset] if args.peer_shapes else RetroConfig.preset(preset).to_dict()
-        retro = RetroConfig(**{**shape, "dtype": args.dtype})
-        batch = args.batch or (8 if preset == "tiny" else 2)
-        row = {"batch": batch}
-        timed = time_steps(
-            {"baseline": retro.baseline(), "retro": retro},
-            mesh, batch, args.seq_len, args.neighbours, args.steps,
-        )  # fmt: skip
-        for name, r in timed.items():
-            r["mfu"] = r["flop_per_s"] / (peak * len(devices))
-            r["mfu_spec"] = r["flop_per_s"] / (spec * len(devices)) if spec else None
-            row[name] = r
-        row["retro_mfu_over_baseline_mfu"] = row["retro"]["mfu"] / row["baseline"]["mfu"]
-        row["retro_step_over_baseline_step"] = row["retro"]["step_s"] / row["baseline"]["step_s"]
-        # The same ratio step by step: RETRO's step over the baseline's of the same round.
-        flop_ratio = row["retro"]["flops_per_token"] / row["baseline"]["flops_per_token"]
-        per_round = [
-            flop_ratio * b / r
-            for r, b in zip(row["retro"]["step_times_s"], row["baseline"]["step_times_s"])
-        ]
-        row["retro_mfu_over_baseline_mfu_by_round"] = {
-            "median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)
-        }  # fmt: skip
-        results["models"][preset] = row
+        for vocab in args.vocab_sizes:
+            retro = RetroConfig(**{**shape, "dtype": args.dtype})
+            retro = retro.replace(vocab_size=vocab) if vocab else retro
+            batch = args.batch or (8 if preset == "tiny" else 2)
+            name = f"{preset}, vocabulary {vocab:,}" if vocab else preset
+            results["models"][name] = compare(retro, mesh, batch, args, peak * n, spec and spec * n)
     if args.check:
         results["sharded_check"] = check_sharded()
     print(json.dumps(results, indent=2))

@@ -38,6 +38,13 @@ BENCHMARKS = {
         ["--peer-shapes", "--presets", "small,172m"],
         ["--peer-shapes", "--presets", "small"],
     ),
+    # RETRO's MFU over its baseline's as the vocabulary's head shrinks (#19: what the small
+    # shapes' ratio below 1 is made of).
+    "model_step_vocab": (
+        "bench_model_step.py",
+        ["--peer-shapes", "--presets", "small", "--vocab-sizes", "32000,8000,1000", "--steps", "7"],
+        ["--peer-shapes", "--presets", "small", "--vocab-sizes", "32000,1000", "--steps", "2"],
+    ),
     # The 172m step's products alone, XLA:CPU against PyTorch when $RETRO_JAX_TORCH_PYTHON names
     # an interpreter with torch (issue #19's reproduction; else XLA's side only).
     "matmul": ("bench_matmul.py", [], ["--scale", "4", "--rounds", "1"]),

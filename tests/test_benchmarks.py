@@ -17,22 +17,32 @@ def test_model_step_benchmark_and_its_sharded_check_run():
         sys.executable,
         os.path.join(ROOT, "benchmarks", "bench_model_step.py"),
         *("--presets", "tiny", "--seq-len", "64", "--batch", "2", "--steps", "2"),
-        *("--peak-size", "256", "--check"),
+        *("--peak-size", "256", "--vocab-sizes", "4096,256", "--check"),
     ]
     # A check that the benchmark runs and reports sane fields, not a timing: compiled fast.
     env = dict(os.environ, PYTHONPATH=ROOT, **FAST_COMPILE_ENV)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout[done.stdout.index("{") :])
-    tiny = result["models"]["tiny"]
-    for name in ("baseline", "retro"):
-        assert tiny[name]["step_s"] > 0 and 0 < tiny[name]["mfu"] < 1, tiny[name]
-    assert tiny["retro"]["flops_per_token"] > tiny["baseline"]["flops_per_token"]
-    # The two models' steps are interleaved, one of each per round, and compared round by round.
-    assert len(tiny["retro"]["step_times_s"]) == len(tiny["baseline"]["step_times_s"]) == 2
-    by_round = tiny["retro_mfu_over_baseline_mfu_by_round"]
-    assert 0 < by_round["min"] <= by_round["median"] <= by_round["max"], by_round
+    # One row per vocabulary, each the tiny preset with that vocabulary.
+    assert list(result["models"]) == ["tiny, vocabulary 4,096", "tiny, vocabulary 256"]
+    big, small = result["models"].values()
+    assert (big["vocab_size"], small["vocab_size"]) == (4096, 256)
+    for tiny in (big, small):
+        for name in ("baseline", "retro"):
+            assert tiny[name]["step_s"] > 0 and 0 < tiny[name]["mfu"] < 1, tiny[name]
+        assert tiny["retro"]["flops_per_token"] > tiny["baseline"]["flops_per_token"]
+        # The models' steps are interleaved, one of each per round, and compared round by round.
+        assert len(tiny["retro"]["step_times_s"]) == len(tiny["baseline"]["step_times_s"]) == 2
+        by_round = tiny["retro_mfu_over_baseline_mfu_by_round"]
+        assert 0 < by_round["min"] <= by_round["median"] <= by_round["max"], by_round
+    # The head's share of the baseline's FLOPs: 6 d V of flops_per_token, larger with V.
+    head = 6 * 64 * 4096 / big["baseline"]["flops_per_token"]
+    assert abs(big["head_share_of_baseline_flops"] - head) < 1e-12
+    assert 0 < small["head_share_of_baseline_flops"] < big["head_share_of_baseline_flops"] < 1
     assert result["sharded_check"]["equal"] is True, result["sharded_check"]
+    bad = subprocess.run([*command[:2], "--vocab-sizes", "32000,x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--vocab-sizes" in bad.stderr.splitlines()[-1], bad.stderr
 
 
 def test_matmul_benchmark_times_the_products_it_names():
