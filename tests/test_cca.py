@@ -285,3 +285,37 @@ def test_rope_tables_from_static_and_traced_positions_agree_and_rotate():
         base = jnp.sum(rope(q, np.array([i]), 1e4) * rope(k, np.array([j]), 1e4), axis=-1)
         moved = jnp.sum(rope(q, np.array([i + 50]), 1e4) * rope(k, np.array([j + 50]), 1e4), -1)
         np.testing.assert_allclose(base, moved, atol=1e-4)
+
+
+def test_encoder_encodes_each_neighbour_from_itself_and_its_own_chunk():
+    """The neighbour encoder's k neighbours of a chunk share that chunk's keys in one
+    cross-attention over k*r queries (RoPE positions 0..r-1 each): the result must be each
+    neighbour encoded alone (k = 1) with its chunk, and a chunk's hidden states must reach only
+    its own neighbours' encodings, padded chunk positions none."""
+    from retro_jax.model import RetroConfig
+    from retro_jax.model.encoder import NeighbourEncoder
+
+    c = RetroConfig.preset("tiny").replace(enc_cross_layers=(1, 2))
+    m, r, k, chunks = c.chunk_size, 2 * c.chunk_size, 3, 3
+    rng = np.random.default_rng(3)
+    neighbours = rng.integers(1, c.vocab_size, (2, chunks, k, r)).astype(np.int32)
+    neighbours[1, 0, 2, r // 2 :] = c.pad_id
+    chunk_h = jnp.asarray(rng.normal(size=(2, chunks, m, c.d_model)), jnp.float32)
+    chunk_mask = np.ones((2, chunks, m), bool)
+    chunk_mask[0, 1, m // 2 :] = False
+    encoder = NeighbourEncoder(c, rngs=nnx.Rngs(0))
+    graph, state = nnx.split(encoder)
+    encode = jax.jit(lambda n, h, mask: nnx.merge(graph, state)(n, h, mask))
+    together = encode(neighbours, chunk_h, jnp.asarray(chunk_mask))
+    assert together.shape == (2, chunks, k, r, c.enc_d_model)
+    for j in range(k):
+        alone = encode(neighbours[:, :, j : j + 1], chunk_h, jnp.asarray(chunk_mask))
+        np.testing.assert_allclose(together[:, :, j : j + 1], alone, atol=2e-5, rtol=2e-5)
+    # Change chunk 1's hidden states: only chunk 1's neighbours change, and not through the
+    # positions its mask pads.
+    moved = chunk_h.at[:, 1].add(1.0)
+    changed = np.abs(np.asarray(encode(neighbours, moved, jnp.asarray(chunk_mask)) - together))
+    assert changed[:, 1].max() > 1e-3 and changed[:, [0, 2]].max() == 0.0
+    padded_only = chunk_h.at[0, 1, m // 2 :].add(1.0)
+    same = encode(neighbours, padded_only, jnp.asarray(chunk_mask))
+    np.testing.assert_array_equal(same, together)

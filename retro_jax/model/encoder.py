@@ -104,9 +104,13 @@ class NeighbourEncoder(nnx.Module):
         names = ("batch", "chunks", "neighbours", "length", "act_embed")
         x = embed_lookup(self.embed[...], neighbours, dtype, names)  # [B, l, k, r, de]
         positions = np.arange(r)  # static: rope's tables are constants
-        # Each neighbour of chunk u attends to C_u: broadcast the chunk over the k neighbours.
-        context = rms_norm(chunk_h.astype(dtype), self.context_norm[...], c.norm_eps)[:, :, None]
-        context_mask = chunk_mask[:, :, None]  # [B, l, 1, m]
+        # Each neighbour of chunk u attends to C_u. The k neighbours of a chunk share its keys,
+        # so their tokens are one query sequence of k*r (RoPE positions 0..r-1 each): one
+        # [k*r, D] x [D, m] product per chunk and head instead of k [r, D] x [D, m] over keys
+        # broadcast to every neighbour (benchmarks/results/model.md, session 26).
+        context = rms_norm(chunk_h.astype(dtype), self.context_norm[...], c.norm_eps)
+        k = neighbours.shape[-2]
+        cross_positions = np.tile(positions, k)  # [k*r]
         attn, cross = values(self.attn), values(self.cross)
         for i in range(c.enc_num_layers):
             p = layer_params(attn, i)
@@ -116,15 +120,16 @@ class NeighbourEncoder(nnx.Module):
                 j = c.enc_cross_layers.index(i + 1)
                 p = layer_params(cross, j)
                 h = rms_norm(x, self.cross_norm[j], c.norm_eps)
-                x = x + cross_attention(
+                y = cross_attention(
                     p,
-                    h,
+                    h.reshape(*h.shape[:2], k * r, h.shape[-1]),  # [B, l, k*r, de]
                     context,
-                    q_positions=positions,
+                    q_positions=cross_positions,
                     k_positions=np.arange(context.shape[-2]),
-                    key_mask=context_mask,
+                    key_mask=chunk_mask,
                     rope_base=c.rope_base,
                 )
+                x = x + y.reshape(x.shape)
             h = rms_norm(x, self.ffw_norm[i], c.norm_eps)
             x = x + feed_forward(h, self.w_in[i], self.w_out[i], c.activation)
         return rms_norm(x, self.final_norm[...], c.norm_eps)
