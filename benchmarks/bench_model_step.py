@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 from retro_jax.host_memory import keep_freed_memory  # noqa: E402
 from retro_jax.model import RetroConfig  # noqa: E402
 from retro_jax.model.create import create_model  # noqa: E402
-from retro_jax.model.info import flops_per_token  # noqa: E402
+from retro_jax.model.info import flops_per_token, head_flops_per_token  # noqa: E402
 from retro_jax.sharding import make_mesh, shard_batch  # noqa: E402
 from retro_jax.train.metrics import PEAK_FLOPS, measure_matmul_flops  # noqa: E402
 from retro_jax.train.state import init_state  # noqa: E402
@@ -233,8 +233,7 @@ def compare(retro: RetroConfig, mesh, batch: int, args, peak: float, spec: float
         r["mfu"] = r["flop_per_s"] / peak
         r["mfu_spec"] = r["flop_per_s"] / spec if spec else None
         row[name] = r
-    # The output head's FLOPs per token (3 x 2 x d x V, as flops_per_token counts them).
-    head = 6 * retro.d_model * retro.vocab_size
+    head = head_flops_per_token(retro)
     row["head_share_of_baseline_flops"] = head / row["baseline"]["flops_per_token"]
     row["retro_mfu_over_baseline_mfu"] = row["retro"]["mfu"] / row["baseline"]["mfu"]
     row["retro_step_over_baseline_step"] = row["retro"]["step_s"] / row["baseline"]["step_s"]
@@ -315,12 +314,14 @@ def main() -> None:
     n = len(devices)  # the peaks of all devices the step runs on
     for preset in args.presets.split(","):
         shape = PEER_SHAPES[preset] if args.peer_shapes else RetroConfig.preset(preset).to_dict()
+        retro = RetroConfig(**{**shape, "dtype": args.dtype})
+        batch = args.batch or (8 if preset == "tiny" else 2)
         for vocab in args.vocab_sizes:
-            retro = RetroConfig(**{**shape, "dtype": args.dtype})
-            retro = retro.replace(vocab_size=vocab) if vocab else retro
-            batch = args.batch or (8 if preset == "tiny" else 2)
+            config = retro.replace(vocab_size=vocab) if vocab else retro
             name = f"{preset}, vocabulary {vocab:,}" if vocab else preset
-            results["models"][name] = compare(retro, mesh, batch, args, peak * n, spec and spec * n)
+            results["models"][name] = compare(
+                config, mesh, batch, args, peak * n, spec and spec * n
+            )
     if args.check:
         results["sharded_check"] = check_sharded()
     print(json.dumps(results, indent=2))

@@ -58,7 +58,6 @@ def flops_per_token(config: RetroConfig, seq_len: int, num_neighbours: int) -> f
     hd, ehd = c.num_heads * c.head_dim, c.enc_num_heads * c.enc_head_dim
     macs = c.num_layers * (4 * c.d_model * hd + 2 * c.d_model * c.d_ff)  # decoder matrices
     macs += c.num_layers * 2 * seq_len * hd  # QK^T and AV over the context
-    macs += c.d_model * c.vocab_size  # output head
     if c.cca_layers and num_neighbours > 0:
         r = 2 * c.chunk_size
         enc_tokens = num_neighbours * r / c.chunk_size  # encoder tokens per decoder token
@@ -69,7 +68,12 @@ def flops_per_token(config: RetroConfig, seq_len: int, num_neighbours: int) -> f
         macs += len(c.enc_cross_layers) * 2 * c.d_model * ehd  # K/V of C_u, once per chunk token
         cca = 2 * c.d_model * hd + enc_tokens * 2 * de * hd + 2 * num_neighbours * r * hd
         macs += len(c.cca_layers) * cca
-    return 3 * 2 * macs
+    return 3 * 2 * macs + head_flops_per_token(c)
+
+
+def head_flops_per_token(config: RetroConfig) -> float:
+    """The output head's share of `flops_per_token`: one d x V product, forward and backward."""
+    return 3 * 2 * config.d_model * config.vocab_size
 
 
 def describe(config: RetroConfig, preset: str | None = None) -> list[tuple[str, str]]:
