@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from retro_jax.model import RetroConfig
 from retro_jax.model.attention import cross_attention
 from retro_jax.model.cca import chunked_cross_attention
-from retro_jax.model.encoder import attention_params, values
+from retro_jax.model.encoder import NeighbourEncoder, attention_params, values
 
 pytestmark = pytest.mark.fast_compile  # bound by XLA's compiles: see conftest.py
 
@@ -292,9 +293,6 @@ def test_encoder_encodes_each_neighbour_from_itself_and_its_own_chunk():
     cross-attention over k*r queries (RoPE positions 0..r-1 each): the result must be each
     neighbour encoded alone (k = 1) with its chunk, and a chunk's hidden states must reach only
     its own neighbours' encodings, padded chunk positions none."""
-    from retro_jax.model import RetroConfig
-    from retro_jax.model.encoder import NeighbourEncoder
-
     c = RetroConfig.preset("tiny").replace(enc_cross_layers=(1, 2))
     m, r, k, chunks = c.chunk_size, 2 * c.chunk_size, 3, 3
     rng = np.random.default_rng(3)
